@@ -1,0 +1,32 @@
+"""Plain combinations: ``sum`` and ``mean`` of the task losses.
+
+They only weight the losses, so no Gram is computed: the step equals
+``sum(losses).backward()`` (resp. ``(sum(losses) / K).backward()``) on every parameter.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import Method
+from .registry import register
+
+
+@register("sum")
+class Sum(Method):
+    """``g = sum_k g_k``; heads get their own loss gradients. Equals ``sum(L).backward()``."""
+
+    needs_gram = False
+
+    def weights(self, gram: Tensor | None, losses: Tensor) -> Tensor:
+        return torch.ones_like(losses)
+
+
+@register("mean")
+class Mean(Sum):
+    """``g = (1/K) sum_k g_k``; heads get ``1/K`` of their loss gradients, so the step
+    equals ``(sum(L) / K).backward()``. The task gradients the pipeline sees are already
+    weighted by ``1/K``, hence the unit combination coefficients."""
+
+    def loss_weights(self, losses: Tensor) -> Tensor:
+        return torch.full_like(losses, 1.0 / self.num_tasks)

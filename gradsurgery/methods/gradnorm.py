@@ -1,0 +1,83 @@
+"""GradNorm: adaptive loss balancing through gradient normalisation (Chen et al.,
+ICML 2018).
+
+Learnable task weights ``w`` (start at 1) scale the task gradients, ``g = sum_k w_k g_k``.
+The weights follow the GradNorm loss, with the target treated as a constant:
+
+.. math::
+    \\mathcal L_{grad} = \\sum_k \\big| w_k \\|g_k\\| - \\overline{w\\|g\\|}\\, r_k^{\\alpha} \\big|,
+    \\qquad r_k = \\frac{\\tilde L_k}{\\operatorname{mean}_j \\tilde L_j},\\quad
+    \\tilde L_k = \\frac{L_k(t)}{L_k(0)}
+
+so ``d L_grad / d w_k = sign(w_k ||g_k|| - target_k) ||g_k||``, written to the weights'
+``.grad``; the wrapped optimizer steps them (param group with ``method_lr``), and after
+every step they are clamped positive and renormalised to sum to ``K``. ``L_k(0)`` is taken
+at the first step. ``alpha`` (default 1.5) sets how strongly slow tasks are pushed.
+
+Level: the paper uses the gradient norms at the last shared layer's weights; here, by
+default, the norms of the gradients w.r.t. the shared representation. Heads get their
+own, unweighted loss gradients.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..linalg import norms
+from .base import Method
+from .registry import register
+
+#: Smallest weight kept after a step (weights must stay positive).
+MIN_WEIGHT = 1e-6
+
+
+@register("gradnorm")
+class GradNorm(Method):
+    """Learnable task weights balancing the task gradients' norms (see module docstring)."""
+
+    def __init__(self, alpha: float = 1.5):
+        if not alpha >= 0:
+            raise ValueError(f"alpha must be >= 0, got {alpha!r}")
+        self.alpha = float(alpha)
+        self.initial_losses: Tensor | None = None
+
+    def bind(self, num_tasks, *, device, dtype, generator):
+        super().bind(num_tasks, device=device, dtype=dtype, generator=generator)
+        self.task_weights = nn.Parameter(torch.ones(num_tasks, device=device, dtype=dtype))
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [self.task_weights]
+
+    def weights(self, gram: Tensor, losses: Tensor) -> Tensor:
+        if self.initial_losses is None:
+            self.initial_losses = losses.clone()
+        w = self.task_weights.detach().to(gram.dtype)
+        n = norms(gram)
+        ratio = losses / self.initial_losses
+        relative = ratio / ratio.mean()
+        target = (w * n).mean() * relative.pow(self.alpha)
+        grad = torch.sign(w * n - target) * n
+        grad = grad.to(self.task_weights.dtype)
+        if self.task_weights.grad is None:
+            self.task_weights.grad = grad
+        else:
+            self.task_weights.grad.add_(grad)
+        return w
+
+    def after_step(self) -> None:
+        with torch.no_grad():
+            w = self.task_weights.clamp_(min=MIN_WEIGHT)
+            w.mul_(self.num_tasks / w.sum())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"task_weights": self.task_weights.detach().clone(), "initial_losses": self.initial_losses}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            self.task_weights.copy_(state["task_weights"])
+        self.initial_losses = state["initial_losses"]
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}"
