@@ -7,5 +7,6 @@ __version__ = "0.1.0"
 
 from . import methods
 from .optimizer import MultiTaskOptimizer
+from .compare import compare  # matplotlib is imported only when plotting
 
-__all__ = ["MultiTaskOptimizer", "methods", "__version__"]
+__all__ = ["MultiTaskOptimizer", "compare", "methods", "__version__"]

@@ -3,15 +3,16 @@ min-norm point of a convex hull. Everything is a tensor program: no host reads, 
 Python branching on tensor values, fixed iteration budgets."""
 from __future__ import annotations
 
-import itertools
-
 import torch
 from torch import Tensor
 
-#: Largest K for which :func:`min_norm_simplex` enumerates every support (2^K - 1 small
-#: linear systems, solved in one batched call). Above it, an accelerated projected-gradient
-#: warm start is polished on its support.
+#: Largest K for which the solvers below may enumerate every support (2^K - 1 small
+#: linear systems, solved in one batched call).
 ENUMERATION_MAX_TASKS = 12
+
+#: Largest K for which :func:`min_norm_simplex` enumerates all ``2^K - 1`` supports;
+#: above it, Wolfe's active-set algorithm is cheaper.
+MIN_NORM_ENUMERATION_MAX_TASKS = 8
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -44,9 +45,13 @@ def scale_gram(gram: Tensor, scales: Tensor) -> Tensor:
 
 
 def _supports(k: int, device: torch.device) -> Tensor:
-    """All non-empty subsets of ``range(k)`` as a ``(2^k - 1) x k`` boolean mask."""
-    masks = torch.tensor(list(itertools.product((False, True), repeat=k))[1:], dtype=torch.bool)
-    return masks.to(device)
+    """All non-empty subsets of ``range(k)`` as a ``(2^k - 1) x k`` boolean mask, in the
+    order of ``itertools.product((False, True), repeat=k)`` (row ``r`` is ``r`` in binary,
+    task 0 the most significant bit). Built on ``device``: no host-to-device copy (which
+    is a sync from pageable memory)."""
+    rows = torch.arange(1, 2**k, device=device)
+    shifts = torch.arange(k - 1, -1, -1, device=device)
+    return ((rows[:, None] >> shifts[None, :]) & 1).bool()
 
 
 _SUPPORT_CACHE: dict[tuple[int, torch.device], Tensor] = {}
@@ -54,84 +59,220 @@ _SUPPORT_CACHE: dict[tuple[int, torch.device], Tensor] = {}
 
 def _affine_minimizers(m: Tensor, masks: Tensor) -> Tensor:
     """For each support ``S`` (row of ``masks``), the minimiser of ``l^T M l`` over the
-    affine hull ``{l : sum(l) = 1, l_i = 0 for i not in S}``, via the KKT system
-    ``[M_SS 1; 1^T 0][l; -nu] = [0; 1]`` (padded with identity rows outside S)."""
-    b, k = masks.shape
-    dtype, device = m.dtype, m.device
-    fm = masks.to(dtype)
-    outer = fm[:, :, None] * fm[:, None, :]
-    eye = torch.eye(k, dtype=dtype, device=device)
-    # a tiny ridge keeps singular faces (duplicated or zero gradients) solvable; m is
-    # normalised to unit mean diagonal, so the ridge is relative.
-    ridge = 1e-13 if dtype == torch.float64 else 1e-7
-    a = m * outer + eye * (1 - fm)[:, None, :] + ridge * eye * fm[:, None, :]
-    kkt = torch.zeros(b, k + 1, k + 1, dtype=dtype, device=device)
-    kkt[:, :k, :k] = a
-    kkt[:, :k, k] = -fm
-    kkt[:, k, :k] = fm
-    rhs = torch.zeros(b, k + 1, 1, dtype=dtype, device=device)
-    rhs[:, k] = 1
-    return torch.linalg.solve(kkt, rhs)[:, :k, 0]
+    affine hull ``{l : sum(l) = 1, l_i = 0 for i not in S}``: ``l = y / sum(y)`` with
+    ``M_SS y_S = 1``, ``y = 0`` off ``S`` (stationarity ``M_SS l_S = nu 1``). Singular faces
+    (duplicated, opposite or zero gradients) are solved through :func:`masked_solve`'s
+    relative ridge; ``sum(y) = 1^T (M_SS + eps I)^{-1} 1 > 0``."""
+    fm = masks.to(m.dtype)
+    y = masked_solve(m, masks, fm[..., None])[..., 0]
+    return y / y.sum(-1, keepdim=True)
 
 
-def _project_simplex(v: Tensor) -> Tensor:
-    """Euclidean projection of each row of ``v`` onto the probability simplex."""
-    k = v.shape[-1]
-    u, _ = torch.sort(v, dim=-1, descending=True)
-    css = u.cumsum(-1) - 1
-    idx = torch.arange(1, k + 1, dtype=v.dtype, device=v.device)
-    cond = (u - css / idx) > 0
-    rho = cond.to(v.dtype).cumsum(-1).argmax(-1, keepdim=True)  # last True (cond is a prefix)
-    theta = css.gather(-1, rho) / (rho + 1).to(v.dtype)
-    return (v - theta).clamp_min(0)
-
-
-def min_norm_simplex(gram: Tensor, iterations: int = 300) -> Tensor:
+def min_norm_simplex(gram: Tensor, iterations: int | None = None) -> Tensor:
     """Exact minimiser ``l`` of ``l^T M l`` over the probability simplex.
 
-    ``sum_k l_k g_k`` is then the minimum-norm point of the convex hull of the task
-    gradients (MGDA, Sener & Koltun 2018). Solved in float64 on a copy of ``M``
-    normalised to unit mean diagonal (the minimiser is scale-invariant).
+    ``sum_k l_k g_k`` is then the minimum-norm point ``d`` of the convex hull of the task
+    gradients (MGDA, Sener & Koltun 2018), characterised by the KKT conditions
+    ``<g_k, d> >= ||d||^2`` for every ``k``, with equality where ``l_k > 0``. Solved in
+    float64 on ``M`` normalised to unit mean diagonal (the minimiser is scale-invariant).
 
-    For ``K <= ENUMERATION_MAX_TASKS`` every support is tried in one batched solve and
-    the feasible affine minimiser of least objective is returned: the exact optimum.
-    For larger ``K``, ``iterations`` steps of accelerated projected gradient find the
-    support, and the KKT system on that support gives the exact point (kept when it is
-    feasible and no worse).
+    For ``K <= MIN_NORM_ENUMERATION_MAX_TASKS`` every support's affine minimiser is
+    computed in one batched solve and the feasible one of least objective is returned.
+    For larger ``K``, Wolfe's active-set algorithm (:func:`_wolfe_active_set`) runs a fixed
+    ``iterations`` budget (default ``3 K + 10``; it needs about one iteration per support
+    change, at most ``2 K + 10`` in the tests up to ``K = 64``) and stops changing once the
+    KKT conditions hold, so its answer is exact too. No host reads in either path.
     """
     k = gram.shape[0]
-    m = gram.to(torch.float64)
-    scale = m.diagonal().mean()
-    m = m / torch.where(scale > 0, scale, 1)
-    if k <= ENUMERATION_MAX_TASKS:
-        key = (k, m.device)
-        masks = _SUPPORT_CACHE.get(key)
-        if masks is None:
-            masks = _SUPPORT_CACHE[key] = _supports(k, m.device)
-        cands = _affine_minimizers(m, masks)
+    m = normalized64(gram)
+    if k <= MIN_NORM_ENUMERATION_MAX_TASKS:
+        cands = _affine_minimizers(m, supports(k, m.device))
         objective = torch.einsum("bi,ij,bj->b", cands, m, cands)
         feasible = (cands >= -1e-12).all(-1)
         best = torch.where(feasible, objective, torch.inf).argmin()
-        lam = cands[best]
+        lam = cands.index_select(0, best.reshape(1))[0]  # no host read (unlike cands[best])
     else:
-        lam = _accelerated_projected_gradient(m, iterations)
-        support = lam > 1e-9 * lam.max()
-        polished = _affine_minimizers(m, support[None])[0]
-        ok = (polished >= -1e-12).all() & (polished @ m @ polished <= lam @ m @ lam + 1e-15)
-        lam = torch.where(ok, polished, lam)
+        lam = _wolfe_active_set(m, 3 * k + 10 if iterations is None else iterations)
     lam = lam.clamp_min(0)
     return (lam / lam.sum()).to(gram.dtype)
 
 
-def _accelerated_projected_gradient(m: Tensor, iterations: int) -> Tensor:
-    """FISTA on ``min l^T M l`` over the simplex, step ``1 / (2 lambda_max(M))``."""
+def _wolfe_active_set(m: Tensor, iterations: int) -> Tensor:
+    """Wolfe's minimum-norm-point algorithm (1976) on ``min l^T M l`` over the simplex,
+    as a fixed number of branch-free iterations.
+
+    Starts at the vertex of least norm with support ``S = {it}``. Each iteration takes the
+    affine minimiser ``mu`` on ``S``. If ``mu >= 0`` it becomes ``l`` and the vertex ``j``
+    with the most negative ``(M l)_j - l^T M l`` (a KKT violation) joins ``S``; otherwise
+    ``l`` moves towards ``mu`` until a coordinate hits 0, and that vertex leaves ``S``.
+    Once no vertex violates the KKT conditions, the iteration is a fixed point.
+    """
     k = m.shape[0]
-    lipschitz = 2 * torch.linalg.eigvalsh(m)[-1].clamp_min(1e-30)
-    lam = torch.full((k,), 1.0 / k, dtype=m.dtype, device=m.device)
-    y, t = lam, 1.0
+    index = torch.arange(k, device=m.device)
+    lam = (index == m.diagonal().argmin()).to(m.dtype)
+    support = lam > 0
     for _ in range(iterations):
-        nxt = _project_simplex(y - (2 * (m @ y)) / lipschitz)
-        t_next = (1 + (1 + 4 * t * t) ** 0.5) / 2
-        y = nxt + ((t - 1) / t_next) * (nxt - lam)
-        lam, t = nxt, t_next
+        mu = _affine_minimizers(m, support[None])[0]
+        feasible = (mu >= 0).all()
+        # feasible: l = mu; the worst KKT violator joins the support
+        grad = m @ mu
+        gap = torch.where(support, torch.inf, grad - mu @ grad)
+        worst = gap.argmin()
+        grown = support | ((index == worst) & (gap.min() < -1e-12))
+        # infeasible: the largest step towards mu that keeps l >= 0; blocking vertices leave
+        shrinking = support & (mu < 0)
+        ratio = torch.where(shrinking, lam / torch.where(shrinking, lam - mu, 1), torch.inf)
+        t = ratio.min().clamp(0, 1)
+        moved = torch.where(shrinking & (ratio <= t), 0, lam + t * (mu - lam)).clamp_min(0)
+        lam = torch.where(feasible, mu, moved)
+        support = torch.where(feasible, grown, support & (moved > 0))
     return lam
+
+
+def normalized64(gram: Tensor) -> Tensor:
+    """``M`` in float64, divided by its mean diagonal (left as is when that is 0). Every
+    solver below works on this copy: their solutions are invariant to the scale of ``M``,
+    so gradients from 1e-10 to 1e10 give the same decision."""
+    m = gram.to(torch.float64)
+    scale = m.diagonal().mean()
+    return m / torch.where(scale > 0, scale, 1)
+
+
+def masked_solve(m: Tensor, masks: Tensor, rhs: Tensor) -> Tensor:
+    """For each support ``S`` (row of the ``B x K`` boolean ``masks``), solves
+    ``M_SS x_S = rhs_S`` with ``x = rhs`` outside ``S`` (``rhs`` is ``B x K x R``).
+
+    A relative ridge (1e-13 in float64) keeps singular faces solvable; it converges to the
+    least-norm solution, which is what a consistent singular system of a Gram matrix
+    (``M_SS = G_S G_S^T``, right-hand sides in its range) needs."""
+    k = m.shape[0]
+    fm = masks.to(m.dtype)
+    eye = torch.eye(k, dtype=m.dtype, device=m.device)
+    ridge = 1e-13 if m.dtype == torch.float64 else 1e-7
+    a = m * (fm[:, :, None] * fm[:, None, :]) + eye * (1 - fm)[:, None, :] + ridge * eye * fm[:, None, :]
+    return solve_spd(a, rhs)
+
+
+def solve_spd(a: Tensor, rhs: Tensor) -> Tensor:
+    """Solves the batched symmetric positive-definite systems ``a x = rhs`` (``... x K x K``,
+    ``... x K x R``) by Gauss-Jordan elimination without pivoting (stable for SPD matrices,
+    like Cholesky), written with element-wise tensor operations: no error check, so no
+    device sync, and for the tiny systems of the ``K x K`` solvers no LAPACK call per batch,
+    whose dispatch (and thread-pool start) dominates at these sizes. Single systems too:
+    ``solve_ex``, ``lu_solve`` and ``cholesky_solve`` read their pivots or info back to the
+    host in torch 2.13 (a device sync), and ``cholesky_ex`` calls ``tril``, which took ~8 ms
+    for a 16 x 16 matrix on a loaded 2-thread CPU (thread-pool start-up)."""
+    a, x = a.clone(), rhs.clone()
+    for i in range(a.shape[-1]):
+        pivot = a[..., i:i + 1, i:i + 1]
+        row, xrow = a[..., i:i + 1, :] / pivot, x[..., i:i + 1, :] / pivot
+        factor = a[..., :, i:i + 1].clone()
+        factor[..., i, :] = 0
+        a = a - factor * row
+        x = x - factor * xrow
+        a[..., i:i + 1, :] = row
+        x[..., i:i + 1, :] = xrow
+    return x
+
+
+def small_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` for the ``K x K`` solvers' tiny operands, as a broadcast multiply-sum: one
+    element-wise kernel instead of a BLAS call whose start-up dominates at these sizes."""
+    return (a.unsqueeze(-1) * b.unsqueeze(-3)).sum(-2)
+
+
+def supports(k: int, device: torch.device) -> Tensor:
+    """The non-empty subsets of ``range(k)`` (``(2^k - 1) x k`` mask), cached per device."""
+    key = (k, device)
+    masks = _SUPPORT_CACHE.get(key)
+    if masks is None:
+        masks = _SUPPORT_CACHE[key] = _supports(k, device)
+    return masks
+
+
+#: Largest K for which :func:`project_dual_cone` enumerates every active set
+#: (``rows x 2^K`` small systems in one batched solve).
+DUAL_CONE_ENUMERATION_MAX_TASKS = 5
+
+
+def project_dual_cone(gram: Tensor, u: Tensor, iterations: int = 300) -> Tensor:
+    """Weights of the projection onto the dual cone of the task gradients.
+
+    For ``x = G^T u`` (one row of ``u`` per vector to project, ``R x K``), the Euclidean
+    projection of ``x`` onto the dual cone ``{y : G y >= 0}`` is ``G^T v`` with
+
+    .. math::  v = \\arg\\min_{v \\ge u} v^\\top M v
+
+    (the dual of the projection problem, Quinton & Rey 2024, Prop. 1). Returns ``v``
+    (``R x K``). KKT: ``M v >= 0`` (so ``<g_k, G^T v> >= 0``: no task conflicts with the
+    result) with ``(M v)_k = 0`` where ``v_k > u_k``. Solved exactly, without regularising
+    ``M``, in float64 on the normalised Gram: for ``K <= DUAL_CONE_ENUMERATION_MAX_TASKS``
+    every free set ``F`` gets ``v_F = -M_FF^+ M_FA u_A``, ``v_A = u_A``; the candidate meeting
+    the KKT conditions (primal and dual feasibility, to 1e-10 relative) with the least
+    objective is returned. For larger ``K``, ``iterations`` steps of accelerated projected
+    gradient guess the active set, ``2K`` primal active-set rounds correct it, and the same
+    system on it gives the point (kept when it meets the KKT conditions).
+    """
+    k = gram.shape[0]
+    m = normalized64(gram)
+    u64 = u.to(torch.float64)
+    if k <= DUAL_CONE_ENUMERATION_MAX_TASKS:
+        free = torch.cat([torch.zeros(1, k, dtype=torch.bool, device=m.device), supports(k, m.device)])
+        v = _box_candidates(m, u64[:, None, :].expand(-1, free.shape[0], -1), free[None].expand(u64.shape[0], -1, -1))
+        mv = small_matmul(v, m)
+        objective = (v * mv).sum(-1)
+        tol = 1e-10 * (1 + u64.abs().amax(-1, keepdim=True))
+        primal = (v >= u64[:, None, :] - tol[..., None]).all(-1)
+        dual = (mv >= -tol[..., None]).all(-1)
+        kkt = primal & dual
+        score = torch.where(kkt, objective, torch.where(primal, objective + 1e300, torch.inf))
+        best = score.argmin(-1)
+        v = v.gather(1, best[:, None, None].expand(-1, 1, k))[:, 0]
+    else:
+        v = _accelerated_box(m, u64, iterations)
+        free = _refine_free_set(m, u64, v > u64 + 1e-9 * (1 + u64.abs()), 2 * k)
+        polished = _box_candidates(m, u64[:, None, :], free[:, None, :])[:, 0]
+        mv = small_matmul(polished, m)
+        tol = 1e-10 * (1 + u64.abs().amax(-1, keepdim=True))
+        ok = ((polished >= u64 - tol) & (mv >= -tol)).all(-1, keepdim=True)
+        v = torch.where(ok, polished, v)
+    return torch.maximum(v, u64).to(gram.dtype)
+
+
+def _box_candidates(m: Tensor, u: Tensor, free: Tensor) -> Tensor:
+    """``v`` with ``v = u`` off the free set and ``v_F`` minimising ``v^T M v`` on it
+    (``u``, ``free``: ``R x B x K``)."""
+    r, b, k = u.shape
+    fixed = u * (~free).to(u.dtype)
+    rhs = torch.where(free, -small_matmul(fixed, m), u)  # M symmetric: (M u_A)_F = (u_A M)_F
+    x = masked_solve(m, free.reshape(r * b, k), rhs.reshape(r * b, k, 1))
+    return x.reshape(r, b, k)
+
+
+def _refine_free_set(m: Tensor, u: Tensor, free: Tensor, rounds: int) -> Tensor:
+    """Primal active-set rounds for ``min v^T M v, v >= u`` (each row independently): solve
+    on the free set; free variables that fell below ``u`` become fixed; otherwise the fixed
+    variable with the most negative multiplier ``(M v)_i`` is freed. Stops changing a row once
+    its KKT conditions hold."""
+    tol = 1e-10 * (1 + u.abs().amax(-1, keepdim=True))
+    for _ in range(rounds):
+        v = _box_candidates(m, u[:, None, :], free[:, None, :])[:, 0]
+        below = free & (v < u - tol)
+        multipliers = torch.where(free, torch.inf, small_matmul(v, m))
+        worst = multipliers.argmin(-1, keepdim=True)
+        release = torch.zeros_like(free).scatter(-1, worst, True) & (multipliers.amin(-1, keepdim=True) < -tol)
+        free = torch.where(below.any(-1, keepdim=True), free & ~below, free | release)
+    return free
+
+
+def _accelerated_box(m: Tensor, u: Tensor, iterations: int) -> Tensor:
+    """FISTA on ``min v^T M v`` s.t. ``v >= u`` (rows of ``u`` independently)."""
+    lipschitz = 2 * torch.linalg.eigvalsh(m)[-1].clamp_min(1e-30)
+    v = u.clone()
+    y, t = v, 1.0
+    for _ in range(iterations):
+        nxt = torch.maximum(y - (2 * small_matmul(y, m)) / lipschitz, u)
+        t_next = (1 + (1 + 4 * t * t) ** 0.5) / 2
+        y = nxt + ((t - 1) / t_next) * (nxt - v)
+        v, t = nxt, t_next
+    return v

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
 
-from . import pipeline
+from . import amp, distributed, params_level, pipeline
+from . import rotation as rot
 from .linalg import compute_dtype, cosines, norms
 from .methods import Method, create
 
@@ -37,6 +38,22 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         check_finite: check once per ``backward`` (one host read) that every loss and
             gradient is finite, raising before anything changes. ``False`` removes the
             read for sync-free training.
+        distributed_exact: under ``torch.distributed`` (initialised before this optimizer
+            is built, or ``process_group`` given), decide from the global batch: one
+            all-reduce of the ``K x K`` Gram and the ``K`` losses per step gives every rank
+            the coefficients of single-process training on the global batch (see
+            :mod:`gradsurgery.distributed`). ``False``: per-rank surgery, each rank
+            deciding from its own slice (the only choice for element-wise ``combine``
+            methods). The heads' gradients are averaged across ranks in both modes.
+        process_group: the group to synchronise over (default: the whole world when
+            ``torch.distributed`` is initialised).
+        level: ``"rep"`` (default): the methods decide from the task gradients w.r.t. the
+            shared representation ``z``. ``"params"``: from the task gradients w.r.t. the
+            shared parameters (the papers' setting; see :mod:`gradsurgery.params_level`),
+            the combined gradient written to their ``.grad``. Not with rotations or
+            ``torch.distributed``.
+        shared_params: the shared parameters for ``level="params"``; default: the wrapped
+            optimizer's parameters that ``z`` depends on, found at every ``fork``.
         **method_options: options of the method (e.g. ``alpha`` for ``gradnorm``).
 
     Attributes:
@@ -44,11 +61,17 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         stats: what the last ``backward`` saw and decided (detached tensors):
             ``losses``, ``weights`` (the coefficients ``c``) and, for methods that look at
             gradients, ``grad_norms`` and ``cosines``.
+        distributed: the :class:`gradsurgery.distributed.Sync` in use (``None`` when
+            single-process); its ``bytes_last_step`` counts what the last step all-reduced.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, method: str | Method = "mean", *,
                  num_tasks: int, rep_size: int | None = None, method_lr: float | None = None,
-                 check_finite: bool = True, **method_options: Any):
+                 check_finite: bool = True, distributed_exact: bool = True, process_group=None,
+                 rotation: bool | None = None, rotation_shape: int | Sequence[int] | None = None,
+                 post_shape: int | Sequence[int] = (), rotation_init: str | Tensor = "random",
+                 coop: bool = False, level: str = "rep", shared_params: Iterable[Tensor] | None = None,
+                 **method_options: Any):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, MultiTaskOptimizer):
@@ -57,18 +80,42 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
             raise ValueError(f"num_tasks must be an integer >= 1, got {num_tasks!r}")
         if method_lr is not None and not method_lr >= 0:
             raise ValueError(f"method_lr must be >= 0, got {method_lr!r}")
+        if level not in ("rep", "params"):
+            raise ValueError(f"level must be 'rep' or 'params', got {level!r}")
+        if shared_params is not None and level != "params":
+            raise ValueError("shared_params only applies with level='params' (the representation level "
+                             "trains the backbone through z); pass level='params' or drop shared_params")
+        self.level = level
+        self.shared_params = None if shared_params is None else list(shared_params)
+        if self.shared_params is not None and not self.shared_params:
+            raise ValueError("shared_params is empty; pass the backbone's parameters, or None to find them")
         self.optimizer = optimizer
         self.num_tasks = num_tasks
         self.rep_size = rep_size
         self.check_finite = bool(check_finite)
         self.method = create(method, **method_options)
+        self.distributed_exact = bool(distributed_exact)
+        group = distributed.active_group(process_group)
+        if group is not None and self.distributed_exact and not distributed.is_exact(self.method):
+            raise ValueError(f"{self.method!r} combines the task gradients element-wise, so it cannot "
+                             "decide from the global batch under torch.distributed; pass "
+                             "distributed_exact=False for per-rank surgery")
+        self.distributed = None if group is None else distributed.Sync(group, self.distributed_exact)
+        if group is not None and level == "params":
+            raise ValueError("level='params' does not run under torch.distributed yet (the parameter-level "
+                             "Gram of the global batch needs the whole K x P Jacobian all-reduced); use "
+                             "level='rep', whose surgery is exact across ranks")
 
         first = next(p for g in optimizer.param_groups for p in g["params"])
         dtype = first.dtype if first.is_floating_point() else torch.get_default_dtype()
+        self.rotations = rot.build(
+            self.method, num_tasks, rotation=rotation, rep_size=rep_size, rotation_shape=rotation_shape,
+            post_shape=post_shape, init=rotation_init, coop=coop, level=getattr(self, "level", "rep"),
+            dtype=dtype, device=first.device)
         self.generator = torch.Generator()
         self.generator.manual_seed(int(torch.randint(0, 2**62, ())))
         self.method.bind(num_tasks, device=first.device, dtype=dtype, generator=self.generator)
-        own = self.method.parameters()
+        own = self._own_params()
         if own:
             group: dict[str, Any] = {"params": own, "lr": optimizer.param_groups[0]["lr"]
                                      if method_lr is None else method_lr}
@@ -122,17 +169,20 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
             raise TypeError("fork(z) takes the backbone's output: a floating-point tensor with a "
                             f"leading batch dimension, got {_describe(z)}")
         if not torch.is_grad_enabled():
-            return [z] * self.num_tasks
+            return [z] * self.num_tasks if self.rotations is None else rot.views(self.rotations, z, self.num_tasks)
         if self._fork is not None:
             raise RuntimeError("fork() was called twice without backward(); call "
                                "backward(losses) for the previous fork, or zero_grad() to discard it")
         if not z.requires_grad:
             raise ValueError("fork(z): z does not require grad, so the backbone cannot be trained "
                              "through it; pass the backbone's output (or wrap evaluation in torch.no_grad())")
-        self._fork = pipeline.fork(z, self.num_tasks)
+        self._shared = self._shared_for(z) if self.level == "params" else []
+        self._fork = (pipeline.fork(z, self.num_tasks) if self.rotations is None
+                      else rot.fork(self.rotations, z, self.num_tasks))
         return self._fork.views
 
-    def backward(self, losses: Sequence[Tensor], *, backbone_loss: Tensor | None = None) -> None:
+    def backward(self, losses: Sequence[Tensor], *, backbone_loss: Tensor | None = None,
+                 scaler: torch.amp.GradScaler | None = None) -> None:
         """Backpropagates the task ``losses`` (``num_tasks`` scalars, task ``k``'s loss
         computed from the ``k``-th view of :meth:`fork`) with the method's surgery on the
         shared representation, then once through the backbone.
@@ -141,6 +191,18 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         to the shared parameters unchanged, in the same backbone pass.
 
         Bad input raises before anything (gradients, method state) has changed.
+
+        ``scaler`` (a ``torch.amp.GradScaler``): the backward passes run on the scaled
+        losses, the method decides from the unscaled gradients (float32 or wider; the
+        scale never changes a decision) and its parameters get their gradients at the
+        scaled size, like the rest (see :mod:`gradsurgery.amp`). A non-finite value then
+        means overflow: the method is not consulted (its state stays untouched) and NaN
+        gradients reach the parameters, so ``scaler.step(opt)`` skips the step. This
+        needs the one host read whatever ``check_finite`` (``scaler.step`` reads anyway).
+        Loop: ``opt.backward(losses, scaler=scaler); scaler.step(opt); scaler.update()``.
+
+        Under ``torch.distributed`` the step needs one all-reduce (see
+        :mod:`gradsurgery.distributed`), so every rank must call ``backward`` every step.
         """
         fork = self._fork
         if fork is None:
@@ -148,25 +210,73 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
                                "backbone's output and compute the task losses from those views")
         values = self._validate(losses, backbone_loss)
         method = self.method
+        sync = self._sync_for_step()
+        exact = sync is not None and sync.exact
+        # methods that may weight the losses by their values see the global ones
+        early = exact and type(method).loss_weights is not Method.loss_weights
+        if early:
+            values = sync.losses(values)
+        loss_scale = amp.loss_scale(scaler, fork.z.device)
         scale = method.loss_weights(values)
         objective = sum(losses) if scale is None else sum(s * l for s, l in zip(scale.to(losses[0].dtype), losses))
+        if loss_scale is not None:
+            objective = objective * loss_scale
+            backbone_loss = None if backbone_loss is None else backbone_loss * loss_scale
         params = self._head_params()
         grads, param_grads = pipeline.task_gradients(objective, fork.leaf, params)
-        gram = pipeline.gram(grads) if method.needs_gram else None
-        if self.check_finite:
-            self._check_finite(values, grads, gram, param_grads, backbone_loss)
+        rotated_grads = None
+        if self.rotations is not None:  # the heads read R_k z: bring the gradients back to z's space
+            rotated_grads, grads = grads, rot.unrotate(self.rotations, fork, grads)
+        jac = None
+        if self.level == "params" and params_level.needs_jacobian(method):  # J = G dz/dtheta, batched
+            jac = params_level.jacobian(fork.z, self._shared, grads,
+                                        retain_graph=backbone_loss is not None or loss_scale is not None)
+            gram = jac.gram() if method.needs_gram else None
+        else:
+            gram = pipeline.gram(grads) if method.needs_gram or rotated_grads is not None else None
+        if gram is not None and loss_scale is not None:
+            gram = amp.unscale_gram(gram, loss_scale)
+        checked = self.check_finite or loss_scale is not None
+        flag = (self._finite_flag(values, grads, gram, param_grads, backbone_loss) if checked
+                else values.new_zeros(()))
+        if sync is not None:
+            total, reduced, flag, param_grads = sync.reduce(
+                gram if exact else None, values if exact and not early else None, flag, param_grads)
+            gram = gram if total is None else total
+            values = values if reduced is None else reduced
+        if checked and not bool(torch.isfinite(flag)):  # the one host read
+            if loss_scale is None:
+                self._raise_nonfinite(values, grads, backbone_loss)
+            self._skip_overflow(fork, params, param_grads, backbone_loss, values)
+            return
         # -- accepted: from here on the step changes state ------------------------------
         self._fork = None
-        combined = method.combine(grads, values)
-        if combined is None:
-            coefficients = method.weights(gram, values)
-            combined = pipeline.combine(coefficients, grads)
-        else:
-            coefficients = None
-            combined = combined.view(grads.shape[1:]).to(grads.dtype)
-        pipeline.shared_backward(fork.z, combined, backbone_loss)
+        with amp.method_grads_scaled(self._own_params(), loss_scale):
+            combined = method.combine(grads, values) if jac is None else None
+            if jac is not None:  # parameter level: c^T J goes straight into the shared .grad
+                coefficients = params_level.apply(method, jac, gram, values)
+            elif combined is None:
+                coefficients = method.weights(gram, values)
+                combined = pipeline.combine(coefficients, grads)
+            else:
+                coefficients = None
+                combined = combined.view(grads.shape[1:]).to(grads.dtype)
+            if backbone_loss is not None:
+                raw = backbone_loss.detach() if loss_scale is None else backbone_loss.detach() / loss_scale
+                weight = method.backbone_loss_weight(raw)
+                backbone_loss = backbone_loss if weight is None else backbone_loss * weight.to(backbone_loss.dtype)
+            if jac is None:
+                pipeline.shared_backward(fork.z, combined, backbone_loss)
+            elif backbone_loss is not None:
+                torch.autograd.backward(backbone_loss)
+            alignment = (None if rotated_grads is None else
+                         rot.align(self.rotations, fork, grads, rotated_grads, gram, loss_scale, sync))
         pipeline.accumulate(params, param_grads)
+        if coefficients is not None and scale is not None:  # weights of the unweighted task gradients
+            coefficients = coefficients * scale.to(coefficients.dtype)
         self._record_stats(values, gram, coefficients)
+        if alignment is not None:
+            self.stats["rotation_losses"] = alignment
 
     def step(self, closure: Callable[[], float] | None = None):
         """Steps the wrapped optimizer (which also holds the method's parameters)."""
@@ -174,17 +284,53 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         self.method.after_step()
         return loss
 
+    def observe(self, losses: Sequence[Tensor | float]) -> None:
+        """Hands the method the ``num_tasks`` task losses measured *after* ``step()``
+        (e.g. the same batch re-evaluated under ``torch.no_grad()``). FAMO learns its
+        weights from them; the other methods ignore the call, so one loop serves all::
+
+            opt.backward(losses); opt.step()
+            with torch.no_grad():
+                opt.observe(compute_losses(x, y))
+        """
+        if isinstance(losses, Tensor) or not isinstance(losses, Sequence) or len(losses) != self.num_tasks:
+            raise ValueError(f"observe() takes a list of {self.num_tasks} scalar losses, got {_describe(losses)}")
+        values = [torch.as_tensor(loss).detach() for loss in losses]
+        if any(v.numel() != 1 for v in values):
+            raise ValueError("observe(): every loss must be a scalar; reduce it first (e.g. .mean())")
+        stacked = torch.stack([v.reshape(()).to(values[0].device) for v in values])
+        self.method.observe(stacked.to(compute_dtype(stacked.dtype)))
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zeroes every gradient of the wrapped optimizer and discards a pending fork."""
         self.optimizer.zero_grad(set_to_none=set_to_none)
         self._fork = None
+
+    # -- rotations ----------------------------------------------------------------------
+    def coop(self, value: bool = True) -> "MultiTaskOptimizer":
+        """Switches RotoGrad's cooperative mode: the rotations also follow the task losses
+        (see :mod:`gradsurgery.rotation`). Usually turned on after some epochs."""
+        if self.rotations is None:
+            raise ValueError(f"coop mode needs rotations, but {self.method!r} runs without them; build the "
+                             "optimizer with rotation=True (or a RotoGrad-family method)")
+        self.rotations.coop = bool(value)
+        return self
+
+    def task_model(self, task: int, backbone: torch.nn.Module, head: torch.nn.Module) -> torch.nn.Module:
+        """The end-to-end predictor of ``task``, ``head(R_task backbone(x))`` (no rotation
+        without rotations), as an ``nn.Module`` for evaluation and export."""
+        if isinstance(task, bool) or not isinstance(task, int) or not 0 <= task < self.num_tasks:
+            raise ValueError(f"task must be an integer in [0, {self.num_tasks}), got {task!r}")
+        return torch.nn.Sequential(backbone, rot.RotatedHead(head, self.rotations, task))
 
     # -- checkpoints --------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """The wrapped optimizer's state, the method's parameters and state, and the random
         generator: a resumed run continues bit for bit."""
         return {"optimizer": self.optimizer.state_dict(), "method": self.method.state_dict(),
-                "generator": self.generator.get_state(), "num_tasks": self.num_tasks}
+                "generator": self.generator.get_state(), "num_tasks": self.num_tasks,
+                "rotation": None if self.rotations is None else
+                {"coop": self.rotations.coop, **{k: v.clone() for k, v in self.rotations.state_dict().items()}}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("num_tasks") != self.num_tasks:
@@ -193,6 +339,10 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         self.optimizer.load_state_dict(state_dict["optimizer"])
         self.method.load_state_dict(state_dict["method"])
         self.generator.set_state(state_dict["generator"])
+        if self.rotations is not None:
+            saved = dict(state_dict["rotation"])
+            self.rotations.coop = saved.pop("coop")
+            self.rotations.load_state_dict(saved)
         self._fork = None
 
     def __repr__(self) -> str:
@@ -205,6 +355,18 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         method's own (those get gradients from the method's losses)."""
         return [p for g in self.param_groups for p in g["params"]
                 if p.requires_grad and id(p) not in self._method_params]
+
+    def _shared_for(self, z: Tensor) -> list[Tensor]:
+        """The shared parameters of ``level="params"``: ``shared_params``, or the wrapped
+        optimizer's parameters that ``z`` depends on."""
+        if self.shared_params is not None:
+            return self.shared_params
+        found = params_level.shared_parameters(z, self._head_params())
+        if not found:
+            raise ValueError("level='params' found no shared parameter: z depends on none of the wrapped "
+                             "optimizer's parameters. Put the backbone's parameters in the optimizer, or "
+                             "pass shared_params=backbone.parameters()")
+        return found
 
     def _validate(self, losses: Sequence[Tensor], backbone_loss: Tensor | None) -> Tensor:
         """Checks the losses' count, shapes and graph; returns their detached values in the
@@ -226,10 +388,11 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         values = torch.stack([loss.detach().reshape(()) for loss in losses])
         return values.to(compute_dtype(values.dtype))
 
-    def _check_finite(self, values: Tensor, grads: Tensor, gram: Tensor | None,
-                      param_grads: list[Tensor | None], backbone_loss: Tensor | None) -> None:
-        """One host read: are the losses, the task gradients and the heads' gradients all
-        finite? On failure, a second look names the culprit."""
+    def _finite_flag(self, values: Tensor, grads: Tensor, gram: Tensor | None,
+                     param_grads: list[Tensor | None], backbone_loss: Tensor | None) -> Tensor:
+        """A 0-d tensor: 0 when the losses, the task gradients, the heads' gradients and
+        ``backbone_loss`` are all finite, NaN otherwise (no host read; under
+        ``torch.distributed`` it is summed across ranks with the Gram)."""
         checks = [values]
         checks.append(gram.diagonal() if gram is not None else grads.reshape(grads.shape[0], -1).sum(1))
         present = [g for g in param_grads if g is not None]
@@ -237,8 +400,10 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
             checks.append(torch.stack(torch._foreach_norm(present)).to(values.dtype))
         if backbone_loss is not None:
             checks.append(backbone_loss.detach().reshape(1).to(values.dtype))
-        if bool(torch.isfinite(torch.cat(checks)).all()):
-            return
+        return (torch.cat(checks) * 0).sum()
+
+    def _raise_nonfinite(self, values: Tensor, grads: Tensor, backbone_loss: Tensor | None) -> None:
+        """Names what was not finite (a second look, after the one read said so)."""
         bad_loss = (~torch.isfinite(values)).nonzero().flatten().tolist()
         if bad_loss:
             raise ValueError(f"non-finite loss for task(s) {bad_loss} (values {values.tolist()}); "
@@ -248,8 +413,38 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         flat = grads.reshape(grads.shape[0], -1)
         bad_task = (~torch.isfinite(flat).all(1)).nonzero().flatten().tolist()
         where = f"task(s) {bad_task}" if bad_task else "the heads' parameters"
+        if self.distributed is not None and not bad_task:
+            where = "the heads' parameters or on another rank"
         raise FloatingPointError(f"non-finite gradient in {where} although the losses are finite; "
                                  "nothing was changed (use a GradScaler for mixed precision)")
+
+    def _skip_overflow(self, fork: pipeline.Fork, params: list[Tensor], param_grads: list[Tensor | None],
+                       backbone_loss: Tensor | None, values: Tensor) -> None:
+        """Overflow under a GradScaler: the method is not consulted, so its state (RNG,
+        counters, initial losses, parameters) stays as it was; NaN goes through the
+        backbone (under DDP its all-reduce runs on every rank as usual) and into the
+        method's parameters' gradients, so ``scaler.step`` skips the step."""
+        self._fork = None
+        pipeline.shared_backward(fork.z, torch.full_like(fork.z, float("nan")), backbone_loss)
+        pipeline.accumulate(params, param_grads)
+        amp.mark_overflow(self._own_params())
+        self.stats = {"losses": values, "overflow": torch.ones((), dtype=torch.bool)}
+
+    def _own_params(self) -> list[Tensor]:
+        """The method's parameters and the rotations' (the group stepped at ``method_lr``)."""
+        return self.method.parameters() + ([self.rotations.skew_params] if self.rotations is not None else [])
+
+    def _sync_for_step(self) -> distributed.Sync | None:
+        """The distributed context, after the first step's check that the ranks agree."""
+        sync = self.distributed
+        if sync is None:
+            if self.distributed_exact and distributed.active_group() is not None:
+                raise RuntimeError("torch.distributed was initialised after this MultiTaskOptimizer was "
+                                   "built; build it after init_process_group (or pass process_group=)")
+            return None
+        sync.bytes_last_step = {"surgery": 0, "heads": 0}
+        sync.check(self.num_tasks, self.method)
+        return sync
 
     def _record_stats(self, values: Tensor, gram: Tensor | None, coefficients: Tensor | None) -> None:
         stats = {"losses": values}

@@ -82,8 +82,19 @@ class Method:
         from the ``K x N`` task gradients, or ``None`` to use ``weights`` (the default)."""
         return None
 
+    def backbone_loss_weight(self, value: Tensor) -> Tensor | None:
+        """Weight of ``backward``'s ``backbone_loss`` (``None``: 1), given its detached
+        ``value``. Called once per accepted step that has a backbone loss, after
+        :meth:`weights`; may update state (e.g. record an initial value)."""
+        return None
+
     def after_step(self) -> None:
         """Called after the wrapped optimizer's ``step`` (e.g. to renormalise weights)."""
+
+    def observe(self, losses: Tensor) -> None:
+        """Receives the ``K`` detached task losses measured *after* a step, through
+        :meth:`gradsurgery.MultiTaskOptimizer.observe` (FAMO learns from them). Methods
+        that do not need them ignore the call, so a loop over methods stays uniform."""
 
     # -- parameters and state -----------------------------------------------------------
     def parameters(self) -> list[nn.Parameter]:

@@ -13,6 +13,8 @@ so ``d L_grad / d w_k = sign(w_k ||g_k|| - target_k) ||g_k||``, written to the w
 ``.grad``; the wrapped optimizer steps them (param group with ``method_lr``), and after
 every step they are clamped positive and renormalised to sum to ``K``. ``L_k(0)`` is taken
 at the first step. ``alpha`` (default 1.5) sets how strongly slow tasks are pushed.
+Losses are expected positive, as in the paper; a task whose initial loss is 0 counts as
+training at the average rate (``r_k = 1``), so no NaN can appear.
 
 Level: the paper uses the gradient norms at the last shared layer's weights; here, by
 default, the norms of the gradients w.r.t. the shared representation. Heads get their
@@ -55,8 +57,10 @@ class GradNorm(Method):
             self.initial_losses = losses.clone()
         w = self.task_weights.detach().to(gram.dtype)
         n = norms(gram)
-        ratio = losses / self.initial_losses
-        relative = ratio / ratio.mean()
+        initial = self.initial_losses
+        ratio = torch.where(initial != 0, losses / torch.where(initial != 0, initial, 1), 1)
+        mean = ratio.mean()
+        relative = torch.where(mean > 0, ratio / torch.where(mean > 0, mean, 1), 1).clamp_min(0)
         target = (w * n).mean() * relative.pow(self.alpha)
         grad = torch.sign(w * n - target) * n
         grad = grad.to(self.task_weights.dtype)

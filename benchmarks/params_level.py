@@ -1,0 +1,108 @@
+"""Parameter-level surgery against torchjd 0.18 (``mtl_backward`` + the same aggregator),
+and representation-level loss-only methods against plain backward.
+
+Usage::
+
+    python benchmarks/params_level.py            # K in {2, 8, 32}: several minutes on 2 cores
+    python benchmarks/params_level.py --quick    # K in {2, 8}, fewer rounds
+
+Model (shared with ``step_time.py``, see ``_workloads.py``): MLP backbone 64-1024-1024-256,
+heads 256-256-1 with MSE losses, Adam, batch 256. Every number is a ratio to plain
+``sum(losses).backward()`` on the same model: time is the median of paired, interleaved
+per-round ratios (interquartile range in brackets), memory the peak resident memory above
+imports, each row in a fresh forked process (``_measure.py`` explains both). Writes
+``benchmarks/results/params_level[-quick].{json,md}``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import torch  # noqa: E402
+
+import _measure  # noqa: E402
+import _workloads as W  # noqa: E402
+
+#: (gradsurgery method, torchjd aggregator) pairs compared at the parameter level
+PAIRS = [("upgrad", "UPGrad"), ("mgda", "MGDA"), ("pcgrad", "PCGrad")]
+#: loss-only methods: representation level, target <= 1.03x plain
+LOSS_ONLY = ["uw", "dwa", "rlw", "famo"]
+
+
+def rows(k: int) -> list[dict]:
+    out = []
+    for ours, theirs in PAIRS:
+        out.append({"lib": "gradsurgery", "method": ours, "level": "params", "key": f"gs:{ours}"})
+        out.append({"lib": "torchjd", "method": theirs, "key": f"jd:{theirs}"})
+    out += [{"lib": "gradsurgery", "method": m, "level": "rep", "key": f"gs:{m}:rep"} for m in LOSS_ONLY]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    ks = (2, 8) if args.quick else (2, 8, 32)
+    timing = ({"min_rounds": 3, "max_rounds": 3, "budget_s": 0.0, "warmup": 1} if args.quick
+              else {"min_rounds": 5, "max_rounds": 9, "budget_s": 3.0})
+    jobs = []
+    for k in ks:
+        config = W.Config(d=256, k=k).as_dict()
+        jobs.append({"kind": "time", "config": config, "rows": rows(k), "timing": timing, "timeout_s": 1800})
+        plain = {"lib": "plain", "method": "sum", "key": "plain"}
+        jobs.append({"kind": "memory", "config": config, "rows": [plain] + rows(k), "timeout_s": 1800})
+    results = _measure.run_jobs(jobs, args.threads, lambda m: print(m, file=sys.stderr, flush=True))
+    table = []
+    for k, (times, memory) in zip(ks, zip(results[::2], results[1::2])):
+        plain_mb = memory["plain"].get("peak_mb")
+        for row in rows(k):
+            t, m = times.get(row["key"], {}), memory.get(row["key"], {})
+            table.append({"k": k, "row": row["key"], "time": t.get("ratio"), "q25": t.get("q25"),
+                          "q75": t.get("q75"), "row_ms": t.get("row_ms"), "plain_ms": t.get("plain_ms"),
+                          "memory": None if "peak_mb" not in m or not plain_mb else m["peak_mb"] / plain_mb,
+                          "error": t.get("error") or m.get("error")})
+    suffix = "-quick" if args.quick else ""
+    out = HERE / "results"
+    out.mkdir(exist_ok=True)
+    (out / f"params_level{suffix}.json").write_text(json.dumps(
+        {"threads": args.threads, "torch": torch.__version__, "rows": table}, indent=1))
+    md = render(table, args.threads)
+    (out / f"params_level{suffix}.md").write_text(md)
+    print(md)
+
+
+def render(table: list[dict], threads: int) -> str:
+    def fmt(x, spec=".2f"):
+        return "—" if x is None else format(x, spec)
+
+    by = {(r["k"], r["row"]): r for r in table}
+    lines = [f"Parameter level vs torchjd 0.18 (CPU, {threads} threads; ratios to plain backward; "
+             "time: median [IQR] of paired ratios; memory: peak RSS above imports)", "",
+             "| K | method | gradsurgery time | torchjd time | gs / torchjd | gradsurgery memory | torchjd memory |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for k in sorted({r["k"] for r in table}):
+        for ours, theirs in PAIRS:
+            a, b = by[(k, f"gs:{ours}")], by[(k, f"jd:{theirs}")]
+            speed = None if a["time"] is None or b["time"] is None else a["time"] / b["time"]
+            lines.append(f"| {k} | {ours} | {fmt(a['time'])}x [{fmt(a['q25'])}-{fmt(a['q75'])}] | "
+                         f"{fmt(b['time'])}x [{fmt(b['q25'])}-{fmt(b['q75'])}] | {fmt(speed)} | "
+                         f"{fmt(a['memory'])}x | {fmt(b['memory'])}x |")
+    lines += ["", "Representation-level loss-only methods (target <= 1.03x plain):", "",
+              "| K | method | time | memory |", "| --- | --- | --- | --- |"]
+    for k in sorted({r["k"] for r in table}):
+        for m in LOSS_ONLY:
+            r = by[(k, f"gs:{m}:rep")]
+            lines.append(f"| {k} | {m} | {fmt(r['time'])}x [{fmt(r['q25'])}-{fmt(r['q75'])}] | {fmt(r['memory'])}x |")
+    errors = [f"- {r['row']} (K={r['k']}): {r['error']}" for r in table if r.get("error")]
+    return "\n".join(lines + (["", "Errors:"] + errors if errors else [])) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""Where a representation-level gradsurgery step spends its time beyond plain backward.
+
+Usage::
+
+    python benchmarks/profile_step.py [--k 8 32] [--methods sum pcgrad mgda ...] [--d 256]
+
+For each method and K: the step's wall time split by pipeline stage (each stage function
+of ``gradsurgery.pipeline``/``gradsurgery.rotation`` and the method's ``weights`` is
+wrapped with a timer for this script only), next to plain ``sum(losses).backward()``; then
+``torch.profiler``'s operators whose total self-CPU time differs most between the two
+steps (the ops that cost the extra time). Interleaved rounds, medians.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _workloads as W  # noqa: E402
+import gradsurgery as gs  # noqa: E402
+from gradsurgery import optimizer as gs_optimizer  # noqa: E402
+from gradsurgery import pipeline, rotation  # noqa: E402
+
+STAGES = {pipeline: ["fork", "task_gradients", "gram", "combine", "shared_backward", "accumulate"],
+          rotation: ["fork", "unrotate", "align"]}
+OPTIMIZER_STAGES = ["_validate", "_finite_flag", "_record_stats", "_head_params"]
+
+
+class StageTimer:
+    """Wraps the pipeline's stage functions (module attributes, looked up at call time by
+    the optimizer) with timers."""
+
+    def __init__(self):
+        self.times: dict[str, float] = defaultdict(float)
+        for module, names in STAGES.items():
+            for name in names:
+                setattr(module, name, self._wrap(f"{module.__name__.split('.')[-1]}.{name}", getattr(module, name)))
+        for name in OPTIMIZER_STAGES:
+            setattr(gs.MultiTaskOptimizer, name, self._wrap(f"optimizer.{name}", getattr(gs.MultiTaskOptimizer, name)))
+
+    def _wrap(self, label, fn):
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.times[label] += time.perf_counter() - t0
+        return timed
+
+    def wrap_method(self, method):
+        for name in ("weights", "combine", "loss_weights"):
+            setattr(method, name, self._wrap(f"method.{name}", getattr(method, name)))
+
+
+def instrumented_step(p: W.Problem, method: str, timer: StageTimer):
+    d = p.heads[0][0].in_features
+    opt = gs.MultiTaskOptimizer(W._adam(p.backbone, p.heads), method, num_tasks=len(p.heads), rep_size=d,
+                                method_lr=W.METHOD_LR)
+    timer.wrap_method(opt.method)
+
+    def step():
+        t = timer.times
+        t0 = time.perf_counter()
+        opt.zero_grad()
+        z = p.backbone(p.x)
+        t1 = time.perf_counter()
+        views = opt.fork(z)
+        t2 = time.perf_counter()
+        losses = W._losses(p.heads, views, p.targets)
+        t3 = time.perf_counter()
+        opt.backward(losses)
+        t4 = time.perf_counter()
+        opt.step()
+        t5 = time.perf_counter()
+        t["backbone forward"] += t1 - t0
+        t["heads forward + losses"] += t3 - t2
+        t["opt.backward total"] += t4 - t3
+        t["opt.step (Adam + after_step)"] += t5 - t4
+    return step
+
+
+def plain_split(p: W.Problem, out: dict[str, float]):
+    opt = W._adam(p.backbone, p.heads)
+
+    def step():
+        t0 = time.perf_counter()
+        opt.zero_grad()
+        z = p.backbone(p.x)
+        t1 = time.perf_counter()
+        losses = W._losses(p.heads, [z] * len(p.heads), p.targets)
+        t2 = time.perf_counter()
+        sum(losses).backward()
+        t3 = time.perf_counter()
+        opt.step()
+        t4 = time.perf_counter()
+        out["backbone forward"] += t1 - t0
+        out["heads forward + losses"] += t2 - t1
+        out["backward total"] += t3 - t2
+        out["Adam step"] += t4 - t3
+    return step
+
+
+def op_table(fn, steps: int) -> dict[str, float]:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            fn()
+    return {e.key: e.self_cpu_time_total / steps / 1e3 for e in prof.key_averages()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--k", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--d", type=int, default=256)
+    parser.add_argument("--methods", nargs="+", default=["sum", "mean", "pcgrad", "mgda", "gradnorm", "rotograd"])
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--top", type=int, default=8)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    timer = StageTimer()
+    for k in args.k:
+        cfg = W.Config(d=args.d, k=k)
+        for method in args.methods:
+            plain_t: dict[str, float] = defaultdict(float)
+            plain = plain_split(W.make_problem(cfg), plain_t)
+            step = instrumented_step(W.make_problem(cfg), method, timer)
+            for fn in (plain, step, plain, step):
+                fn()
+            timer.times.clear()
+            plain_t.clear()
+            ratios, tp, ts = [], [], []
+            for r in range(args.rounds):
+                a = time.perf_counter(); plain(); b = time.perf_counter(); step(); c = time.perf_counter()
+                tp.append(b - a); ts.append(c - b); ratios.append((c - b) / (b - a))
+            n = args.rounds
+            print(f"\n=== {method}, d={args.d}, K={k}: step {1e3 * statistics.median(ts):.1f} ms vs plain "
+                  f"{1e3 * statistics.median(tp):.1f} ms, ratio {statistics.median(ratios):.3f} "
+                  f"(min {min(ratios):.3f}) [instrumented]")
+            print("  plain:  " + ", ".join(f"{key} {1e3 * v / n:.1f}" for key, v in plain_t.items()))
+            for key, v in sorted(timer.times.items(), key=lambda kv: -kv[1]):
+                print(f"  {key:32s} {1e3 * v / n:8.2f} ms")
+            ops_plain, ops_step = op_table(plain, 2), op_table(step, 2)
+            diff = {key: ops_step.get(key, 0) - ops_plain.get(key, 0) for key in set(ops_plain) | set(ops_step)}
+            print("  ops with the largest extra self-CPU time per step (ms): " + ", ".join(
+                f"{key} {v:+.2f}" for key, v in sorted(diff.items(), key=lambda kv: -abs(kv[1]))[:args.top]))
+
+
+if __name__ == "__main__":
+    main()

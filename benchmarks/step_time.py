@@ -1,0 +1,429 @@
+"""Per-step cost of every gradsurgery method against plain ``sum(losses).backward()``,
+the ``rotograd`` package, torchjd's ``mtl_backward`` and naive K-pass PCGrad.
+
+Usage::
+
+    python benchmarks/step_time.py --quick        # d=256, K in {2, 8}: under 2 minutes
+    python benchmarks/step_time.py                # the full grid (about 10 minutes)
+    python benchmarks/step_time.py --docs         # full grid, and regenerate docs/benchmarks.md
+
+Prints a markdown table and writes ``benchmarks/results/step_time[-quick|-smoke].{json,md}``.
+
+Time is a ratio to plain backward measured in the same process, interleaved: the median of
+paired per-round ratios, with the interquartile range. Memory is the peak resident memory
+above imports, one fresh forked process per (row, configuration), as a ratio to plain's.
+How both are measured is explained in ``benchmarks/_measure.py``. The model: an MLP backbone
+64-1024-1024-d, heads d-256-1 with MSE losses, Adam, batch 256.
+
+The ``rotograd`` rows need geotorch 0.3, so they run in another interpreter
+(``--ref-python``; default: ``.venv-ref`` or ``.venv-bench`` beside this repository);
+without it, and without torchjd, those rows are skipped with a note.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import torch  # noqa: E402
+
+import _measure  # noqa: E402
+import _workloads as W  # noqa: E402
+
+ROOT = HERE.parent
+DOCS = ROOT / "docs"
+REF_PYTHONS = (ROOT / ".venv-ref" / "bin" / "python", ROOT / ".venv-bench" / "bin" / "python")
+
+#: Every configuration row set: ``all`` (every row), ``rep`` (no parameter-level rows),
+#: ``rotations`` (only rotation rows, at full width even above ``SUBSPACE``).
+_FULL_TIMING = {"min_rounds": 5, "max_rounds": 15, "budget_s": 1.5}
+_HEAVY_TIMING = {"min_rounds": 3, "max_rounds": 7, "budget_s": 1.5}
+#: Modes: per configuration (d, K, row set, measure memory?, timing rounds).
+MODES: dict[str, dict[str, Any]] = {
+    "full": {"grid": [(256, 2, "all", True, _FULL_TIMING), (256, 8, "all", True, _FULL_TIMING),
+                      (256, 32, "rep", True, _HEAVY_TIMING), (64, 8, "rep", True, _FULL_TIMING),
+                      (1024, 8, "rep", True, _HEAVY_TIMING), (1024, 2, "rotations", True, _HEAVY_TIMING)]},
+    "quick": {"grid": [(256, 2, "all", False, {"min_rounds": 3, "max_rounds": 3, "budget_s": 0.0, "warmup": 1}),
+                       (256, 8, "all", True, {"min_rounds": 3, "max_rounds": 3, "budget_s": 0.0, "warmup": 1})]},
+    "smoke": {"grid": [(16, 2, "all", True, {"min_rounds": 2, "max_rounds": 2, "budget_s": 0.0, "warmup": 1})],
+              "tiny": True},
+}
+#: Subspace width of the rotation rows at d > this width (except in ``rotations`` sets).
+SUBSPACE = 256
+
+
+# -- rows -------------------------------------------------------------------------------
+def rows_for(d: int, row_set: str) -> list[dict[str, Any]]:
+    """The benchmarked rows for features ``d``: each registered gradsurgery method at the
+    representation level (and, in the ``all`` set, the parameter level when it exists),
+    torchjd, naive PCGrad and the rotograd package. Rotations wider than ``SUBSPACE`` act on
+    a ``SUBSPACE``-wide subspace, except in the ``rotations`` set (full width)."""
+    import gradsurgery as gs
+    rows: list[dict[str, Any]] = []
+    wide = row_set == "rotations"
+    levels = ["rep"] + (["params"] if row_set == "all" and W.gradsurgery_supports("level") else [])
+    sub = {"rotation_size": SUBSPACE} if d > SUBSPACE and not wide else {}
+    for name in gs.methods.available():
+        rotation = bool(getattr(gs.methods.get(name), "rotation", False))
+        if wide and not rotation:
+            continue
+        for level in (["rep"] if rotation else levels):  # rotations act on the representation only
+            rows.append({"lib": "gradsurgery", "method": name, "level": level} | (sub if rotation else {}))
+    if not wide:
+        rows += [{"lib": "torchjd", "method": a} for a in W.TORCHJD_AGGREGATORS]
+        rows.append({"lib": "naive", "method": "PCGrad"})
+    rows += [{"lib": "rotograd", "method": cls} | sub for cls in W.ROTOGRAD_CLASSES]
+    for row in rows:
+        row["key"] = row_key(row)
+        row["label"] = row_label(row)
+    return rows
+
+
+def row_key(row: dict[str, Any]) -> str:
+    parts = [row["lib"], row["method"]] + ([row["level"]] if "level" in row else [])
+    if row.get("rotation_size"):
+        parts.append(f"r{row['rotation_size']}")
+    return ":".join(parts)
+
+
+def row_label(row: dict[str, Any]) -> str:
+    sub = f", {row['rotation_size']}-wide subspace" if row.get("rotation_size") else ""
+    if row["lib"] == "gradsurgery":
+        return f"gradsurgery `{row['method']}` ({row['level']}{sub})"
+    if row["lib"] == "rotograd":
+        return f"rotograd 0.1.6 `{row['method']}` (cached{sub})"
+    if row["lib"] == "torchjd":
+        return f"torchjd 0.18 `mtl_backward` + `{row['method']}`"
+    return "naive PCGrad (K backward passes)"
+
+
+# -- orchestration ----------------------------------------------------------------------
+def plan(mode: str, only: str | None) -> list[dict[str, Any]]:
+    """The jobs of ``mode``: per configuration, one timing job and (when asked) one
+    memory job."""
+    spec = MODES[mode]
+    tiny = spec.get("tiny", False)
+    timeout = 120 if tiny else 1800
+    jobs = []
+    for d, k, row_set, memory, timing in spec["grid"]:
+        rows = [r for r in rows_for(d, row_set) if only is None or re.search(only, r["label"])]
+        if not rows:
+            continue
+        config = W.Config(d=d, k=k, tiny=tiny).as_dict()
+        jobs.append({"kind": "time", "config": config, "rows": rows, "timing": timing, "timeout_s": timeout})
+        if memory:
+            plain = {"lib": "plain", "method": "sum", "key": "plain", "label": "plain"}
+            jobs.append({"kind": "memory", "config": config, "rows": [plain] + rows, "timeout_s": timeout})
+    return jobs
+
+
+def run(jobs: list[dict[str, Any]], threads: int, ref_python: Path | None,
+        overlap: bool = False) -> list[dict[str, Any]]:
+    """Runs the rotograd rows in the reference interpreter, the others here; returns one
+    result dict (row key -> measurement) per job. ``overlap`` runs both interpreters at
+    once (only for smoke runs: it spoils the timings)."""
+    ref_jobs, own_jobs = [], []
+    for job in jobs:
+        ref = [r for r in job["rows"] if r["lib"] == "rotograd"]
+        own = [r for r in job["rows"] if r["lib"] != "rotograd"]
+        ref_jobs.append(dict(job, rows=ref + [r for r in own if r["lib"] == "plain"]))
+        own_jobs.append(dict(job, rows=own))
+    ref_wanted = [j for j in ref_jobs if any(r["lib"] == "rotograd" for r in j["rows"])]
+    log(f"running {len(jobs)} jobs ({sum(len(j['rows']) for j in own_jobs)} row-measurements here)")
+    ref = _RefWorker(ref_wanted, threads, ref_python) if ref_wanted and overlap else None
+    own_results = _measure.run_jobs(own_jobs, threads, log)
+    if ref_wanted and ref is None:
+        ref = _RefWorker(ref_wanted, threads, ref_python)
+    ref_results = iter(ref.results() if ref else [])
+    merged = []
+    for job, own in zip(ref_jobs, own_results):
+        res = dict(own)
+        if any(r["lib"] == "rotograd" for r in job["rows"]):
+            got = next(ref_results)
+            if job["kind"] == "memory":
+                # rotograd rows' memory ratio uses the plain measured in their interpreter
+                got = {("plain@ref" if k == "plain" else k): v for k, v in got.items()}
+            res.update(got)
+        merged.append(res)
+    return merged
+
+
+class _RefWorker:
+    """The reference interpreter running ``jobs`` (``--worker``), started at once."""
+
+    def __init__(self, jobs: list[dict[str, Any]], threads: int, ref_python: Path | None):
+        self.jobs, self.proc = jobs, None
+        if ref_python is None or not Path(ref_python).exists():
+            self.note = ("reference interpreter (rotograd 0.1.6 + geotorch 0.3) not found; pass "
+                         f"--ref-python (looked for {', '.join(map(str, REF_PYTHONS))})")
+            return
+        log(f"rotograd rows in {ref_python}")
+        self.proc = subprocess.Popen([str(ref_python), str(Path(__file__).resolve()), "--worker"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True)
+        self.payload = json.dumps({"jobs": jobs, "threads": threads})
+
+    def results(self) -> list[dict[str, Any]]:
+        if self.proc is not None:
+            out, err = self.proc.communicate(self.payload)
+            sys.stderr.write(err)
+            if self.proc.returncode == 0 and out.strip():
+                return json.loads(out)
+            self.note = f"reference interpreter failed (exit {self.proc.returncode}): {err.strip().splitlines()[-1:]}"
+        return [{r["key"]: {"error": self.note} for r in j["rows"] if r["lib"] == "rotograd"} for j in self.jobs]
+
+
+def worker() -> None:
+    """``--worker``: runs the jobs read from stdin, writes their results to stdout."""
+    spec = json.load(sys.stdin)
+    json.dump(_measure.run_jobs(spec["jobs"], spec["threads"], log), sys.stdout)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def machine(threads: int) -> dict[str, Any]:
+    model = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": model, "logical_cpus": os.cpu_count(), "torch_threads": threads,
+            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+            "load_average_start": list(os.getloadavg())}
+
+
+# -- results ----------------------------------------------------------------------------
+def collect(jobs: list[dict[str, Any]], results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per (row, configuration) with the time and memory ratios."""
+    records: dict[tuple[str, int, int], dict[str, Any]] = {}
+    for job, res in zip(jobs, results):
+        cfg = job["config"]
+        for row in job["rows"]:
+            if row["lib"] == "plain":
+                continue
+            rec = records.setdefault((row["key"], cfg["d"], cfg["k"]),
+                                     {k: v for k, v in row.items()} | {"d": cfg["d"], "k": cfg["k"]})
+            got = res.get(row["key"], {"error": "no result"})
+            if "error" in got:
+                rec.setdefault("notes", []).append(f"{job['kind']}: {got['error']}")
+            elif job["kind"] == "time":
+                rec.update({"time_ratio": got["ratio"], "time_q25": got["q25"], "time_q75": got["q75"],
+                            "rounds": got["rounds"], "plain_ms": got["plain_ms"], "row_ms": got["row_ms"]})
+            else:
+                plain = res.get("plain@ref" if row["lib"] == "rotograd" else "plain", {})
+                rec["peak_mb"] = got["peak_mb"]
+                if "peak_mb" in plain and plain["peak_mb"] > 0:
+                    rec["plain_peak_mb"] = plain["peak_mb"]
+                    rec["memory_ratio"] = got["peak_mb"] / plain["peak_mb"]
+    return list(records.values())
+
+
+#: (description, row-key prefix, d, K, bound) — each a ratio to plain unless noted.
+TIME_TARGETS = [
+    ("`sum` <= 1.02x", "gradsurgery:sum:rep", 256, 8, 1.02),
+    ("`mean` <= 1.02x", "gradsurgery:mean:rep", 256, 8, 1.02),
+    ("`pcgrad` <= 1.10x", "gradsurgery:pcgrad:rep", 256, 8, 1.10),
+    ("`mgda` <= 1.10x", "gradsurgery:mgda:rep", 256, 8, 1.10),
+    ("`gradnorm` <= 1.10x", "gradsurgery:gradnorm:rep", 256, 8, 1.10),
+    ("`pcgrad` <= 1.3x at K=32", "gradsurgery:pcgrad:rep", 256, 32, 1.3),
+    ("`mgda` <= 1.5x at K=32", "gradsurgery:mgda:rep", 256, 32, 1.5),
+]
+ROTATIONS = {"rotate_only": "RotateOnly", "rotograd": "RotoGrad", "rotogradnorm": "RotoGradNorm"}
+
+
+def targets(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's targets at d=256 (K=8 unless noted) against this run's numbers."""
+    by = {(r["key"], r["d"], r["k"]): r for r in records}
+    out = []
+
+    def add(what, value, bound):
+        status = "n/a" if value is None else ("met" if value <= bound else "MISSED")
+        out.append({"target": what, "value": value, "bound": bound, "status": status})
+
+    for what, key, d, k, bound in TIME_TARGETS:
+        add(what, by.get((key, d, k), {}).get("time_ratio"), bound)
+    for name, cls in ROTATIONS.items():
+        ours = by.get((f"gradsurgery:{name}:rep", 256, 8), {}).get("time_ratio")
+        ref = by.get((f"rotograd:{cls}", 256, 8), {}).get("time_ratio")
+        add(f"`{name}` <= 2.0x plain", ours, 2.0)
+        add(f"`{name}` <= 0.4x rotograd's `{cls}`", None if ours is None or ref is None else ours / ref, 0.4)
+    for r in records:
+        if r["lib"] == "gradsurgery" and r.get("level") == "rep" and r["d"] == 256 and r["k"] == 8:
+            add(f"`{r['method']}` peak memory <= 1.10x", r.get("memory_ratio"), 1.10)
+    return out
+
+
+def _fmt_time(r: dict[str, Any] | None) -> str:
+    if r is None:
+        return ""
+    if "time_ratio" not in r:
+        return "skipped"
+    return f"{r['time_ratio']:.2f}x ({r['time_q25']:.2f}-{r['time_q75']:.2f})"
+
+
+def _fmt_mem(r: dict[str, Any] | None) -> str:
+    if r is None or "memory_ratio" not in r:
+        return ""
+    return f"{r['memory_ratio']:.2f}x"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """Tables per feature size ``d`` (rows x K), then targets, machine and notes."""
+    recs = report["records"]
+    m = report["machine"]
+    lines = [f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, torch {m['torch']} on "
+             f"{m['torch_threads']} threads, Python {m['python']}; load average at start "
+             f"{m['load_average_start'][0]:.2f}, at end {m.get('load_average_end', [0])[0]:.2f}. "
+             f"Mode `{report['mode']}`, batch {report['batch']}.", ""]
+    for d in sorted({r["d"] for r in recs}):
+        ks = sorted({r["k"] for r in recs if r["d"] == d})
+        rows = list(dict.fromkeys(r["key"] for r in recs if r["d"] == d))
+        by = {(r["key"], r["k"]): r for r in recs if r["d"] == d}
+        label = {r["key"]: r["label"] for r in recs}
+        has_mem = any("memory_ratio" in r for r in recs if r["d"] == d)
+        lines.append(f"### d = {d}")
+        lines.append("")
+        header = ["row"] + [f"time K={k}" for k in ks] + ([f"memory K={k}" for k in ks] if has_mem else [])
+        lines.append("| " + " | ".join(header) + " |")
+        lines.append("|" + "---|" * len(header))
+        plain_ms = {k: next((r["plain_ms"] for r in recs if r["d"] == d and r["k"] == k and "plain_ms" in r
+                             and r["lib"] != "rotograd"), None) for k in ks}
+        plain_mb = {k: next((r["plain_peak_mb"] for r in recs if r["d"] == d and r["k"] == k
+                             and "plain_peak_mb" in r and r["lib"] != "rotograd"), None) for k in ks}
+        cells = ["plain `sum(losses).backward()` (absolute)"]
+        cells += [f"{plain_ms[k]:.1f} ms" if plain_ms[k] else "" for k in ks]
+        if has_mem:
+            cells += [f"{plain_mb[k]:.1f} MB" if plain_mb[k] else "" for k in ks]
+        lines.append("| " + " | ".join(cells) + " |")
+        for key in rows:
+            cells = [label[key]] + [_fmt_time(by.get((key, k))) for k in ks]
+            if has_mem:
+                cells += [_fmt_mem(by.get((key, k))) for k in ks]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["### Targets (d = 256, K = 8 unless noted)", "", "| target | measured | status |", "|---|---|---|"]
+    for t in report["targets"]:
+        value = "" if t["value"] is None else f"{t['value']:.2f}x"
+        lines.append(f"| {t['target']} | {value} | {t['status']} |")
+    notes = [(r["label"], r["d"], r["k"], n) for r in recs for n in r.get("notes", [])]
+    if notes:
+        lines += ["", "### Notes (rows skipped or failed)", ""]
+        lines += [f"- {label}, d={d}, K={k}: {n}" for label, d, k, n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any], path: Path, d: int = 256) -> None:
+    """Time ratio vs K (log-log) at features ``d``: gradsurgery's methods on the left, the
+    other libraries (with gradsurgery's matching methods for reference) on the right."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    recs = [r for r in report["records"] if r["d"] == d and "time_ratio" in r and not r.get("rotation_size")]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
+    groups = [[r for r in recs if r["lib"] == "gradsurgery"],
+              [r for r in recs if r["lib"] != "gradsurgery"
+               or (r.get("level") == "rep" and r["method"] in ("pcgrad", "mgda", "mean", *ROTATIONS))]]
+    titles = ["gradsurgery methods", "other libraries (gradsurgery rep-level for reference)"]
+    for ax, group, title in zip(axes, groups, titles):
+        for key in dict.fromkeys(r["key"] for r in group):
+            pts = sorted((r["k"], r["time_ratio"], r["time_q25"], r["time_q75"]) for r in group if r["key"] == key)
+            ks, med, lo, hi = zip(*pts)
+            label = next(r["label"] for r in group if r["key"] == key).replace("`", "")
+            style = "-" if key.startswith("gradsurgery") else "--"
+            ax.errorbar(ks, med, yerr=[[m - q for m, q in zip(med, lo)], [q - m for m, q in zip(med, hi)]],
+                        fmt=style + "o", ms=3, capsize=2, label=label)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("K (number of tasks)")
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=6.5, loc="upper left")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel(f"step time / plain backward (d={d}, median, IQR bars)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+DOC_HEADER = """# Benchmarks
+
+<!-- generated by `python benchmarks/step_time.py --docs`; do not edit by hand -->
+
+What one training step costs, as a **ratio to plain `sum(losses).backward()`** on the same
+model, measured in the same process and interleaved with it (the median of paired
+per-round ratios; in brackets the interquartile range). Memory is the **peak resident
+memory above imports**, measured in a fresh forked process per row and configuration, as
+a ratio to plain's. Model: MLP backbone 64-1024-1024-d, heads d-256-1 with MSE losses,
+Adam, batch 256, K tasks. Representation-level rows (`rep`) run gradsurgery's
+one-backbone-pass pipeline; `params` rows compute per-task gradients of the shared
+parameters. The `rotograd` package's rows run in an interpreter with geotorch 0.3 and
+are normalised by a plain step timed in that interpreter. Rotations wider than 256 are
+applied to a 256-wide subspace, except in the d = 1024, K = 2 rows.
+
+Reproduce: `python benchmarks/step_time.py` (full grid) or `--quick` (under 2 minutes).
+Method and measurement details: `benchmarks/step_time.py`, `benchmarks/_measure.py`.
+
+![step time / plain vs K](benchmarks_time_vs_k.png)
+
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="d=256, K in {2, 8}, few rounds (< 2 min)")
+    mode.add_argument("--smoke", action="store_true", help="tiny model, one configuration (seconds; for tests)")
+    parser.add_argument("--docs", action="store_true", help="also regenerate docs/benchmarks.md, .json and the plot")
+    parser.add_argument("--ref-python", type=Path, default=next((p for p in REF_PYTHONS if p.exists()), None),
+                        help="interpreter with rotograd 0.1.6 + geotorch 0.3 for the rotograd rows")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--only", help="regex: keep only rows whose label matches")
+    parser.add_argument("--out", type=Path, default=HERE / "results", help="output folder for JSON and markdown")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker()
+        return 0
+    if args.docs and (args.quick or args.smoke or args.only):
+        parser.error("--docs records the full grid; drop --quick/--smoke/--only")
+    name = "quick" if args.quick else "smoke" if args.smoke else "full"
+    # threads are set in the forked children only: an OpenMP runtime initialised before a
+    # fork (Intel's, in some torch builds) hangs the child's first parallel region
+    info = machine(args.threads)
+    started = time.perf_counter()
+    jobs = plan(name, args.only)
+    results = run(jobs, args.threads, args.ref_python, overlap=name == "smoke")
+    info["load_average_end"] = list(os.getloadavg())
+    records = collect(jobs, results)
+    report = {"mode": name, "machine": info, "batch": jobs[0]["config"]["batch"] if jobs else None,
+              "seconds": time.perf_counter() - started, "records": records}
+    report["targets"] = targets(records)
+    table = markdown(report)
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "step_time" + ("" if name == "full" else f"-{name}")
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1))
+    (args.out / f"{stem}.md").write_text(table)
+    if args.docs:
+        (DOCS / "benchmarks.json").write_text(json.dumps(report, indent=1))
+        plot(report, DOCS / "benchmarks_time_vs_k.png")
+        (DOCS / "benchmarks.md").write_text(DOC_HEADER + table)
+    log(f"done in {report['seconds']:.0f}s; wrote {args.out / stem}.json/.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

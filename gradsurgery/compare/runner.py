@@ -1,0 +1,287 @@
+"""The training loop behind :func:`compare`: every method x seed on one benchmark."""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .. import data, methods as registry
+from ..optimizer import MultiTaskOptimizer
+from .results import TIME_REFERENCE, Results, Run
+
+#: Options every method takes (they go to :class:`MultiTaskOptimizer`, not the method).
+OPTIMIZER_OPTIONS = ("method_lr",)
+_PROTOCOL = ("tasks", "metrics", "higher_is_better", "rep_size", "build", "optimizer",
+             "train_batches", "losses", "evaluate")
+
+
+@dataclass
+class Plan:
+    """A validated comparison, ready to :meth:`run` (what :func:`prepare` returns)."""
+
+    benchmark: Any
+    methods: list[str]
+    seeds: list[int]
+    epochs: int
+    baseline: str
+    options: dict[str, dict[str, Any]]
+
+    def run(self, progress: bool = True) -> Results:
+        """Trains every method with every seed; a tqdm bar shows method, seed, epoch and
+        the running loss unless ``progress`` is False."""
+        bench = self.benchmark
+        runs = []
+        threads = torch.get_num_threads()
+        try:
+            if getattr(bench, "threads", None):
+                torch.set_num_threads(bench.threads)
+            total = len(self.methods) * len(self.seeds) * self.epochs
+            with tqdm(total=total, disable=not progress, unit="epoch", dynamic_ncols=True) as bar:
+                for name in self.methods:
+                    for seed in self.seeds:
+                        runs.append(train_one(bench, name, seed, self.epochs, self.options[name], bar))
+        finally:
+            torch.set_num_threads(threads)
+        return Results(benchmark=getattr(bench, "name", type(bench).__name__), tasks=list(bench.tasks),
+                       metrics=list(bench.metrics), higher_is_better=[bool(h) for h in bench.higher_is_better],
+                       methods=self.methods, seeds=self.seeds, epochs=self.epochs, baseline=self.baseline,
+                       runs=runs, source=bench)
+
+
+def prepare(benchmark: Any = data.DEFAULT, methods: Sequence[str] | None = None, *,
+            seeds: Sequence[int] | None = None, epochs: int | None = None, baseline: str = "mean",
+            method_options: Mapping[str, Mapping[str, Any]] | None = None) -> Plan:
+    """Validates the arguments of :func:`compare` (same meaning) without training: unknown
+    benchmarks, methods and options raise a ``ValueError`` that lists what exists."""
+    bench = _resolve_benchmark(benchmark)
+    names = _resolve_methods(methods, baseline)
+    seeds = _resolve_seeds(bench.seeds if seeds is None else seeds)
+    epochs = _positive_int(bench.epochs if epochs is None else epochs, "epochs")
+    options = _resolve_options(method_options or {}, names, bench)
+    return Plan(bench, names, seeds, epochs, baseline, options)
+
+
+def compare(benchmark: Any = data.DEFAULT, methods: Sequence[str] | None = None, *,
+            seeds: Sequence[int] | None = None, epochs: int | None = None, baseline: str = "mean",
+            method_options: Mapping[str, Mapping[str, Any]] | None = None,
+            progress: bool = True) -> Results:
+    """Trains every method in ``methods`` with every seed on ``benchmark`` and returns the
+    :class:`~gradsurgery.compare.Results` (``.table()``, ``.to_csv()``, ``.to_json()``,
+    ``.plot()``).
+
+    Example::
+
+        results = gs.compare("regression", ["mean", "pcgrad", "mgda"], seeds=(0, 1))
+        print(results.table())
+        results.plot("compare-out")
+
+    Args:
+        benchmark: a bundled benchmark's name (:func:`gradsurgery.data.available`) or your
+            own benchmark object (protocol in :mod:`gradsurgery.data.base`).
+        methods: registered method names; ``None``: every registered method, built-in or
+            your own. ``baseline`` and ``"mean"`` (the time reference) are always run.
+        seeds: training seeds (model initialisation, batch order); ``None``: the
+            benchmark's default (``(0, 1, 2)``; the toy's five starting points).
+        epochs: ``None``: the benchmark's default.
+        baseline: the method Δm% is measured against.
+        method_options: ``{method: {option: value}}``, e.g. ``{"gradnorm": {"alpha": 0.5}}``;
+            ``method_lr`` is accepted for every method.
+        progress: show a tqdm progress bar (method, seed, epoch, running loss).
+
+    Everything is validated before training starts (:func:`prepare`). A run whose loss or
+    metric becomes non-finite is recorded as ``"diverged"``, one whose method raises as
+    ``"failed"`` (with a warning); the other runs still finish.
+    """
+    return prepare(benchmark, methods, seeds=seeds, epochs=epochs, baseline=baseline,
+                   method_options=method_options).run(progress)
+
+
+def train_one(bench: Any, method: str, seed: int, epochs: int, options: Mapping[str, Any],
+              bar: tqdm) -> Run:
+    """One run: seeds torch, builds the model and the optimizer, trains ``epochs`` epochs
+    (timing the training steps), evaluates after each epoch, records ``opt.stats``."""
+    torch.manual_seed(seed)
+    backbone, heads = bench.build(seed)
+    heads = list(heads)
+    modules = nn.ModuleList([backbone, *heads])
+    base = bench.optimizer(_unique(modules.parameters()))
+    opt = MultiTaskOptimizer(base, method, num_tasks=len(heads), rep_size=bench.rep_size,
+                             **{"method_lr": getattr(bench, "method_lr", None), **options})
+    shuffle = torch.Generator().manual_seed(seed)
+    track = getattr(bench, "track", None)
+    run = Run(method=method, seed=seed)
+    cosines: list[Tensor] = []
+    weights: list[Tensor] = []
+    tracked: list[Tensor] = []
+    elapsed = 0.0  # of every step but the first (lazy initialisation, warm-up)
+
+    def predict(x: Tensor) -> list[Tensor]:
+        return [head(view) for head, view in zip(heads, opt.fork(backbone(x)))]
+
+    for epoch in range(epochs):
+        bar.set_description(f"{method} seed={seed} epoch={epoch + 1}/{epochs}", refresh=False)
+        modules.train()
+        loss_sum = torch.zeros(len(heads), dtype=torch.float64)
+        steps = 0
+        start = time.perf_counter()
+        for x, targets in bench.train_batches(shuffle):
+            opt.zero_grad()
+            views = opt.fork(backbone(x))
+            losses = bench.losses([head(v) for head, v in zip(heads, views)], targets)
+            values = torch.stack([loss.detach().reshape(()) for loss in losses]).double()
+            try:
+                opt.backward(losses)
+                _record(opt.stats, len(heads), cosines, weights)  # what this step decided
+                opt.step()
+            except Exception as err:  # noqa: BLE001 - a method's failure is recorded, not fatal
+                _stop(run, err, values, modules.parameters())
+                break
+            loss_sum += values
+            steps += 1
+            if run.steps + steps == 1:  # restart the clock after the very first step
+                start = time.perf_counter()
+            if track is not None:
+                tracked.append(track(backbone))
+        _sync(loss_sum)
+        elapsed += time.perf_counter() - start
+        run.steps += steps
+        if not run.ok:
+            break
+        mean_loss = (loss_sum / max(steps, 1)).tolist()
+        run.train_losses.append(mean_loss)
+        modules.eval()
+        with torch.no_grad():
+            metrics = [float(m) for m in bench.evaluate(predict)]
+        run.curves.append(metrics)
+        bar.update(1)
+        bar.set_postfix(loss=f"{sum(mean_loss):.4g}", refresh=False)
+        if not all(map(math.isfinite, mean_loss + metrics)):
+            run.status, run.error = "diverged", f"non-finite training loss or metric in epoch {epoch + 1}"
+            break
+    if run.ok:
+        run.metrics = run.curves[-1]
+    else:
+        bar.update(epochs - len(run.curves))
+    run.step_time = elapsed / (run.steps - 1) if run.steps > 1 else math.nan
+    run.cosine = torch.stack(cosines).tolist() if cosines else []
+    run.weights = torch.stack(weights).tolist() if weights else []
+    run.track = torch.stack(tracked).tolist() if tracked else []
+    return run
+
+
+def _record(stats: Mapping[str, Tensor], k: int, cosines: list[Tensor], weights: list[Tensor]) -> None:
+    """Appends the step's mean pairwise cosine and the method's coefficients (a copy: the
+    stats tensor may alias the method's parameter, which the step then changes)."""
+    if "cosines" in stats and k > 1:
+        cosines.append(_mean_pairwise(stats["cosines"]))
+    if stats.get("weights") is not None and stats["weights"].shape == (k,):
+        weights.append(stats["weights"].clone())
+
+
+def _stop(run: Run, err: Exception, values: Tensor, params: Iterable[Tensor]) -> None:
+    """Records why a run stopped: ``diverged`` when a loss or a parameter is non-finite,
+    otherwise ``failed`` (with a warning): the method raised on finite input."""
+    finite = bool(torch.isfinite(values).all()) and all(bool(torch.isfinite(p).all()) for p in params)
+    run.error = f"{type(err).__name__}: {err}"
+    if not finite:
+        run.status = "diverged"
+        return
+    run.status = "failed"
+    warnings.warn(f"method {run.method!r} failed with seed {run.seed}: {run.error}", RuntimeWarning, stacklevel=3)
+
+
+def _mean_pairwise(cos: Tensor) -> Tensor:
+    """Mean of the off-diagonal entries of a ``K x K`` cosine matrix."""
+    k = cos.shape[0]
+    return (cos.sum() - cos.diagonal().sum()) / (k * (k - 1))
+
+
+def _sync(t: Tensor) -> None:
+    """Waits for queued device work so the timing covers it (a no-op on CPU)."""
+    if t.is_cuda:
+        torch.cuda.synchronize(t.device)
+
+
+def _unique(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
+    seen: dict[int, nn.Parameter] = {}
+    for p in params:
+        seen.setdefault(id(p), p)
+    return list(seen.values())
+
+
+# -- validation (all before any training) ------------------------------------------------
+def _resolve_benchmark(benchmark: Any) -> Any:
+    if isinstance(benchmark, str):
+        return data.get(benchmark)
+    missing = [a for a in _PROTOCOL if not hasattr(benchmark, a)]
+    if missing:
+        raise TypeError(f"{benchmark!r} is neither a benchmark name ({', '.join(data.available())}) nor a "
+                        f"benchmark object: it lacks {missing} (see gradsurgery.data.base for the protocol)")
+    k = len(benchmark.tasks)
+    if k < 1 or len(benchmark.metrics) != k or len(benchmark.higher_is_better) != k:
+        raise ValueError(f"benchmark {benchmark!r}: tasks, metrics and higher_is_better must have the "
+                         f"same length >= 1, got {len(benchmark.tasks)}, {len(benchmark.metrics)}, "
+                         f"{len(benchmark.higher_is_better)}")
+    return benchmark
+
+
+def _resolve_methods(methods: Sequence[str] | None, baseline: str) -> list[str]:
+    known = registry.available()
+    names = known if methods is None else list(methods)
+    if isinstance(methods, str):
+        raise TypeError(f"methods must be a list of names, got the string {methods!r}; "
+                        f"write methods=[{methods!r}]")
+    unknown = [n for n in [*names, baseline] if n not in known]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; available methods: {', '.join(known)}")
+    if not names:
+        raise ValueError("methods is empty; pass method names or None for every registered method")
+    ordered = list(dict.fromkeys([baseline, TIME_REFERENCE, *names]))
+    return ordered
+
+
+def _resolve_seeds(seeds: Sequence[int]) -> list[int]:
+    seeds = list(seeds)
+    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
+        raise ValueError(f"seeds must be a non-empty list of integers >= 0, got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct, got {seeds!r}")
+    return seeds
+
+
+def _positive_int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{what} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def _resolve_options(method_options: Mapping[str, Mapping[str, Any]], names: list[str],
+                     bench: Any) -> dict[str, dict[str, Any]]:
+    """Checks ``{method: {option: value}}`` against each method's accepted options, then
+    builds each method once on a dummy parameter so that bad values raise now."""
+    stray = [m for m in method_options if m not in names]
+    if stray:
+        raise ValueError(f"method_options names method(s) {stray} that are not compared; compared: {', '.join(names)}")
+    resolved = {}
+    for name in names:
+        opts = dict(method_options.get(name, {}))
+        accepted = [*registry.options(name), *OPTIMIZER_OPTIONS]
+        unknown = sorted(set(opts) - set(accepted))
+        if unknown:
+            raise ValueError(f"method {name!r} does not take option(s) {unknown}; it takes: {', '.join(accepted)}")
+        dummy = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.0)
+        rng = torch.get_rng_state()
+        try:
+            MultiTaskOptimizer(dummy, name, num_tasks=len(bench.tasks), rep_size=bench.rep_size, **opts)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"method {name!r} cannot be built with options {opts}: {err}") from err
+        finally:
+            torch.set_rng_state(rng)
+        resolved[name] = opts
+    return resolved

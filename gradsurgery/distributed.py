@@ -1,0 +1,216 @@
+"""Distributed-exact surgery: every rank takes the step of single-process training on the
+global batch, for the price of one all-reduce of ``O(K^2)`` numbers per step.
+
+**The global objective** is the mean over the global batch. With ``R`` ranks holding equal
+slices of it (what ``DistributedSampler`` gives), rank ``r`` computes the mean losses
+``L_k^r`` of its slice and the task gradients ``G_r = dL^r/dz_r`` w.r.t. its slice ``z_r``
+of the representation. Then
+
+.. math::
+    L_k = \\frac1R \\sum_r L_k^r,\\qquad
+    \\frac{\\partial L_k}{\\partial z_r} = \\frac1R\\, G_r[k],\\qquad
+    G = \\frac1R\\,[G_1 \\,|\\, \\dots \\,|\\, G_R],\\qquad
+    M = G G^\\top = \\frac1{R^2} \\sum_r G_r G_r^\\top .
+
+So one ``SUM`` all-reduce of the ranks' ``K x K`` Grams and ``K`` losses gives every rank
+the global ``M`` (divided by ``R^2``) and ``L`` (divided by ``R``), hence the same
+coefficients ``c``. The global combined gradient on rank ``r``'s slice is
+``c^T G[:, slice r] = c^T G_r / R``; each rank sends the unscaled ``c^T G_r`` through its
+backbone and DDP's gradient *averaging* supplies the ``1/R``:
+``(1/R) sum_r J_r^T c^T G_r`` is exactly the global gradient of the shared parameters.
+Heads are replicated parameters: their global gradient ``(1/R) sum_r dL^r/dtheta`` is the
+average of the ranks' gradients, which the optimizer all-reduces in the same buffer (heads
+cannot sit inside DDP here: their gradients come from ``torch.autograd.grad``, which DDP's
+hooks do not see). Norms, cosines and GradNorm's targets, all functions of ``M`` and ``L``,
+are the global ones, so the methods' own parameters receive identical gradients on every
+rank and their state (initial losses, weights, random draws from equally seeded generators)
+stays identical.
+
+Only the Gram-based path can be exact: a method with an element-wise ``combine`` needs the
+raw ``K x N`` gradients of the whole batch, so it is refused unless ``distributed_exact=False``
+(per-rank surgery, what other libraries do: each rank decides from its own slice).
+
+Without DDP, average the backbone's gradients yourself after ``opt.backward`` with
+:func:`average_gradients` (the heads' are already averaged).
+"""
+from __future__ import annotations
+
+import zlib
+from typing import Iterable
+
+import torch
+from torch import Tensor
+
+from .methods import Method
+
+
+def _dist():
+    import torch.distributed as dist
+    return dist
+
+
+def active_group(process_group=None):
+    """The process group to synchronise over, or ``None`` when training is single-process
+    (``torch.distributed`` not initialised and no group given)."""
+    if process_group is not None:
+        return process_group
+    dist = _dist()
+    if dist.is_available() and dist.is_initialized():
+        return dist.group.WORLD
+    return None
+
+
+def is_exact(method: Method) -> bool:
+    """Whether ``method`` decides from the Gram and the losses alone (no element-wise
+    ``combine``), so that its distributed step can equal the single-process one."""
+    return type(method).combine is Method.combine
+
+
+def average_gradients(params: Iterable[Tensor], process_group=None) -> None:
+    """Averages the ``.grad`` of ``params`` across ranks in one coalesced all-reduce per
+    dtype and device (what DDP does for the parameters it wraps).
+
+    Use it for a backbone that is *not* wrapped in ``DistributedDataParallel``, after
+    ``opt.backward(...)`` and before ``opt.step()``. Every rank must pass the same
+    parameters, with a gradient on all ranks or on none.
+    """
+    group = active_group(process_group)
+    if group is None:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    world = _dist().get_world_size(group)
+    for same in _by_dtype_and_device(grads).values():
+        flat = torch.cat([g.reshape(-1) for g in same])
+        _dist().all_reduce(flat, group=group)
+        flat /= world
+        for g, part in zip(same, flat.split([g.numel() for g in same])):
+            g.copy_(part.view_as(g))
+
+
+def _by_dtype_and_device(tensors: list[Tensor]) -> dict[tuple, list[Tensor]]:
+    out: dict[tuple, list[Tensor]] = {}
+    for t in tensors:
+        out.setdefault((t.dtype, t.device), []).append(t)
+    return out
+
+
+class Sync:
+    """The collective side of one :class:`~gradsurgery.MultiTaskOptimizer`.
+
+    Attributes:
+        group: the process group.
+        world_size: ``R``.
+        exact: distributed-exact (global Gram and losses) or per-rank surgery.
+        bytes_last_step: bytes this optimizer all-reduced in the last ``backward``,
+            split into ``"surgery"`` (Gram, losses, finiteness flag: ``O(K^2)``, whatever
+            the model size) and ``"heads"`` (the heads' gradients, which DDP would
+            all-reduce for any replicated parameter). Counted on the host, no sync.
+    """
+
+    def __init__(self, group, exact: bool):
+        self.group = group
+        self.world_size = _dist().get_world_size(group)
+        self.exact = exact
+        self.checked = False
+        self.bytes_last_step = {"surgery": 0, "heads": 0}
+
+    def check(self, num_tasks: int, method: Method) -> None:
+        """First step only (one small all-reduce and one host read): every rank must
+        agree on ``num_tasks``, the method (class and options) and ``distributed_exact``;
+        otherwise every rank raises the same error instead of hanging in a collective
+        whose size differs across ranks."""
+        if self.checked:
+            return
+        ident = f"{type(method).__module__}.{type(method).__qualname__}({method.extra_repr()})"
+        values = [float(num_tasks), float(zlib.crc32(ident.encode())), float(self.exact)]
+        sig = torch.tensor(values + [-v for v in values], dtype=torch.float64, device=self._device())
+        _dist().all_reduce(sig, op=_dist().ReduceOp.MAX, group=self.group)
+        hi, lo = sig[:3].tolist(), [-v for v in sig[3:].tolist()]
+        problems = []
+        if hi[0] != lo[0]:
+            problems.append(f"num_tasks differs across ranks (between {int(lo[0])} and {int(hi[0])})")
+        if hi[1] != lo[1]:
+            problems.append(f"the method or its options differ across ranks (this rank: {ident})")
+        if hi[2] != lo[2]:
+            problems.append("distributed_exact is True on some ranks and False on others")
+        if problems:
+            raise RuntimeError("MultiTaskOptimizer: ranks disagree: " + "; ".join(problems)
+                               + ". Build the optimizer with the same arguments on every rank.")
+        self.checked = True
+
+    def _device(self) -> torch.device:
+        backend = _dist().get_backend(self.group)
+        if backend == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def losses(self, values: Tensor) -> Tensor:
+        """The global losses ``(1/R) sum_r L^r`` (one all-reduce of ``K`` numbers); used
+        before ``loss_weights`` by methods whose loss weights may depend on the losses."""
+        buf = values.clone()
+        _dist().all_reduce(buf, group=self.group)
+        self.bytes_last_step["surgery"] += buf.numel() * buf.element_size()
+        return buf / self.world_size
+
+    def reduce(self, gram: Tensor | None, values: Tensor | None, flag: Tensor,
+               head_grads: list[Tensor | None]) -> tuple[Tensor | None, Tensor | None, Tensor, list[Tensor | None]]:
+        """One all-reduce of everything the step needs from the other ranks.
+
+        Args:
+            gram: this rank's ``K x K`` Gram ``G_r G_r^T`` (``None``: no Gram needed or
+                per-rank mode).
+            values: this rank's ``K`` losses (``None``: already global or per-rank mode).
+            flag: a 0-d tensor, ``nan`` when something on this rank is not finite, else 0.
+            head_grads: this rank's gradients of the heads' parameters.
+
+        Returns:
+            the global Gram ``sum_r M_r / R^2``, the global losses ``sum_r L^r / R``, the
+            global flag (``nan`` if any rank's is) and the averaged heads' gradients.
+        """
+        surgery = [t.reshape(-1) for t in (gram, values) if t is not None] + [flag.reshape(1)]
+        present = [g for g in head_grads if g is not None]
+        parts = surgery + [g.reshape(-1) for g in present]
+        dtype = parts[0].dtype
+        for p in parts[1:]:
+            dtype = torch.promote_types(dtype, p.dtype)
+        buf = torch.cat([p.to(dtype) for p in parts])
+        _dist().all_reduce(buf, group=self.group)
+        sizes = [p.numel() for p in parts]
+        n_surgery = sum(sizes[:len(surgery)])
+        self.bytes_last_step["surgery"] += n_surgery * buf.element_size()
+        self.bytes_last_step["heads"] += (buf.numel() - n_surgery) * buf.element_size()
+        out = list(buf.split(sizes))
+        r = self.world_size
+        if gram is not None:
+            gram = out.pop(0).view_as(gram).to(gram.dtype) / (r * r)
+        if values is not None:
+            values = out.pop(0).to(values.dtype) / r
+        flag = out.pop(0)[0]
+        averaged = iter([(o / r).view_as(g).to(g.dtype) for o, g in zip(out, present)])
+        return gram, values, flag, [None if g is None else next(averaged) for g in head_grads]
+
+    def rotation_terms(self, alignment: Tensor, task: Tensor | None, losses: Tensor,
+                       batch_averaged: bool) -> tuple[Tensor, Tensor | None, Tensor]:
+        """The rotations' gradient terms for the global batch, from this rank's: one
+        all-reduce of ``K m^2`` numbers (twice that in cooperative mode) and the ``K``
+        alignment losses. Rotations are replicated parameters; these are their gradients.
+
+        Distributed-exact: the alignment loss sums (``batch_averaged``: averages) squared
+        differences over the rows of the representation, and the global batch's rows are
+        the ranks' rows divided by ``R`` (the reference's coefficients already come from
+        the global Gram), so the global terms are ``sum_r a_r / R^2`` (``/ R^3`` when
+        averaged over a batch ``R`` times larger). The task-loss term of cooperative mode
+        is the gradient of a mean loss: the ranks' mean, like any replicated parameter's.
+        Per-rank surgery: plain means, which keeps the replicas identical.
+        """
+        parts = [alignment, losses] + ([task] if task is not None else [])
+        buf = torch.cat([p.reshape(-1).to(alignment.dtype) for p in parts])
+        _dist().all_reduce(buf, group=self.group)
+        self.bytes_last_step["rotations"] = self.bytes_last_step.get("rotations", 0) + buf.numel() * buf.element_size()
+        r = self.world_size
+        factor = (1.0 / (r * r * (r if batch_averaged else 1))) if self.exact else 1.0 / r
+        out = buf.split([p.numel() for p in parts])
+        alignment = out[0].view_as(alignment) * factor
+        losses = (out[1] * factor).view_as(losses).to(losses.dtype)
+        task = None if task is None else (out[2] / r).view_as(task).to(task.dtype)
+        return alignment, task, losses

@@ -1,0 +1,2 @@
+"""Integrations with training frameworks (optional dependencies, imported on demand):
+:mod:`gradsurgery.integrations.lightning`."""

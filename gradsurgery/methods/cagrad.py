@@ -1,0 +1,126 @@
+"""CAGrad: conflict-averse gradient descent (Liu et al., "Conflict-Averse Gradient Descent
+for Multi-task Learning", NeurIPS 2021, Algorithm 1).
+
+The update maximises the worst task's improvement within a ball around the mean gradient
+``g_0 = (1/K) sum_k g_k``: ``max_d min_k <g_k, d>`` s.t. ``||d - g_0|| <= c ||g_0||``.
+Through its dual,
+
+.. math::  w^* = \\arg\\min_{w \\in \\Delta^K}\\; g_w^\\top g_0 + c\\,\\|g_0\\|\\,\\|g_w\\|,
+           \\qquad g_w = G^\\top w,\\qquad
+           g = g_0 + \\frac{c\\,\\|g_0\\|}{\\|g_w^*\\|}\\, g_w^*
+
+so the coefficients are ``1/K + c ||g_0|| / ||g_w|| * w``. ``c`` (default 0.4, the paper's
+choice for its experiments) is used as given, **without** the original code's rescaling by
+``1 / (1 + c^2)`` (torchjd 0.18's scale). ``c = 0`` is the mean. When ``g_w^*`` vanishes
+(0 is in the convex hull of the gradients: a Pareto-stationary point) the coefficients are 0,
+as in torchjd.
+
+Solved exactly in float64 on the Gram normalised to unit mean diagonal (the coefficients do
+not depend on the gradients' scale): on a support ``S`` the stationarity conditions give
+``w_S = (nu p - q) / sqrt(B^2 - A (C - s^2))`` with ``p = M_SS^{-1} 1``, ``q = M_SS^{-1} a_S``,
+``a = M 1/K``, ``A = 1^T p``, ``B = 1^T q``, ``C = a_S^T q``, ``s = c ||g_0||`` and
+``nu = (B + sqrt(B^2 - A (C - s^2))) / A``. For ``K <= 12`` every support is tried (plus the
+min-norm point, where ``g_w = 0``) and the feasible one of least objective is taken; above,
+exponentiated-gradient steps guess the support and ``K`` rounds of an active-set update (drop
+negative weights, add the task that violates the KKT conditions most) correct it before the
+same formula gives the point.
+
+Level: the paper works on the shared parameters' gradients; by default here on the
+representation's, ``level="params"`` for the paper's setting.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..linalg import masked_solve, min_norm_simplex, normalized64, small_matmul, supports
+from .base import Method
+from .registry import register
+
+#: Largest K for which every support is tried; above, the active-set search.
+ENUMERATION_MAX_TASKS = 12
+
+
+@register("cagrad")
+class CAGrad(Method):
+    """Conflict-averse gradient: the best worst-case direction near the mean gradient."""
+
+    def __init__(self, c: float = 0.4, iterations: int = 500):
+        if not c >= 0:
+            raise ValueError(f"c must be >= 0, got {c!r}")
+        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+            raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
+        self.c = float(c)
+        self.iterations = iterations
+
+    def weights(self, gram: Tensor, losses: Tensor) -> Tensor:
+        k = gram.shape[0]
+        m = normalized64(gram)
+        mean = torch.full((k,), 1.0 / k, dtype=m.dtype, device=m.device)
+        a = m @ mean
+        s = self.c * (mean @ a).clamp_min(0).sqrt()
+        if k <= ENUMERATION_MAX_TASKS:
+            masks = supports(k, m.device)
+        else:
+            masks = _refine_support(m, a, s, _exponentiated_gradient(m, a, s, self.iterations) > 0)[None]
+        cands = torch.cat([_support_solutions(m, a, s, masks), min_norm_simplex(m)[None]])
+        objective = cands @ a + s * (small_matmul(cands, m) * cands).sum(-1).clamp_min(0).sqrt()
+        feasible = (cands >= -1e-12).all(-1) & torch.isfinite(cands).all(-1)
+        best = torch.where(feasible, objective, torch.inf).argmin().reshape(1)
+        w = cands.index_select(0, best)[0].clamp_min(0)  # no host read (unlike cands[best])
+        w = w / w.sum()
+        norm_w = (w @ m @ w).clamp_min(0).sqrt()
+        moving = norm_w > 1e-8
+        coefs = torch.where(moving, mean + s / torch.where(moving, norm_w, 1) * w, 0)
+        return coefs.to(gram.dtype)
+
+    def extra_repr(self) -> str:
+        return f"c={self.c}"
+
+
+def _support_solutions(m: Tensor, a: Tensor, s: Tensor, masks: Tensor) -> Tensor:
+    """The stationary point of ``a^T w + s ||G^T w||`` on ``{sum w = 1, w = 0 off S}`` for
+    every support ``S`` (rows of ``masks``); NaN rows where it does not exist."""
+    fm = masks.to(m.dtype)
+    rhs = torch.stack([fm, fm * a], -1)
+    pq = masked_solve(m, masks, rhs) * fm[..., None]
+    p, q = pq[..., 0], pq[..., 1]
+    big_a, big_b, big_c = p.sum(-1), q.sum(-1), (q * a).sum(-1)
+    disc = big_b.square() - big_a * (big_c - s.square())
+    root = disc.clamp_min(0).sqrt()
+    valid = (disc > 0) & (big_a > 0)
+    nu = (big_b + root) / torch.where(valid, big_a, 1)
+    w = (nu[:, None] * p - q) / torch.where(valid, root, 1)[:, None]
+    return torch.where(valid[:, None], w, torch.nan)
+
+
+def _exponentiated_gradient(m: Tensor, a: Tensor, s: Tensor, iterations: int) -> Tensor:
+    """Approximate minimiser of ``a^T w + s ||G^T w||`` over the simplex (to find the
+    support for large K); entries below ``1e-6`` of the largest are set to 0."""
+    k = m.shape[0]
+    w = torch.full((k,), 1.0 / k, dtype=m.dtype, device=m.device)
+    for _ in range(iterations):
+        mw = m @ w
+        grad = a + s * mw / (w @ mw).clamp_min(1e-30).sqrt()
+        step = 1.0 / (grad.abs().max().clamp_min(1e-30))
+        w = w * torch.exp(-step * (grad - grad.min()))
+        w = w / w.sum()
+    return torch.where(w > 1e-6 * w.max(), w, 0)
+
+
+def _refine_support(m: Tensor, a: Tensor, s: Tensor, support: Tensor) -> Tensor:
+    """``K`` rounds of: solve on the support, drop tasks whose weight came out negative, add
+    the task whose directional derivative is below the support's the most (KKT check)."""
+    k = m.shape[0]
+    for _ in range(k):
+        w = _support_solutions(m, a, s, support[None])[0]
+        ok = torch.isfinite(w).all()
+        w = torch.where(ok, w, 0)
+        negative = support & (w < 0)
+        mw = m @ w
+        grad = a + s * mw / (w @ mw).clamp_min(1e-30).sqrt()
+        level = torch.where(support, grad, 0).sum() / support.sum().clamp_min(1)
+        gap = torch.where(support, torch.inf, grad - level)
+        add = torch.zeros_like(support).scatter(0, gap.argmin()[None], True) & (gap.min() < -1e-10)
+        support = torch.where(ok & negative.any(), support & ~negative, support | (add & ok))
+    return support

@@ -1,0 +1,92 @@
+"""FAMO: fast adaptive multitask optimization (Liu et al., NeurIPS 2023, Algorithm 1).
+
+Task logits ``xi`` (start 0), ``z = softmax(xi)``. The losses are weighted so that the
+update is the gradient of ``sum_k z_k log(L_k - l_k) / c`` with ``c = sum_k z_k / (L_k - l_k)``:
+
+.. math::  w_k = \\frac{z_k}{c\\,(L_k - l_k + \\epsilon)}
+
+(``l_k``: the tasks' minimal losses, ``min_losses``, default 0; ``epsilon`` 1e-8) — heads
+and backbone alike; no Gram is computed. After the model's step, the logits learn from how
+much each log-loss decreased: with the losses ``L'`` measured after the step,
+
+.. math::  \\delta_k = \\log(L_k - l_k + \\epsilon) - \\log(L'_k - l_k + \\epsilon),\\qquad
+           \\nabla_\\xi = J_{\\mathrm{softmax}}(\\xi)^\\top \\delta
+
+and ``xi`` takes one Adam step (``w_lr``, default 0.025, with weight decay ``gamma``,
+default 0.01: the paper's settings). Those new losses are passed by
+:meth:`gradsurgery.MultiTaskOptimizer.observe` (``opt.observe(losses)`` after
+``opt.step()``, e.g. the losses of the same batch re-evaluated under ``torch.no_grad()``,
+as in the paper, or the next batch's losses to save a forward pass). The logits have their
+own Adam, as in the paper, because their step follows ``observe``, not ``opt.step()``;
+its state is in ``state_dict``. Level: loss weighting.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from .base import Method
+from .registry import register
+
+EPS = 1e-8
+
+
+@register("famo")
+class FAMO(Method):
+    """Loss weights whose logits follow the observed log-loss decreases."""
+
+    needs_gram = False
+
+    def __init__(self, w_lr: float = 0.025, gamma: float = 0.01,
+                 min_losses: Sequence[float] | None = None):
+        if not w_lr > 0:
+            raise ValueError(f"w_lr must be > 0, got {w_lr!r}")
+        if not gamma >= 0:
+            raise ValueError(f"gamma must be >= 0, got {gamma!r}")
+        self.w_lr, self.gamma = float(w_lr), float(gamma)
+        self._min_losses = None if min_losses is None else [float(v) for v in min_losses]
+        self.previous: Tensor | None = None
+
+    def bind(self, num_tasks, *, device, dtype, generator):
+        super().bind(num_tasks, device=device, dtype=dtype, generator=generator)
+        if self._min_losses is not None and len(self._min_losses) != num_tasks:
+            raise ValueError(f"min_losses has {len(self._min_losses)} entries but num_tasks={num_tasks}")
+        self.min_losses = torch.tensor(self._min_losses or [0.0] * num_tasks, dtype=torch.float64, device=device)
+        self.logits = torch.zeros(num_tasks, dtype=torch.float64, device=device, requires_grad=True)
+        self.optimizer = torch.optim.Adam([self.logits], lr=self.w_lr, weight_decay=self.gamma)
+
+    def loss_weights(self, losses: Tensor) -> Tensor:
+        z = torch.softmax(self.logits.detach(), 0)
+        gap = losses.to(z) - self.min_losses + EPS
+        return (z / gap / (z / gap).sum()).to(losses)
+
+    def weights(self, gram: Tensor | None, losses: Tensor) -> Tensor:
+        self.previous = losses.detach().clone()
+        return torch.ones_like(losses)
+
+    def observe(self, losses: Tensor) -> None:
+        if self.previous is None:
+            raise RuntimeError("FAMO.observe(losses) takes the losses after a step: call "
+                               "opt.backward(...), opt.step(), then opt.observe(new_losses)")
+        delta = (self.previous.to(self.logits) - self.min_losses + EPS).log() \
+            - (losses.to(self.logits) - self.min_losses + EPS).log()
+        z = torch.softmax(self.logits.detach(), 0)
+        self.logits.grad = z * (delta - (z * delta).sum())
+        self.optimizer.step()
+        self.logits.grad = None
+        self.previous = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"logits": self.logits.detach().clone(), "adam": self.optimizer.state_dict(),
+                "previous": None if self.previous is None else self.previous.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            self.logits.copy_(state["logits"])
+        self.optimizer.load_state_dict(state["adam"])
+        self.previous = None if state["previous"] is None else state["previous"].clone()
+
+    def extra_repr(self) -> str:
+        return f"w_lr={self.w_lr}, gamma={self.gamma}"

@@ -1,0 +1,81 @@
+"""GradVac: gradient vaccine (Wang et al., "Gradient Vaccine: Investigating and Improving
+Multi-task Optimization in Massively Multilingual Models", ICLR 2021).
+
+PCGrad generalised to a per-pair target similarity. For each task ``i``, start from
+``g_i' = g_i`` and visit the other tasks ``j`` in a random order: with
+``phi = cos(g_i', g_j)`` and the target ``phi_hat_ij``, when ``phi < phi_hat_ij``
+
+.. math::  g_i' \\leftarrow g_i' + \\frac{\\|g_i'\\|\\,\\big(\\hat\\phi_{ij}\\sqrt{1-\\phi^2}
+           - \\phi\\sqrt{1-\\hat\\phi_{ij}^2}\\big)}{\\|g_j\\|\\sqrt{1-\\hat\\phi_{ij}^2}}\\; g_j
+
+and, at every visit, ``phi_hat_ij <- (1 - beta) phi_hat_ij + beta phi`` (an EMA, starting at
+0, kept in ``state_dict``). The update is ``sum_i g_i'`` (PCGrad's and torchjd's scale).
+Every ``g_i'`` is a combination of the task gradients, so it runs on the Gram, all ``K``
+tasks at once per position of their (independent) random orders, drawn from the method's
+generator. ``beta`` defaults to 0.5 (LibMTL's and torchjd's default; the paper tunes it,
+e.g. 1e-2). A pair where either gradient is zero is skipped (no cosine, no EMA update);
+``1 - phi_hat^2`` is floored at 1e-12.
+
+Level: the paper applies it to parameter gradients (whole model or per layer); by default
+here to the representation's, ``level="params"`` for the whole-model parameter setting.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..linalg import small_matmul
+from .base import Method
+from .registry import register
+
+
+@register("gradvac")
+class GradVac(Method):
+    """Gradient vaccine: raise each pair's cosine towards its running target."""
+
+    def __init__(self, beta: float = 0.5):
+        if not 0 <= beta <= 1:
+            raise ValueError(f"beta must be in [0, 1], got {beta!r}")
+        self.beta = float(beta)
+        self.targets: Tensor | None = None
+
+    def bind(self, num_tasks, *, device, dtype, generator):
+        super().bind(num_tasks, device=device, dtype=dtype, generator=generator)
+        self.targets = torch.zeros(num_tasks, num_tasks, dtype=torch.float64, device=device)
+
+    def weights(self, gram: Tensor, losses: Tensor) -> Tensor:
+        k = gram.shape[0]
+        keys = torch.rand(k, k, generator=self.generator).to(gram.device, non_blocking=True)
+        keys.diagonal().fill_(2.0)  # task i visits itself last, where it is skipped
+        order = keys.argsort(dim=1)
+        m = gram.to(torch.float64)
+        targets = self.targets.to(m.device)
+        coefs = torch.eye(k, dtype=m.dtype, device=m.device)
+        rows = torch.arange(k, device=m.device)
+        norm_j_all = m.diagonal().clamp_min(0).sqrt()
+        for step in range(k - 1):
+            j = order[:, step]
+            dots = (coefs * m[:, j].T).sum(1)  # <g_i', g_j>
+            norm_i = (small_matmul(coefs, m) * coefs).sum(1).clamp_min(0).sqrt()
+            norm_j = norm_j_all[j]
+            defined = (norm_i > 0) & (norm_j > 0)
+            phi = torch.where(defined, dots / torch.where(defined, norm_i * norm_j, 1), 0).clamp(-1, 1)
+            target = targets[rows, j]
+            root_target = (1 - target.square()).clamp_min(1e-12).sqrt()
+            shift = norm_i * (target * (1 - phi.square()).clamp_min(0).sqrt() - phi * root_target) \
+                / torch.where(defined, norm_j, 1) / root_target
+            coefs[rows, j] += torch.where(defined & (phi < target), shift, 0)
+            targets[rows, j] = torch.where(defined, (1 - self.beta) * target + self.beta * phi, target)
+        self.targets = targets
+        return coefs.sum(0).to(gram.dtype)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"targets": self.targets.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.targets = state["targets"].clone().to(self.targets)
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta}"

@@ -1,0 +1,37 @@
+"""RLW: random loss weighting (Lin et al., "Reasonable Effectiveness of Random Weighting:
+A Litmus Test for Multi-Task Learning", TMLR 2022; arXiv 2111.10603, 2021).
+
+Every step draws ``w = softmax(xi)``, ``xi ~ N(0, I_K)`` (the paper's default
+distribution; weights sum to 1) and weights the losses with it — heads and backbone alike;
+no Gram is computed. The draw comes from the method's generator: it is previewed from a
+copy of the generator's state by the pure :meth:`loss_weights` and committed by
+:meth:`weights` once the step is accepted, so a rejected step draws nothing.
+Level: loss weighting.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import Method
+from .registry import register
+
+
+@register("rlw")
+class RLW(Method):
+    """Random softmax-normal loss weights, redrawn every step."""
+
+    needs_gram = False
+
+    def _draw(self, generator: torch.Generator, like: Tensor) -> Tensor:
+        xi = torch.randn(self.num_tasks, generator=generator, dtype=torch.float64)
+        return torch.softmax(xi, 0).to(like, non_blocking=True)
+
+    def loss_weights(self, losses: Tensor) -> Tensor:
+        preview = torch.Generator()
+        preview.set_state(self.generator.get_state())
+        return self._draw(preview, losses)
+
+    def weights(self, gram: Tensor | None, losses: Tensor) -> Tensor:
+        self._draw(self.generator, losses)  # commit the previewed draw
+        return torch.ones_like(losses)

@@ -1,0 +1,189 @@
+"""The RotoGrad family (Javaloy & Valera, "RotoGrad: Gradient Homogenization in Multitask
+Learning", ICLR 2022), step for step as the ``rotograd`` package 0.1.6.
+
+All three learn one rotation ``R_k`` per task (``rotation = True``; the rotations, their
+alignment loss and cooperative mode live in :mod:`gradsurgery.rotation`, so any method can
+use them with ``rotation=True``, and these can drop them with ``rotation=False``). They
+differ in the magnitudes of the combined gradient ``g = sum_k c_k g_k`` (``g_k`` the
+original-space task gradients):
+
+- ``rotate_only``: ``c_k = 1`` (the plain sum).
+- ``rotograd``: every task gradient rescaled to the same norm, the weighted sum of norms
+  with weights given by the relative convergence ``||g_k(t)|| / ||g_k(t0)||``::
+
+      a_k = (||g_k|| / ||g_k(t0)||) / sum_j (||g_j|| / ||g_j(t0)||),
+      c_k = (sum_j a_j ||g_j||) / ||g_k||
+
+- ``rotogradnorm``: GradNorm magnitudes, ``c_k = w_k`` with learnable weights
+  ``w = K (e^v + 1e-15) / sum_j (e^{v_j} + 1e-15)`` (positive, summing to ``K``; ``v``
+  starts at 1), trained on ``sum_k | w_k ||g_k|| - T_k |`` with the constant targets
+  ``T_k = ||sum_j w_j g_j|| / K * (r_k / mean_j r_j)^alpha``, ``r_k = L_k(t) / L_k(t0)``.
+  Note the reference's target norm: ``||sum_j w_j g_j|| / K``, the norm of the weighted
+  *mean*; the gradient also flows through the renormalisation of ``w``.
+
+Shared options:
+
+- ``burn_in_period`` (default 20): the initial losses ``L_k(t0)`` (and RotoGrad's initial
+  norms) are taken at the first step and taken again at step ``burn_in_period``.
+- ``normalize_losses`` (default False): the losses are divided by ``L_k(t0)`` before
+  anything (heads, task gradients, ``backbone_loss``, divided by its own initial value);
+  otherwise the raw losses are used, and ``L_k / L_k(t0)`` only feeds RotoGradNorm's
+  targets.
+
+Heads get their own (normalised, when asked) loss gradients.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..linalg import norms
+from .base import Method
+from .registry import register
+
+#: Floor of gradient norms and of the sum of convergence ratios (rotograd 0.1.6).
+EPS = 1e-15
+
+
+@register("rotate_only")
+class RotateOnly(Method):
+    """Rotations alone: ``g = sum_k g_k``; see the module docstring."""
+
+    rotation = True
+    needs_gram = False
+
+    def __init__(self, normalize_losses: bool = False, burn_in_period: int = 20):
+        if isinstance(burn_in_period, bool) or not isinstance(burn_in_period, int) or burn_in_period < 0:
+            raise ValueError(f"burn_in_period must be an integer >= 0, got {burn_in_period!r}")
+        self.normalize_losses = bool(normalize_losses)
+        self.burn_in_period = burn_in_period
+        self.steps = 0
+        self.initial_losses: Tensor | None = None
+        self.initial_backbone_loss: Tensor | None = None
+        self.refresh_backbone = True
+
+    def _fresh(self) -> bool:
+        """Whether this step (re)takes the initial values."""
+        return self.steps == 0 or self.steps == self.burn_in_period
+
+    def loss_weights(self, losses: Tensor) -> Tensor | None:
+        if not self.normalize_losses:
+            return None
+        initial = losses if self._fresh() or self.initial_losses is None else self.initial_losses
+        return 1 / initial
+
+    def _advance(self, losses: Tensor) -> Tensor:
+        """Commits the step: (re)takes ``L(t0)`` when due, counts it; returns
+        ``L(t) / L(t0)``."""
+        fresh = self._fresh()
+        if fresh or self.initial_losses is None:
+            self.initial_losses = losses.clone()
+        self.refresh_backbone = fresh
+        self.steps += 1
+        return losses / self.initial_losses
+
+    def backbone_loss_weight(self, value: Tensor) -> Tensor | None:
+        if not self.normalize_losses:
+            return None
+        if self.refresh_backbone or self.initial_backbone_loss is None:
+            self.initial_backbone_loss = value.detach().clone()
+        return 1 / self.initial_backbone_loss
+
+    def weights(self, gram: Tensor | None, losses: Tensor) -> Tensor:
+        self._advance(losses)
+        return torch.ones_like(losses)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "initial_losses": self.initial_losses,
+                "initial_backbone_loss": self.initial_backbone_loss, "refresh_backbone": self.refresh_backbone}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps = state["steps"]
+        self.initial_losses = state["initial_losses"]
+        self.initial_backbone_loss = state["initial_backbone_loss"]
+        self.refresh_backbone = state["refresh_backbone"]
+
+    def extra_repr(self) -> str:
+        return f"normalize_losses={self.normalize_losses}, burn_in_period={self.burn_in_period}"
+
+
+@register("rotograd")
+class RotoGrad(RotateOnly):
+    """Rotations + magnitudes homogenised by relative convergence; see the module docstring."""
+
+    needs_gram = True
+
+    def __init__(self, normalize_losses: bool = False, burn_in_period: int = 20):
+        super().__init__(normalize_losses, burn_in_period)
+        self.initial_norms: Tensor | None = None
+
+    def weights(self, gram: Tensor, losses: Tensor) -> Tensor:
+        fresh = self._fresh()
+        self._advance(losses)
+        n = norms(gram).clamp_min(EPS)
+        if fresh or self.initial_norms is None:
+            self.initial_norms = n.clone()
+        ratios = n / self.initial_norms
+        alphas = ratios / ratios.sum().clamp_min(EPS)
+        return (alphas * n).sum() / n
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "initial_norms": self.initial_norms}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.initial_norms = state["initial_norms"]
+
+
+@register("rotogradnorm")
+class RotoGradNorm(RotateOnly):
+    """Rotations + GradNorm's learnable magnitudes; see the module docstring."""
+
+    needs_gram = True
+
+    def __init__(self, alpha: float = 1.5, normalize_losses: bool = False, burn_in_period: int = 20):
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0:
+            raise ValueError(f"alpha must be a number >= 0 (GradNorm's asymmetry), got {alpha!r}")
+        super().__init__(normalize_losses, burn_in_period)
+        self.alpha = float(alpha)
+
+    def bind(self, num_tasks, *, device, dtype, generator):
+        super().bind(num_tasks, device=device, dtype=dtype, generator=generator)
+        self.weight_logits = nn.Parameter(torch.ones(num_tasks, device=device, dtype=dtype))
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [self.weight_logits]
+
+    def task_weights(self) -> Tensor:
+        """``w = K (e^v + 1e-15) / sum(e^v + 1e-15)``, differentiable w.r.t. ``v``."""
+        e = self.weight_logits.exp() + EPS
+        return e * (self.num_tasks / e.sum())
+
+    def weights(self, gram: Tensor, losses: Tensor) -> Tensor:
+        ratios = self._advance(losses)
+        n = norms(gram)
+        with torch.enable_grad():
+            w = self.task_weights()
+            fixed = w.detach().to(gram.dtype)
+            mean_norm = (fixed @ gram @ fixed).clamp_min(0).sqrt() / self.num_tasks
+            target = mean_norm * (ratios / ratios.mean()).pow(self.alpha)
+            loss = (n.to(w.dtype) * w - target.to(w.dtype)).abs().sum()
+            grad, = torch.autograd.grad(loss, self.weight_logits)
+        if self.weight_logits.grad is None:
+            self.weight_logits.grad = grad
+        else:
+            self.weight_logits.grad.add_(grad)
+        return fixed
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "weight_logits": self.weight_logits.detach().clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        with torch.no_grad():
+            self.weight_logits.copy_(state["weight_logits"])
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, {super().extra_repr()}"

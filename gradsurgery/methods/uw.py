@@ -1,0 +1,64 @@
+"""Uncertainty weighting (Kendall, Gal & Cipolla, "Multi-Task Learning Using Uncertainty
+to Weigh Losses for Scene Geometry and Semantics", CVPR 2018).
+
+Each task has a learnable log-variance ``s_k = log sigma_k^2`` (a method parameter, trained
+by the wrapped optimizer in its own group with ``method_lr``; start ``init``, default 0):
+
+.. math::  \\mathcal L = \\sum_k \\tfrac12 e^{-s_k} L_k + \\tfrac12 s_k
+
+(the regression form, also LibMTL's). The task losses are weighted by
+``w_k = exp(-s_k) / 2`` — heads and backbone alike, since the method only weights losses
+(no Gram is computed) — and ``s`` receives the exact gradient
+``dL/ds_k = (1 - exp(-s_k) L_k) / 2`` in its ``.grad`` during :meth:`weights`, which runs
+after the step was validated. Level: loss weighting, the same at either level.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .base import Method
+from .registry import register
+
+
+@register("uw")
+class UncertaintyWeighting(Method):
+    """Learnable homoscedastic-uncertainty loss weights ``exp(-s_k) / 2``."""
+
+    needs_gram = False
+
+    def __init__(self, init: float = 0.0):
+        if not isinstance(init, (int, float)) or isinstance(init, bool) or init != init:
+            raise ValueError(f"init must be a finite number (the initial log-variance), got {init!r}")
+        self.init = float(init)
+
+    def bind(self, num_tasks, *, device, dtype, generator):
+        super().bind(num_tasks, device=device, dtype=dtype, generator=generator)
+        self.log_vars = nn.Parameter(torch.full((num_tasks,), self.init, device=device, dtype=dtype))
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [self.log_vars]
+
+    def loss_weights(self, losses: Tensor) -> Tensor:
+        return 0.5 * torch.exp(-self.log_vars.detach().to(losses.dtype))
+
+    def weights(self, gram: Tensor | None, losses: Tensor) -> Tensor:
+        s = self.log_vars.detach().to(losses.dtype)
+        grad = (0.5 * (1 - torch.exp(-s) * losses)).to(self.log_vars.dtype)
+        if self.log_vars.grad is None:
+            self.log_vars.grad = grad
+        else:
+            self.log_vars.grad.add_(grad)
+        return torch.ones_like(losses)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"log_vars": self.log_vars.detach().clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            self.log_vars.copy_(state["log_vars"])
+
+    def extra_repr(self) -> str:
+        return f"init={self.init}"

@@ -1,0 +1,128 @@
+"""Parameter-level surgery: the methods decide from the task gradients w.r.t. the shared
+*parameters* (the papers' setting) instead of the shared representation.
+
+The representation-level pipeline already has ``G`` (``K x z.shape``), every task's
+gradient w.r.t. ``z``. By the chain rule the task gradients w.r.t. the shared parameters
+``theta`` are the rows of
+
+.. math::  J = G\\, \\frac{\\partial z}{\\partial \\theta}\\qquad (K \\times P)
+
+so ``J`` comes from **one** batched vector-Jacobian product through the backbone
+(``torch.autograd.grad(z, theta, G, is_grads_batched=True)``, vmap over the ``K`` rows);
+no task ever backpropagates through the heads again. Then ``M = J J^T`` (summed
+parameter by parameter, never concatenating ``J``), the method's coefficients ``c`` from
+``M`` exactly as at the representation level, and ``c^T J`` written to the parameters'
+``.grad``. ``J`` lives from the batched product to that combination only.
+
+Measured on the 64-1024-1024-256 MLP, batch 256, 2 CPU threads (benchmarks/params_level.py
+has the full comparison): the batched product costs about ``K`` plain backward passes and
+beat ``K`` separate ``retain_graph`` passes by 2x at ``K = 8`` and 4.7x at ``K = 32``. A
+layer-wise Gramian (Gram entries from each linear layer's inputs and per-task output
+gradients, never forming ``J``) needs ``K^2 B^2`` work per layer width, more than forming
+``J`` at this batch size, and only applies to known layer types, so it is not used.
+
+Element-wise methods (GradDrop) get the flat ``K x P`` Jacobian through their ``combine``
+hook. Methods that only weight losses need no Jacobian at all: their parameter-level step is
+the representation-level one (``z.backward(c^T G)``), which is the same gradient.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .linalg import compute_dtype
+from .methods import Method
+
+
+def shared_parameters(z: Tensor, candidates: list[Tensor]) -> list[Tensor]:
+    """The ``candidates`` that ``z`` depends on: those whose gradient accumulators are
+    reached by walking ``z``'s autograd graph (no backward pass runs), in ``candidates``'
+    order."""
+    wanted = {id(p) for p in candidates}
+    found: set[int] = set()
+    seen = set()
+    stack = [z.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if variable is not None and id(variable) in wanted:
+            found.add(id(variable))
+        stack.extend(child for child, _ in node.next_functions)
+    return [p for p in candidates if id(p) in found]
+
+
+def needs_jacobian(method: Method) -> bool:
+    """Whether ``method`` looks at gradients (Gram or element-wise): only then does the
+    parameter level need ``J``."""
+    return method.needs_gram or type(method).combine is not Method.combine
+
+
+@dataclass
+class Jacobian:
+    """The ``K x P`` Jacobian of the tasks w.r.t. the shared parameters, one ``K x p_i``
+    block per parameter (not concatenated)."""
+
+    params: list[Tensor]
+    blocks: list[Tensor]
+
+    def gram(self) -> Tensor:
+        """``J J^T`` in float32 or wider, accumulated block by block."""
+        k = self.blocks[0].shape[0]
+        dtype = compute_dtype(self.blocks[0].dtype)
+        total = torch.zeros(k, k, dtype=dtype, device=self.blocks[0].device)
+        for block in self.blocks:
+            flat = block.reshape(k, -1).to(dtype)
+            total.addmm_(flat, flat.T)
+        return total
+
+    def flat(self) -> Tensor:
+        """The ``K x P`` matrix (a copy), for element-wise methods."""
+        return torch.cat([b.reshape(b.shape[0], -1) for b in self.blocks], 1)
+
+    def accumulate(self, coefficients: Tensor | None = None, combined: Tensor | None = None) -> None:
+        """Adds ``c^T J`` (or an already ``combined`` flat ``P`` vector) to the parameters'
+        ``.grad``, then drops ``J``."""
+        offset = 0
+        for p, block in zip(self.params, self.blocks):
+            if combined is None:
+                g = torch.tensordot(coefficients.to(compute_dtype(block.dtype)), block.to(compute_dtype(block.dtype)), 1)
+            else:
+                g = combined[offset:offset + p.numel()].view(p.shape)
+                offset += p.numel()
+            g = g.to(p.dtype)
+            if p.grad is None:
+                p.grad = g
+            else:
+                p.grad.add_(g)
+        self.blocks = []
+
+
+def jacobian(z: Tensor, params: list[Tensor], grads: Tensor, *, retain_graph: bool) -> Jacobian:
+    """``J = G dz/dtheta`` by one batched vector-Jacobian product through the backbone
+    (``grads``: the ``K x z.shape`` representation gradients). Parameters ``z`` does not
+    reach through a differentiable path get zero blocks."""
+    blocks = torch.autograd.grad(z, params, grads.to(z.dtype), is_grads_batched=True,
+                                 retain_graph=retain_graph, allow_unused=True)
+    k = grads.shape[0]
+    blocks = [b if b is not None else torch.zeros(k, *p.shape, dtype=p.dtype, device=p.device)
+              for b, p in zip(blocks, params)]
+    return Jacobian(params=list(params), blocks=list(blocks))
+
+
+def apply(method: Method, jac: Jacobian, gram: Tensor | None, losses: Tensor) -> Tensor | None:
+    """The method's decision on ``J`` written to the shared parameters' ``.grad``:
+    ``combine(J_flat)`` for element-wise methods, else ``c^T J`` with ``c = weights(M, L)``.
+    Returns ``c`` (``None`` for element-wise methods)."""
+    if type(method).combine is not Method.combine:
+        combined = method.combine(jac.flat(), losses)
+        if combined is not None:
+            jac.accumulate(combined=combined.reshape(-1))
+            return None
+    coefficients = method.weights(gram, losses)
+    jac.accumulate(coefficients=coefficients)
+    return coefficients

@@ -1,0 +1,336 @@
+"""Learned per-task rotations of the shared representation (RotoGrad: Javaloy & Valera,
+"RotoGrad: Gradient Homogenization in Multitask Learning", ICLR 2022).
+
+**Parametrisation** (geotorch's orthogonal constraint with ``triv="expm"``, batched over
+the ``K`` tasks)::
+
+    R_k = B_k @ expm(skew(A_k)),        skew(A) = tril(A, -1) - tril(A, -1)^T
+
+``B_k`` is fixed (the initial rotation: Haar-random, the identity or given), ``A_k`` starts
+at zero and is what the optimizer trains. ``R_k`` is evaluated once per step, in
+:meth:`RotationStage.fork`, and reused by the backward. The matrix exponentials run as a
+loop over the ``K`` matrices: on CPU a batched ``torch.linalg.matrix_exp`` pads every
+matrix to the largest Padé degree of the batch and measured 1-9x slower (8 x 256 x 256:
+~70 ms batched vs ~8-45 ms looped at small ``||A||``).
+
+**Layout.** ``z`` has shape ``(*lead, *feat, *post)``: ``post = post_shape`` (kept as it
+is, e.g. the ``H x W`` of a feature map), ``feat`` the ``len(rotation_shape)`` dims before
+it. Viewed as ``(L, F, P)``, ``R_k`` (``m x m``, ``m = prod(rotation_shape) <= F``)
+acts on the first ``m`` features at every leading index and every trailing position,
+``z_k[l, :m, p] = R_k z[l, :m, p]``; the other ``F - m`` features pass through
+(subspace rotation).
+
+**Gradients.** The heads read ``z_k = R_k z``; the task backward gives the rotated-space
+gradients ``H_k = dL_k/dz_k``, and the original-space ones are ``G_k = R_k^T H_k``
+(``R_k`` orthogonal). The surgery combines ``G``. Each ``R_k`` is trained on the
+alignment loss (rotograd 0.1.6)::
+
+    r     = (1/K) sum_k g_k * ||gbar|| / ||g_k||,     gbar = (1/K) sum_k g_k
+    l_k   = s * sum_{l,p} || R_k r[l, :, p] - H_k[l, :, p] ||^2
+    dl_k/dR_k = 2 s sum_{l,p} (R_k r - H_k)[l, :m, p] r[l, :m, p]^T
+
+with the reference's reduction ``s``: without ``post_shape`` the loss is *summed* over the
+last leading dim (the batch of a flat ``z``) and averaged over the others; with
+``post_shape`` it is averaged over all leading dims. ``r`` is detached; the loss reaches
+the rotations only. In **cooperative mode** ``R_k`` also receives the task loss's
+gradient ``dL/dR_k = sum_{l,p} H_k[l, :m, p] z[l, :m, p]^T`` (the heads see ``R_k``
+undetached); as in rotograd 0.1.2, the two gradients are each rescaled to the norm of
+their average and summed. One backward through the exponentials then gives ``A``'s
+gradient.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from . import pipeline
+
+#: Largest ``max |R R^T - I|`` accepted for a given initial rotation (geotorch's tolerance).
+ORTHOGONALITY_TOLERANCE = 1e-4
+
+
+def skew(a: Tensor) -> Tensor:
+    """``tril(a, -1) - tril(a, -1)^T``: geotorch's skew-symmetric frame of ``a`` (over the
+    last two dims)."""
+    lower = a.tril(-1)
+    return lower - lower.transpose(-2, -1)
+
+
+def expm(x: Tensor) -> Tensor:
+    """Matrix exponentials of the ``K x m x m`` stack ``x`` (one call per matrix; see the
+    module docstring for why not batched)."""
+    return torch.stack([torch.linalg.matrix_exp(m) for m in x.unbind(0)])
+
+
+def haar(num: int, size: int, *, dtype: torch.dtype, device: torch.device | None = None) -> Tensor:
+    """``num`` rotations (orthogonal, determinant +1) drawn from the Haar measure on
+    ``SO(size)`` with torch's global generator, exactly as geotorch draws them when its
+    orthogonal constraint is registered on a ``size x size`` tensor (so, under the same
+    seed, the rotations rotograd 0.1.6 starts from): per matrix, a Gaussian draw geotorch
+    spends on its buffer, then ``Q`` of the QR factorisation of a second Gaussian matrix
+    with the signs of ``diag(R)`` moved into ``Q``, its first column negated when the
+    determinant is -1."""
+    out = []
+    for _ in range(num):
+        torch.randn(size, size, dtype=dtype, device=device)  # geotorch's buffer initialisation
+        q, r = torch.linalg.qr(torch.randn(size, size, dtype=dtype, device=device))
+        q = q * r.diagonal().sign().unsqueeze(-2)
+        q[:, 0] = q[:, 0] * torch.where(torch.linalg.det(q) < 0, -1.0, 1.0).to(dtype)
+        out.append(q)
+    return torch.stack(out)
+
+
+def _as_shape(shape: int | Sequence[int], name: str) -> tuple[int, ...]:
+    out = (shape,) if isinstance(shape, int) else tuple(shape)
+    if any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in out):
+        raise ValueError(f"{name} must be a positive int or a shape of positive ints, got {shape!r}")
+    return out
+
+
+class Rotations(nn.Module):
+    """``K`` learned rotations ``R_k = base_k @ expm(skew(A_k))`` of ``m x m``.
+
+    Args:
+        num_tasks: ``K``.
+        rotation_shape: the rotated part of ``z``'s features (int or shape); ``m`` is its
+            product. Smaller than the features: the leading ``m`` are rotated.
+        post_shape: trailing dims of ``z`` kept as they are (default none).
+        init: ``"random"`` (Haar-random, torch's global generator: what rotograd 0.1.6 and
+            geotorch do), ``"identity"``, or a ``(K, m, m)`` tensor of orthogonal matrices.
+        coop: cooperative mode (see the module docstring).
+
+    Attributes:
+        skew_params: ``A`` (``K x m x m``, starts at 0), the trained parameter; only its
+            strictly lower triangle matters.
+        base: ``B`` (buffer), the fixed initial rotations.
+    """
+
+    def __init__(self, num_tasks: int, rotation_shape: int | Sequence[int], *,
+                 post_shape: int | Sequence[int] = (), init: str | Tensor = "random",
+                 coop: bool = False, dtype: torch.dtype | None = None, device: torch.device | None = None):
+        super().__init__()
+        self.rotation_shape = _as_shape(rotation_shape, "rotation_shape")
+        self.post_shape = _as_shape(post_shape, "post_shape")
+        size = math.prod(self.rotation_shape)
+        dtype = dtype or torch.get_default_dtype()
+        base = self._initial(init, num_tasks, size, dtype, device)
+        self.num_tasks, self.size, self.coop = num_tasks, size, bool(coop)
+        self.skew_params = nn.Parameter(torch.zeros(num_tasks, size, size, dtype=dtype, device=device))
+        self.register_buffer("base", base)
+
+    @staticmethod
+    def _initial(init: str | Tensor, k: int, m: int, dtype: torch.dtype, device) -> Tensor:
+        if isinstance(init, Tensor):
+            if init.shape != (k, m, m):
+                raise ValueError(f"rotation_init must have shape (num_tasks, m, m) = {(k, m, m)}, "
+                                 f"got {tuple(init.shape)}")
+            init = init.detach().to(dtype=dtype, device=device).clone()
+            eye = torch.eye(m, dtype=dtype, device=device)
+            error = (init @ init.transpose(-2, -1) - eye).abs().amax()
+            if not bool(error <= ORTHOGONALITY_TOLERANCE):
+                raise ValueError(f"rotation_init must hold orthogonal matrices; max |R R^T - I| = "
+                                 f"{float(error):.3g} > {ORTHOGONALITY_TOLERANCE}")
+            return init
+        if init == "identity":
+            return torch.eye(m, dtype=dtype, device=device).repeat(k, 1, 1)
+        if init == "random":
+            return haar(k, m, dtype=dtype, device=device)
+        raise ValueError(f"rotation_init must be 'random', 'identity' or a (num_tasks, m, m) tensor, got {init!r}")
+
+    def matrices(self) -> Tensor:
+        """``R`` (``K x m x m``), differentiable w.r.t. :attr:`skew_params`."""
+        return self.base @ expm(skew(self.skew_params))
+
+    def matrix(self, task: int) -> Tensor:
+        """``R_task`` alone (``1 x m x m``)."""
+        a = self.skew_params[task:task + 1]
+        return self.base[task:task + 1] @ torch.linalg.matrix_exp(skew(a))
+
+    # -- layout -------------------------------------------------------------------------
+    def layout(self, shape: Sequence[int]) -> tuple[int, int, int, float]:
+        """``(L, F, P, s)`` for a ``z`` of ``shape``: leading size, features, trailing
+        size, and the alignment loss's reduction factor ``s``. Raises when the rotation
+        does not fit."""
+        shape = tuple(shape)
+        n_rot, n_post = len(self.rotation_shape), len(self.post_shape)
+        fits = len(shape) > n_rot + n_post and shape[len(shape) - n_post:] == self.post_shape
+        feat = shape[len(shape) - n_post - n_rot:len(shape) - n_post] if fits else ()
+        if not fits or math.prod(feat) < self.size:
+            raise ValueError(f"rotation_shape={self.rotation_shape} with post_shape={self.post_shape} does not "
+                             f"fit z of shape {shape}: z must be (batch, ..., *features, *post_shape) with "
+                             f"prod(features) >= {self.size}; pass the shape of the backbone's output "
+                             "features as rep_size/rotation_shape (and its trailing dims as post_shape)")
+        lead = shape[:len(shape) - n_post - n_rot]
+        averaged = lead if n_post else lead[:-1]
+        return math.prod(lead), math.prod(feat), math.prod(self.post_shape), 1.0 / math.prod(averaged)
+
+    def rotate(self, x: Tensor, r: Tensor) -> Tensor:
+        """``R_k x`` on the leading ``m`` features of ``x`` (``(L, F, P)`` shared by the
+        tasks, or ``(K, L, F, P)``); returns ``(K, L, F, P)``, one batched product."""
+        m = self.size
+        lo = x[..., :m, :]
+        if x.shape[-1] == 1:
+            out = (lo.squeeze(-1) @ r.transpose(-2, -1)).unsqueeze(-1)
+        else:
+            out = torch.einsum("kij,ljp->klip" if x.dim() == 3 else "kij,kljp->klip", r, lo)
+        if m == x.shape[-2]:
+            return out
+        hi = x[..., m:, :].expand(r.shape[0], *x.shape[-3:-2], x.shape[-2] - m, x.shape[-1])
+        return torch.cat([out, hi], dim=-2)
+
+    def extra_repr(self) -> str:
+        return (f"num_tasks={self.num_tasks}, rotation_shape={self.rotation_shape}, "
+                f"post_shape={self.post_shape}, coop={self.coop}")
+
+
+@dataclass
+class RotatedFork(pipeline.Fork):
+    """A fork whose views are rotated: ``leaf`` holds ``R_k z`` (``K x z.shape``), so the
+    task backward gives the rotated-space gradients."""
+
+    rotation: Tensor | None = None  #: ``R`` (``K x m x m``), still in the graph to ``A``
+    scale: float = 1.0  #: reduction factor of the alignment loss
+
+
+def views(rotations: Rotations, z: Tensor, num_tasks: int) -> list[Tensor]:
+    """The rotated views ``R_k z`` for evaluation: nothing is recorded for a backward and
+    no gradient reaches the rotations (``z``'s graph is kept when grad is enabled)."""
+    lead, feat, post, _ = rotations.layout(z.shape)
+    with torch.no_grad():
+        r = rotations.matrices().to(z.dtype)
+    return list(rotations.rotate(z.reshape(lead, feat, post), r).view(num_tasks, *z.shape).unbind(0))
+
+
+def fork(rotations: Rotations, z: Tensor, num_tasks: int) -> RotatedFork:
+    """Rotated views ``R_k z`` of a detached alias of ``z``, recorded for the backward.
+    ``R`` is evaluated here, once, and kept in the graph to ``A`` for :func:`align`."""
+    lead, feat, post, scale = rotations.layout(z.shape)
+    r = rotations.matrices()
+    with torch.no_grad():
+        leaf = rotations.rotate(z.detach().reshape(lead, feat, post), r.to(z.dtype))
+    leaf = leaf.view(num_tasks, *z.shape).requires_grad_()
+    return RotatedFork(z=z, leaf=leaf, views=list(leaf.unbind(0)), rotation=r, scale=scale)
+
+
+def unrotate(rotations: Rotations, fork: RotatedFork, rotated_grads: Tensor) -> Tensor:
+    """Original-space gradients ``G_k = R_k^T H_k`` from the rotated-space ``H``."""
+    k, shape = rotated_grads.shape[0], rotated_grads.shape
+    r = fork.rotation.detach().to(rotated_grads.dtype)
+    flat = rotated_grads.reshape(k, *_lfp(rotations, shape[1:]))
+    return rotations.rotate(flat, r.transpose(-2, -1)).view(shape)
+
+
+def _lfp(rotations: Rotations, shape: Sequence[int]) -> tuple[int, int, int]:
+    lead, feat, post, _ = rotations.layout(shape)
+    return lead, feat, post
+
+
+def align(rotations: Rotations, fork: RotatedFork, grads: Tensor, rotated_grads: Tensor,
+          gram: Tensor, loss_scale: Tensor | None = None, sync=None) -> Tensor:
+    """Trains the rotations: writes the gradient of every task's alignment loss (plus, in
+    cooperative mode, of the task losses) to ``A``'s ``.grad`` in one backward through the
+    exponentials. Returns the ``K`` alignment losses (detached).
+
+    Args:
+        grads: ``G``, original-space task gradients (``K x z.shape``).
+        rotated_grads: ``H``, rotated-space task gradients.
+        gram: ``G G^T`` (float32 or wider), unscaled.
+        loss_scale: the ``GradScaler`` scale ``G`` and ``H`` carry, if any: the terms are
+            computed from the unscaled gradients (the optimizer scales ``A``'s gradient).
+        sync: under ``torch.distributed``, the optimizer's
+            :class:`gradsurgery.distributed.Sync`: the terms are those of the global batch.
+    """
+    k = grads.shape[0]
+    lfp = _lfp(rotations, grads.shape[1:])
+    norms = gram.diagonal().clamp_min(0).sqrt()
+    mean_norm = gram.sum().clamp_min(0).sqrt() / k
+    coefficients = torch.where(norms > 0, mean_norm / (k * torch.where(norms > 0, norms, 1)), 0)
+    reference = pipeline.combine(coefficients, grads).reshape(lfp)
+    h = rotated_grads.reshape(k, *lfp)
+    if loss_scale is not None:  # decide on the unscaled gradients
+        reference, h = reference / loss_scale.to(reference.dtype), h / loss_scale.to(h.dtype)
+    r = fork.rotation.detach().to(grads.dtype)
+    diff = rotations.rotate(reference, r) - h
+    losses = fork.scale * diff.pow(2).sum(dim=(1, 2, 3))
+    m = rotations.size
+    grad_r = (2 * fork.scale) * torch.einsum("klip,ljp->kij", diff[..., :m, :], reference[..., :m, :])
+    task_r = None
+    if rotations.coop:
+        z = fork.z.detach().reshape(lfp)
+        task_r = torch.einsum("klip,ljp->kij", h[..., :m, :], z[..., :m, :])
+    if sync is not None:  # does the loss average over the batch dim? (see Rotations.layout)
+        n_rot, n_post = len(rotations.rotation_shape), len(rotations.post_shape)
+        averaged = fork.z.dim() - n_rot - n_post > (0 if n_post else 1)
+        grad_r, task_r, losses = sync.rotation_terms(grad_r, task_r, losses, averaged)
+    if task_r is not None:
+        grad_r = _cooperate(task_r, grad_r)
+    torch.autograd.backward(fork.rotation, grad_r.to(fork.rotation.dtype))
+    return losses.detach()
+
+
+def _cooperate(a: Tensor, b: Tensor) -> Tensor:
+    """``a ||c|| / ||a|| + b ||c|| / ||b||`` per task, ``c = (a + b) / 2`` (rotograd 0.1.2's
+    cooperative mode); a zero gradient contributes nothing."""
+    target = ((a + b) / 2).flatten(1).norm(dim=1)
+
+    def rescaled(x: Tensor) -> Tensor:
+        n = x.flatten(1).norm(dim=1)
+        return x * torch.where(n > 0, target / torch.where(n > 0, n, 1), 0)[:, None, None]
+
+    return rescaled(a) + rescaled(b)
+
+
+class RotatedHead(nn.Module):
+    """``head(R_task z)``: a head as its task sees the representation (the rotation taken
+    at call time, without gradient; the identity without rotations), for evaluation and
+    export. ``nn.Sequential(backbone, RotatedHead(...))`` is the end-to-end predictor."""
+
+    def __init__(self, head: nn.Module, rotations: Rotations | None, task: int):
+        super().__init__()
+        self.head, self.task = head, task
+        self._rotations = [rotations]  # a reference, not a submodule: its parameters stay the optimizer's
+
+    def forward(self, z: Tensor):
+        rotations = self._rotations[0]
+        if rotations is not None:
+            with torch.no_grad():
+                r = rotations.matrix(self.task).to(z.dtype)
+            lead, feat, post, _ = rotations.layout(z.shape)
+            z = rotations.rotate(z.reshape(lead, feat, post), r).view(z.shape)
+        return self.head(z)
+
+
+def build(method, num_tasks: int, *, rotation: bool | None, rep_size: int | None,
+          rotation_shape: int | Sequence[int] | None, post_shape: int | Sequence[int],
+          init: str | Tensor, coop: bool, level: str, dtype: torch.dtype,
+          device: torch.device) -> Rotations | None:
+    """The :class:`Rotations` a :class:`~gradsurgery.MultiTaskOptimizer` uses (``None``
+    without rotations). ``rotation=None`` takes the method's class attribute ``rotation``.
+    Every option is checked before anything is drawn or built."""
+    use = type(method).rotation if rotation is None else rotation
+    if not isinstance(use, bool):
+        raise TypeError(f"rotation must be True, False or None (the method's default), got {rotation!r}")
+    if not use:
+        if coop:
+            raise ValueError(f"coop=True needs rotations, but {method!r} runs without them; pass "
+                             "rotation=True (or a RotoGrad-family method)")
+        if rotation_shape is not None or tuple(_as_shape(post_shape, "post_shape")) or not isinstance(init, str) \
+                or init != "random":
+            raise ValueError(f"rotation_shape, post_shape and rotation_init only apply with rotations, but "
+                             f"{method!r} runs without them; pass rotation=True or drop those options")
+        return None
+    if level != "rep":
+        raise ValueError(f"rotations act on the shared representation, so they cannot run with level={level!r}; "
+                         "use level='rep' or rotation=False")
+    if rotation_shape is None and rep_size is None:
+        raise ValueError(f"{method!r} learns rotations of the representation and needs their size: pass "
+                         "rep_size=<number of features of z> (or rotation_shape=<shape of z's features>)")
+    if rotation_shape is not None and rep_size is not None \
+            and _as_shape(rotation_shape, "rotation_shape") != _as_shape(rep_size, "rep_size"):
+        raise ValueError(f"rep_size={rep_size!r} and rotation_shape={rotation_shape!r} disagree; pass one of them")
+    shape = rotation_shape if rotation_shape is not None else rep_size
+    return Rotations(num_tasks, shape, post_shape=post_shape, init=init, coop=coop, dtype=dtype, device=device)

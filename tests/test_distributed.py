@@ -1,0 +1,170 @@
+"""Distributed-exact surgery: 2 CPU processes (gloo), each with half of every batch, take
+the steps of single-process training on the whole batch; per-rank surgery does not.
+
+One spawn runs every scenario in sequence (spawning costs seconds); the single-process
+references run in the test process.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import gradsurgery as gs
+from gradsurgery.distributed import average_gradients
+
+WORLD = 2
+STEPS = 10
+BATCH = 16  # global batch; each rank gets BATCH // WORLD rows
+FEATURES = 6
+#: rotation methods join when the RotoGrad family is registered
+EXACT_METHODS = [m for m in ("pcgrad", "mgda", "gradnorm", "rotograd", "rotogradnorm")
+                 if m in gs.methods.available()]
+
+
+def _data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1234)
+    x = torch.randn(STEPS, BATCH, 5, generator=g, dtype=torch.float64)
+    y1 = torch.randn(STEPS, BATCH, 1, generator=g, dtype=torch.float64)
+    y2 = torch.randn(STEPS, BATCH, 2, generator=g, dtype=torch.float64)
+    return x, y1, y2
+
+
+def _train(method: str, rows: slice, *, ddp: bool = False, manual: bool = False,
+           exact: bool = True, post: bool = False) -> list[torch.Tensor]:
+    """10 Adam steps on rows ``rows`` of every batch; returns every parameter (backbone,
+    heads, the method's own) after training. ``post``: rotate the 3 channels of a
+    ``batch x 3 x 2`` representation at each of its 2 positions, in cooperative mode
+    (the rotation loss then averages over the batch instead of summing)."""
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Linear(5, FEATURES), nn.Tanh(), nn.Linear(FEATURES, FEATURES)).double()
+    heads = nn.ModuleList([nn.Linear(FEATURES, 1), nn.Linear(FEATURES, 2)]).double()
+    shared = nn.parallel.DistributedDataParallel(backbone) if ddp else backbone
+    base = torch.optim.Adam([*backbone.parameters(), *heads.parameters()], lr=0.05)
+    shape = dict(rotation_shape=3, post_shape=(2,), coop=True) if post else dict(rep_size=FEATURES)
+    opt = gs.MultiTaskOptimizer(base, method, num_tasks=2, method_lr=0.05, distributed_exact=exact, **shape)
+    x, y1, y2 = _data()
+    for t in range(STEPS):
+        opt.zero_grad()
+        z = shared(x[t, rows])
+        z1, z2 = (v.flatten(1) for v in opt.fork(z.view(-1, 3, 2) if post else z))
+        losses = [(heads[0](z1) - y1[t, rows]).pow(2).mean(), (heads[1](z2).tanh() - y2[t, rows]).pow(2).mean()]
+        opt.backward(losses)
+        if manual:
+            average_gradients(backbone.parameters())
+        opt.step()
+    return [p.detach().clone() for g in base.param_groups for p in g["params"]]
+
+
+class _ElementWise(gs.methods.Method):
+    """A method that needs the raw gradients (cannot be distributed-exact)."""
+
+    def combine(self, grads, losses):
+        return grads.sum(0)
+
+
+def _expect_error(fn) -> str:
+    try:
+        fn()
+    except (RuntimeError, ValueError) as e:
+        return f"{type(e).__name__}: {e}"
+    return "no error"
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    rows = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
+    results: dict[str, object] = {m: _train(m, rows, ddp=True) for m in EXACT_METHODS}
+    if "rotograd" in EXACT_METHODS:
+        results["rotograd/post+coop"] = _train("rotograd", rows, ddp=True, post=True)
+    results["mgda/manual"] = _train("mgda", rows, manual=True)
+    results["mgda/per-rank"] = _train("mgda", rows, ddp=True, exact=False)
+    # a Gram-free method: the losses are reduced, nothing else
+    results["mean"] = _train("mean", rows, ddp=True)
+
+    params = [nn.Parameter(torch.zeros(3))]
+    results["elementwise"] = _expect_error(
+        lambda: gs.MultiTaskOptimizer(torch.optim.SGD(params, lr=0.1), _ElementWise(), num_tasks=2))
+    gs.MultiTaskOptimizer(torch.optim.SGD(params, lr=0.1), _ElementWise(), num_tasks=2, distributed_exact=False)
+
+    def mismatched(num_tasks: int, method: str):
+        lin = nn.Linear(3, 3)
+        opt = gs.MultiTaskOptimizer(torch.optim.SGD(lin.parameters(), lr=0.1), method, num_tasks=num_tasks)
+        views = opt.fork(lin(torch.ones(2, 3)))
+        opt.backward([v.sum() for v in views])
+
+    results["num_tasks"] = _expect_error(lambda: mismatched(2 + rank, "pcgrad"))
+    results["method"] = _expect_error(lambda: mismatched(2, ("pcgrad", "mgda")[rank]))
+    torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("ddp")
+    ctx = mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + 180
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("the distributed workers hung (a collective mismatch?)")
+    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+
+
+def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    assert len(a) == len(b)
+    return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("method", EXACT_METHODS)
+def test_ddp_equals_single_process_on_global_batch(ranks, method):
+    reference = _train(method, slice(None))
+    assert _max_diff(ranks[0][method], reference) < 1e-6
+    assert _max_diff(ranks[0][method], ranks[1][method]) == 0
+
+
+@pytest.mark.skipif("rotograd" not in EXACT_METHODS, reason="the RotoGrad family is not registered")
+def test_rotations_averaged_over_batch_in_coop_mode(ranks):
+    reference = _train("rotograd", slice(None), post=True)
+    assert _max_diff(ranks[0]["rotograd/post+coop"], reference) < 1e-6
+    assert _max_diff(ranks[0]["rotograd/post+coop"], ranks[1]["rotograd/post+coop"]) == 0
+
+
+@pytest.mark.parametrize("scenario,method", [("mgda/manual", "mgda"), ("mean", "mean")])
+def test_without_ddp_and_gram_free(ranks, scenario, method):
+    reference = _train(method, slice(None))
+    assert _max_diff(ranks[0][scenario], reference) < 1e-6
+    assert _max_diff(ranks[1][scenario], reference) < 1e-6
+
+
+def test_per_rank_surgery_differs(ranks):
+    """Proves the comparison can fail: deciding from half the batch changes the run."""
+    reference = _train("mgda", slice(None))
+    assert _max_diff(ranks[0]["mgda/per-rank"], reference) > 1e-4
+    # the heads (and DDP's backbone) are still averaged: the replicas stay identical
+    assert _max_diff(ranks[0]["mgda/per-rank"], ranks[1]["mgda/per-rank"]) == 0
+
+
+def test_elementwise_method_refused_under_distributed(ranks):
+    for r in ranks:
+        assert r["elementwise"].startswith("ValueError") and "distributed_exact=False" in r["elementwise"]
+
+
+def test_ranks_that_disagree_fail_fast(ranks):
+    for r in ranks:
+        assert r["num_tasks"].startswith("RuntimeError") and "num_tasks differs across ranks" in r["num_tasks"]
+        assert r["method"].startswith("RuntimeError") and "method or its options differ" in r["method"]

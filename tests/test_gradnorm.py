@@ -1,0 +1,101 @@
+"""GradNorm (Chen et al., 2018): weights positive and summing to K, moving the right way
+on imbalanced tasks, and the weight gradient equal to autograd of the paper's loss."""
+import copy
+
+import torch
+from hypothesis import given, settings, strategies as st
+from torch import nn
+
+import gradsurgery as gs
+from core_helpers import backbone_grads_for, make, task_grads, wrapped_step
+
+
+@settings(max_examples=6, deadline=None)
+@given(k=st.integers(1, 5), alpha=st.floats(0, 3), lr=st.sampled_from([1e-3, 0.1, 1.0]),
+       seed=st.integers(0, 2**16), optimizer=st.sampled_from(["sgd", "adam"]))
+def test_weights_positive_and_sum_to_k(k, alpha, lr, seed, optimizer):
+    model, x, ys = make(k, seed=seed)
+    cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}[optimizer]
+    opt = gs.MultiTaskOptimizer(cls(model.parameters(), lr=1e-2), "gradnorm", num_tasks=k, alpha=alpha,
+                                method_lr=lr)
+    w = opt.method.task_weights
+    for _ in range(6):
+        wrapped_step(model, opt, x, ys)
+        assert (w > 0).all()
+        torch.testing.assert_close(w.sum(), torch.tensor(float(k), dtype=w.dtype), rtol=1e-12, atol=1e-12)
+
+
+def test_weights_move_against_the_gradient_imbalance():
+    """Task 1's loss is task 0's times 10, so its representation gradient is 10x larger
+    (same head, same data: the same training rate). GradNorm equalises w_k ||g_k||, so
+    w_0 must grow and w_1 shrink; within 50 steps w_1 / w_0 approaches 1/10."""
+    torch.manual_seed(0)
+    backbone = nn.Linear(4, 8)
+    head = nn.Linear(8, 1)
+    heads = nn.ModuleList([head, copy.deepcopy(head)])
+    base = torch.optim.SGD([*backbone.parameters(), *heads.parameters()], lr=1e-3)
+    opt = gs.MultiTaskOptimizer(base, "gradnorm", num_tasks=2, alpha=1.5, method_lr=0.05)
+    x, y = torch.randn(32, 4), torch.randn(32, 1)
+    ratios = []
+    for _ in range(50):
+        opt.zero_grad()
+        z0, z1 = opt.fork(backbone(x))
+        losses = [nn.functional.mse_loss(heads[0](z0), y), 10 * nn.functional.mse_loss(heads[1](z1), y)]
+        opt.backward(losses)
+        opt.step()
+        norms = opt.stats["grad_norms"]
+        ratios.append(float(norms[1] / norms[0]))
+        w = opt.method.task_weights.detach()
+    assert abs(ratios[0] - 10) < 1.0  # the setting is what it claims
+    assert w[0] > 1.5 and w[1] < 0.5, w
+    assert w[1] / w[0] < 0.2, w
+
+
+@settings(max_examples=15, deadline=None)
+@given(k=st.integers(2, 5), alpha=st.floats(0, 3), seed=st.integers(0, 2**16))
+def test_weight_gradient_is_autograd_of_gradnorm_loss(k, alpha, seed):
+    """After two steps (so the weights and loss ratios differ from 1), the gradient the
+    method writes to its weights equals autograd of
+    L_grad = sum_k | ||w_k g_k|| - mean_j ||w_j g_j|| * r_k^alpha |
+    with the target detached, r_k = (L_k / L_k(0)) / mean_j (L_j / L_j(0)); and the
+    backbone receives sum_k w_k g_k."""
+    model, x, ys = make(k, seed=seed, rep_shape=(2, 3))
+    opt = gs.MultiTaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), "gradnorm", num_tasks=k,
+                                alpha=alpha, method_lr=0.3)
+    initial = torch.stack(wrapped_step(model, opt, x, ys)).detach()
+    wrapped_step(model, opt, x, ys)
+    w_now = opt.method.task_weights.detach().clone()
+    reference = copy.deepcopy(model)
+    grads = task_grads(reference, x, ys)
+    opt.zero_grad()
+    losses = torch.stack(wrapped_step(model, opt, x, ys, step=False)).detach()
+
+    w = w_now.clone().requires_grad_()
+    gw = torch.stack([(w[i] * grads[i]).norm() for i in range(k)])
+    rate = losses / initial
+    target = (gw.mean() * (rate / rate.mean()) ** alpha).detach()
+    expected = torch.autograd.grad((gw - target).abs().sum(), w)[0]
+    torch.testing.assert_close(opt.method.task_weights.grad, expected, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(opt.stats["weights"], w_now)
+    for p, e in zip(model.backbone.parameters(), backbone_grads_for(reference, x, w_now @ grads)):
+        torch.testing.assert_close(p.grad, e, rtol=1e-9, atol=1e-12)
+
+
+def test_initial_losses_taken_at_first_step_and_zero_loss_stays_finite():
+    model, x, ys = make(2, seed=0)
+    opt = gs.MultiTaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "gradnorm", num_tasks=2)
+    assert opt.method.initial_losses is None
+    first = torch.stack(wrapped_step(model, opt, x, ys)).detach()
+    torch.testing.assert_close(opt.method.initial_losses, first)
+    wrapped_step(model, opt, x, ys)
+    torch.testing.assert_close(opt.method.initial_losses, first)
+    opt.method.initial_losses = torch.zeros(2, dtype=torch.float64)
+    wrapped_step(model, opt, x, ys)
+    assert torch.isfinite(opt.method.task_weights).all()
+
+
+def test_bad_alpha_raises():
+    import pytest
+
+    with pytest.raises(ValueError, match="alpha"):
+        gs.methods.create("gradnorm", alpha=-1.0)

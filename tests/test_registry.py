@@ -1,0 +1,95 @@
+"""The method registry: ``available``, ``get``, ``create``, ``options``, ``register``, and a
+user-defined method in five lines working end to end."""
+import pytest
+import torch
+
+import gradsurgery as gs
+from gradsurgery.methods import registry
+from core_helpers import backbone_grads_for, head_grads_plain, make, task_grads
+
+
+@pytest.fixture(autouse=True)
+def scratch_registry(monkeypatch):
+    """Methods registered by a test are gone after it (other tests loop over available())."""
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+
+
+def test_builtins_available_and_created():
+    names = gs.methods.available()
+    assert names == sorted(names)
+    for name in ["sum", "mean", "pcgrad", "mgda", "gradnorm"]:
+        assert name in names
+        method = gs.methods.create(name)
+        assert isinstance(method, gs.methods.get(name))
+        assert isinstance(method, gs.methods.Method)
+    assert gs.methods.options("gradnorm") == ["alpha"]
+    assert gs.methods.options("mgda") == ["normalization"]
+    assert gs.methods.options("pcgrad") == []
+
+
+def test_instance_passes_through_and_rejects_options():
+    method = gs.methods.create("mgda", normalization="l2")
+    assert gs.methods.create(method) is method
+    with pytest.raises(ValueError, match="method instance"):
+        gs.methods.create(method, normalization="l2")
+
+
+def test_unknown_name_lists_available():
+    with pytest.raises(ValueError) as err:
+        gs.methods.get("nope")
+    for name in gs.methods.available():
+        assert name in str(err.value)
+    with pytest.raises(ValueError, match="available methods"):
+        gs.methods.create(3)
+
+
+def test_register_rejects_bad_use():
+    with pytest.raises(TypeError, match="subclasses of gradsurgery.methods.Method"):
+        gs.methods.register("not_a_method")(object)
+    with pytest.raises(ValueError, match="non-empty string"):
+        gs.methods.register("")
+    with pytest.raises(ValueError, match="already registered"):
+        @gs.methods.register("pcgrad")
+        class Impostor(gs.methods.Method):
+            pass
+
+
+def test_user_method_end_to_end():
+    """A user method in five lines: weights inversely proportional to the task gradients'
+    norms (every task contributes a unit-norm gradient). It is listed, created by name,
+    and the backbone receives sum_k g_k / ||g_k||."""
+    @gs.methods.register("test_unit_norm")
+    class UnitNorm(gs.methods.Method):
+        def weights(self, gram, losses):
+            return gram.diagonal().rsqrt()
+
+    assert "test_unit_norm" in gs.methods.available()
+    assert gs.methods.get("test_unit_norm") is UnitNorm
+    model, x, ys = make(3, seed=4, rep_shape=(2, 2))
+    opt = gs.MultiTaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "test_unit_norm", num_tasks=3,
+                                method_lr=1e-3)  # accepted and ignored: no parameters
+    assert len(opt.param_groups) == 1
+    grads = task_grads(model, x, ys)
+    opt.zero_grad()
+    opt.backward(model.losses(opt.fork(model.rep(x)), ys))
+    direction = (grads / grads.norm(dim=1, keepdim=True)).sum(0)
+    for p, e in zip(model.backbone.parameters(), backbone_grads_for(model, x, direction)):
+        torch.testing.assert_close(p.grad, e, rtol=1e-10, atol=1e-13)
+    for p, e in zip(model.heads.parameters(), head_grads_plain(model, x, ys)):
+        torch.testing.assert_close(p.grad, e, rtol=1e-12, atol=1e-14)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()
+    assert all(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    # the same class re-registered under its name (e.g. a re-imported module) is fine
+    gs.methods.register("test_unit_norm")(UnitNorm)
+
+
+def test_method_without_weights_says_so():
+    @gs.methods.register("test_incomplete")
+    class Incomplete(gs.methods.Method):
+        pass
+
+    model, x, ys = make(2)
+    opt = gs.MultiTaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "test_incomplete", num_tasks=2)
+    with pytest.raises(NotImplementedError, match="neither weights"):
+        opt.backward(model.losses(opt.fork(model.rep(x)), ys))
