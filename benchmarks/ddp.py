@@ -84,8 +84,8 @@ def _worker(rank: int, port: int, args, out: str):
     for m in modes:  # warm-up (and the first step's check of the ranks' agreement)
         for _ in range(3):
             runners[m][0](x, y)
-    for _ in range(args.rounds):  # interleaved, so that load changes hit every mode alike
-        for m in modes:
+    for r in range(args.rounds):  # interleaved and rotated, so that load changes hit every mode alike
+        for m in modes[r % 3:] + modes[:r % 3]:
             dist.barrier()
             t0 = time.perf_counter()
             for _ in range(args.steps):
@@ -115,7 +115,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256, help="global batch")
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=6)
     args = parser.parse_args()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -34,6 +34,10 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+# Idle OpenMP workers sleep instead of spinning. On a machine shared with other processes,
+# spinning workers of a 2-thread step steal the cores it waits for: steps were 8x slower
+# and far noisier here. Must be set before torch loads its OpenMP runtime.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
@@ -46,13 +50,13 @@ REF_PYTHONS = (ROOT / ".venv-ref" / "bin" / "python", ROOT / ".venv-bench" / "bi
 
 #: Every configuration row set: ``all`` (every row), ``rep`` (no parameter-level rows),
 #: ``rotations`` (only rotation rows, at full width even above ``SUBSPACE``).
-_FULL_TIMING = {"min_rounds": 5, "max_rounds": 15, "budget_s": 1.5}
-_HEAVY_TIMING = {"min_rounds": 3, "max_rounds": 7, "budget_s": 1.5}
-#: Modes: per configuration (d, K, row set, measure memory?, timing rounds).
+_FULL_TIMING = {"min_rounds": 3, "max_rounds": 9, "budget_s": 1.0}
+#: Modes: per configuration (d, K, row set, measure memory?, timing rounds), in the order
+#: they run (the full run stops starting new ones after --max-minutes: targets first).
 MODES: dict[str, dict[str, Any]] = {
-    "full": {"grid": [(256, 2, "all", True, _FULL_TIMING), (256, 8, "all", True, _FULL_TIMING),
-                      (256, 32, "rep", True, _HEAVY_TIMING), (64, 8, "rep", True, _FULL_TIMING),
-                      (1024, 8, "rep", True, _HEAVY_TIMING), (1024, 2, "rotations", True, _HEAVY_TIMING)]},
+    "full": {"grid": [(256, 8, "all", True, _FULL_TIMING), (256, 32, "rep", True, _FULL_TIMING),
+                      (256, 2, "all", True, _FULL_TIMING), (64, 8, "rep", True, _FULL_TIMING),
+                      (1024, 8, "rep", True, _FULL_TIMING), (1024, 2, "rotations", True, _FULL_TIMING)]},
     "quick": {"grid": [(256, 2, "all", False, {"min_rounds": 3, "max_rounds": 3, "budget_s": 0.0, "warmup": 1}),
                        (256, 8, "all", True, {"min_rounds": 3, "max_rounds": 3, "budget_s": 0.0, "warmup": 1})]},
     "smoke": {"grid": [(16, 2, "all", True, {"min_rounds": 2, "max_rounds": 2, "budget_s": 0.0, "warmup": 1})],
@@ -127,35 +131,40 @@ def plan(mode: str, only: str | None) -> list[dict[str, Any]]:
     return jobs
 
 
-def run(jobs: list[dict[str, Any]], threads: int, ref_python: Path | None,
-        overlap: bool = False) -> list[dict[str, Any]]:
-    """Runs the rotograd rows in the reference interpreter, the others here; returns one
-    result dict (row key -> measurement) per job. ``overlap`` runs both interpreters at
-    once (only for smoke runs: it spoils the timings)."""
-    ref_jobs, own_jobs = [], []
-    for job in jobs:
-        ref = [r for r in job["rows"] if r["lib"] == "rotograd"]
-        own = [r for r in job["rows"] if r["lib"] != "rotograd"]
-        ref_jobs.append(dict(job, rows=ref + [r for r in own if r["lib"] == "plain"]))
-        own_jobs.append(dict(job, rows=own))
-    ref_wanted = [j for j in ref_jobs if any(r["lib"] == "rotograd" for r in j["rows"])]
-    log(f"running {len(jobs)} jobs ({sum(len(j['rows']) for j in own_jobs)} row-measurements here)")
-    ref = _RefWorker(ref_wanted, threads, ref_python) if ref_wanted and overlap else None
-    own_results = _measure.run_jobs(own_jobs, threads, log)
-    if ref_wanted and ref is None:
-        ref = _RefWorker(ref_wanted, threads, ref_python)
-    ref_results = iter(ref.results() if ref else [])
-    merged = []
-    for job, own in zip(ref_jobs, own_results):
-        res = dict(own)
-        if any(r["lib"] == "rotograd" for r in job["rows"]):
-            got = next(ref_results)
-            if job["kind"] == "memory":
-                # rotograd rows' memory ratio uses the plain measured in their interpreter
-                got = {("plain@ref" if k == "plain" else k): v for k, v in got.items()}
-            res.update(got)
-        merged.append(res)
-    return merged
+NOT_RUN = "not run: the run's time budget (--max-minutes) was spent"
+
+
+def run(jobs: list[dict[str, Any]], threads: int, ref_python: Path | None, *, overlap: bool = False,
+        deadline: float = float("inf")) -> list[dict[str, Any]]:
+    """Runs the jobs configuration by configuration (in the plan's order): the rotograd
+    rows in the reference interpreter, the others here. Returns one result dict (row key
+    -> measurement) per job. A configuration that would start after ``deadline`` (a
+    ``time.perf_counter`` value) is skipped, its rows noted. ``overlap`` runs both
+    interpreters at once (only for smoke runs: it spoils the timings)."""
+    results: list[dict[str, Any]] = [{} for _ in jobs]
+    by_config: dict[tuple, list[int]] = {}
+    for i, job in enumerate(jobs):
+        by_config.setdefault(tuple(job["config"].values()), []).append(i)
+    for indices in by_config.values():
+        group = [jobs[i] for i in indices]
+        if time.perf_counter() > deadline:
+            note = NOT_RUN
+            for i in indices:
+                results[i] = {r["key"]: {"error": note} for r in jobs[i]["rows"]}
+            continue
+        own = [dict(job, rows=[r for r in job["rows"] if r["lib"] != "rotograd"]) for job in group]
+        ref = [dict(job, rows=[r for r in job["rows"] if r["lib"] in ("rotograd", "plain")]) for job in group]
+        wanted = any(r["lib"] == "rotograd" for job in ref for r in job["rows"])
+        worker = _RefWorker(ref, threads, ref_python) if wanted and overlap else None
+        own_results = _measure.run_jobs(own, threads, log)
+        if wanted and worker is None:
+            worker = _RefWorker(ref, threads, ref_python)
+        ref_results = worker.results() if worker else [{} for _ in group]
+        for i, job, mine, theirs in zip(indices, group, own_results, ref_results):
+            if job["kind"] == "memory":  # rotograd rows' memory ratio: the plain of their interpreter
+                theirs = {("plain@ref" if k == "plain" else k): v for k, v in theirs.items()}
+            results[i] = mine | theirs
+    return results
 
 
 class _RefWorker:
@@ -202,7 +211,7 @@ def machine(threads: int) -> dict[str, Any]:
         pass
     return {"cpu": model, "logical_cpus": os.cpu_count(), "torch_threads": threads,
             "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
-            "load_average_start": list(os.getloadavg())}
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "load_average_start": list(os.getloadavg())}
 
 
 # -- results ----------------------------------------------------------------------------
@@ -281,11 +290,14 @@ def _fmt_mem(r: dict[str, Any] | None) -> str:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    """Tables per feature size ``d`` (rows x K), then targets, machine and notes."""
-    recs = report["records"]
+    """Tables per feature size ``d`` (rows x K), then targets, machine and notes.
+    Configurations the time budget left out are listed, not tabulated."""
+    not_run = {(r["d"], r["k"]) for r in report["records"] if r.get("notes") and all(NOT_RUN in n for n in r["notes"])}
+    recs = [r for r in report["records"] if (r["d"], r["k"]) not in not_run]
     m = report["machine"]
     lines = [f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, torch {m['torch']} on "
-             f"{m['torch_threads']} threads, Python {m['python']}; load average at start "
+             f"{m['torch_threads']} threads (OMP_WAIT_POLICY={m.get('omp_wait_policy')}), Python {m['python']}; "
+             f"load average at start "
              f"{m['load_average_start'][0]:.2f}, at end {m.get('load_average_end', [0])[0]:.2f}. "
              f"Mode `{report['mode']}`, batch {report['batch']}.", ""]
     for d in sorted({r["d"] for r in recs}):
@@ -318,43 +330,55 @@ def markdown(report: dict[str, Any]) -> str:
     for t in report["targets"]:
         value = "" if t["value"] is None else f"{t['value']:.2f}x"
         lines.append(f"| {t['target']} | {value} | {t['status']} |")
-    notes = [(r["label"], r["d"], r["k"], n) for r in recs for n in r.get("notes", [])]
-    if notes:
+    if not_run:
+        lines += ["", "Not run (time budget of the run spent): "
+                  + ", ".join(f"d={d} K={k}" for d, k in sorted(not_run)) + "."]
+    grouped: dict[tuple[int, int, str], list[str]] = {}
+    for r in recs:
+        for n in r.get("notes", []):
+            grouped.setdefault((r["d"], r["k"], n), []).append(r["label"])
+    if grouped:
         lines += ["", "### Notes (rows skipped or failed)", ""]
-        lines += [f"- {label}, d={d}, K={k}: {n}" for label, d, k, n in notes]
+        for (d, k, n), labels in grouped.items():
+            who = ", ".join(labels) if len(labels) <= 3 else f"{len(labels)} rows"
+            lines.append(f"- d={d}, K={k}, {who}: {n}")
     return "\n".join(lines) + "\n"
 
 
 def plot(report: dict[str, Any], path: Path, d: int = 256) -> None:
-    """Time ratio vs K (log-log) at features ``d``: gradsurgery's methods on the left, the
-    other libraries (with gradsurgery's matching methods for reference) on the right."""
+    """Time ratio vs K (log-log) at features ``d`` in three panels: gradsurgery at the
+    representation level, at the parameter level, and the other libraries next to
+    gradsurgery's matching representation-level methods."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     recs = [r for r in report["records"] if r["d"] == d and "time_ratio" in r and not r.get("rotation_size")]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
-    groups = [[r for r in recs if r["lib"] == "gradsurgery"],
-              [r for r in recs if r["lib"] != "gradsurgery"
-               or (r.get("level") == "rep" and r["method"] in ("pcgrad", "mgda", "mean", *ROTATIONS))]]
-    titles = ["gradsurgery methods", "other libraries (gradsurgery rep-level for reference)"]
-    for ax, group, title in zip(axes, groups, titles):
-        for key in dict.fromkeys(r["key"] for r in group):
+    panels = [("gradsurgery, representation level", [r for r in recs if r.get("level") == "rep"]),
+              ("gradsurgery, parameter level", [r for r in recs if r.get("level") == "params"]),
+              ("other libraries (dashed) and gradsurgery (rep)",
+               [r for r in recs if r["lib"] != "gradsurgery"
+                or (r.get("level") == "rep" and r["method"] in ("mean", "pcgrad", "mgda", *ROTATIONS))])]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 8), sharey=True)
+    colors = plt.get_cmap("tab20").colors
+    for ax, (title, group) in zip(axes, panels):
+        for i, key in enumerate(dict.fromkeys(r["key"] for r in group)):
             pts = sorted((r["k"], r["time_ratio"], r["time_q25"], r["time_q75"]) for r in group if r["key"] == key)
             ks, med, lo, hi = zip(*pts)
             label = next(r["label"] for r in group if r["key"] == key).replace("`", "")
-            style = "-" if key.startswith("gradsurgery") else "--"
             ax.errorbar(ks, med, yerr=[[m - q for m, q in zip(med, lo)], [q - m for m, q in zip(med, hi)]],
-                        fmt=style + "o", ms=3, capsize=2, label=label)
+                        fmt=("-" if key.startswith("gradsurgery") else "--") + "ox^sd"[i % 5], ms=4, capsize=2,
+                        color=colors[i % len(colors)], label=label)
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("K (number of tasks)")
         ax.set_title(title, fontsize=10)
-        ax.legend(fontsize=6.5, loc="upper left")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].set_ylabel(f"step time / plain backward (d={d}, median, IQR bars)")
+        if group:
+            ax.legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, frameon=False)
+    axes[0].set_ylabel(f"step time / plain backward (d={d}; median, IQR bars)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -363,20 +387,44 @@ DOC_HEADER = """# Benchmarks
 <!-- generated by `python benchmarks/step_time.py --docs`; do not edit by hand -->
 
 What one training step costs, as a **ratio to plain `sum(losses).backward()`** on the same
-model, measured in the same process and interleaved with it (the median of paired
-per-round ratios; in brackets the interquartile range). Memory is the **peak resident
-memory above imports**, measured in a fresh forked process per row and configuration, as
-a ratio to plain's. Model: MLP backbone 64-1024-1024-d, heads d-256-1 with MSE losses,
-Adam, batch 256, K tasks. Representation-level rows (`rep`) run gradsurgery's
-one-backbone-pass pipeline; `params` rows compute per-task gradients of the shared
-parameters. The `rotograd` package's rows run in an interpreter with geotorch 0.3 and
-are normalised by a plain step timed in that interpreter. Rotations wider than 256 are
-applied to a 256-wide subspace, except in the d = 1024, K = 2 rows.
+model, timed in the same process and interleaved with it: every round runs one plain
+step and one step of the row back to back, and the table gives the median of those
+paired ratios with, in brackets, their interquartile range. Memory is the **peak resident
+memory above imports**: a fresh process forked per row and configuration resets the
+kernel's peak-RSS counter, builds the model and runs two steps; the ratio is to plain's
+peak measured the same way. Model: MLP backbone 64-1024-1024-d, heads d-256-1 with MSE
+losses, Adam, batch 256, K tasks, 2 torch threads.
 
-Reproduce: `python benchmarks/step_time.py` (full grid) or `--quick` (under 2 minutes).
-Method and measurement details: `benchmarks/step_time.py`, `benchmarks/_measure.py`.
+- `rep` rows run gradsurgery's pipeline: one backward through the heads for all task
+  gradients w.r.t. the representation, the surgery on the `K x K` Gram, one backward
+  through the backbone. `params` rows decide from the per-task gradients of the shared
+  parameters (a batched Jacobian: about K backbone backward passes, as in the papers).
+- The `rotograd` package's rows run in an interpreter with geotorch 0.3 and are divided
+  by a plain step timed in that interpreter; torchjd rows call `mtl_backward` then
+  `jac_to_grad` with the aggregator; naive PCGrad is K `autograd.grad` passes through the
+  whole model and the projections on the flattened parameter gradients.
+- Rotations wider than 256 act on a 256-wide subspace, except in the d = 1024, K = 2 rows.
+- The full run goes configuration by configuration (the targets' d = 256, K = 8 first)
+  and starts no new one after `--max-minutes`; those left out are listed below the tables.
+
+Reproduce: `python benchmarks/step_time.py` (full grid; `--docs` rewrites this page) or
+`--quick` (under 2 minutes). Where the time goes inside a step: `python
+benchmarks/profile_step.py`. Measurement details: `benchmarks/_measure.py`.
 
 ![step time / plain vs K](benchmarks_time_vs_k.png)
+
+## Full run
+
+"""
+
+QUIET_HEADER = """
+## Appendix: `--quick` on a quiet machine
+
+The same script in `--quick` mode on an otherwise idle server, pinned to two of its cores
+(`taskset -c 2,3`), with that machine's torch build (the JSON is
+`docs/benchmarks_quiet_quick.json`; torchjd's `UPGrad` needs `quadprog`, which that
+machine lacked). Render it with
+`python benchmarks/step_time.py --render docs/benchmarks_quiet_quick.json`.
 
 """
 
@@ -391,11 +439,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="interpreter with rotograd 0.1.6 + geotorch 0.3 for the rotograd rows")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--only", help="regex: keep only rows whose label matches")
+    parser.add_argument("--max-minutes", type=float, default=14.0,
+                        help="start no new configuration after this many minutes (default 14); "
+                             "configurations run in order of importance, the skipped ones are noted")
     parser.add_argument("--out", type=Path, default=HERE / "results", help="output folder for JSON and markdown")
+    parser.add_argument("--render", type=Path, help="print the markdown of a saved JSON report and exit")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         worker()
+        return 0
+    if args.render:
+        print(markdown(json.loads(args.render.read_text())))
         return 0
     if args.docs and (args.quick or args.smoke or args.only):
         parser.error("--docs records the full grid; drop --quick/--smoke/--only")
@@ -405,7 +460,8 @@ def main(argv: list[str] | None = None) -> int:
     info = machine(args.threads)
     started = time.perf_counter()
     jobs = plan(name, args.only)
-    results = run(jobs, args.threads, args.ref_python, overlap=name == "smoke")
+    results = run(jobs, args.threads, args.ref_python, overlap=name == "smoke",
+                  deadline=started + 60 * args.max_minutes)
     info["load_average_end"] = list(os.getloadavg())
     records = collect(jobs, results)
     report = {"mode": name, "machine": info, "batch": jobs[0]["config"]["batch"] if jobs else None,
@@ -420,7 +476,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.docs:
         (DOCS / "benchmarks.json").write_text(json.dumps(report, indent=1))
         plot(report, DOCS / "benchmarks_time_vs_k.png")
-        (DOCS / "benchmarks.md").write_text(DOC_HEADER + table)
+        quiet = DOCS / "benchmarks_quiet_quick.json"
+        appendix = (QUIET_HEADER + markdown(json.loads(quiet.read_text()))) if quiet.exists() else ""
+        (DOCS / "benchmarks.md").write_text(DOC_HEADER + table + appendix)
     log(f"done in {report['seconds']:.0f}s; wrote {args.out / stem}.json/.md")
     return 0
 

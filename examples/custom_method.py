@@ -10,7 +10,6 @@ Run: python examples/custom_method.py   (under a minute on CPU)
 """
 import os
 
-import torch
 from torch import Tensor
 
 import gradsurgery as gs

@@ -21,7 +21,7 @@ from torch import nn
 import gradsurgery.compat
 
 
-def train(rotograd=gradsurgery.compat, steps: int = 300, seed: int = 0):
+def train(rotograd=gradsurgery.compat, steps: int = 200, seed: int = 0):
     """Trains a two-task regression with ``rotograd.RotoGradNorm`` (``rotograd`` being the
     package or :mod:`gradsurgery.compat`); returns the model and the loss history."""
     torch.manual_seed(seed)

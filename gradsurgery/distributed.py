@@ -26,6 +26,11 @@ are the global ones, so the methods' own parameters receive identical gradients 
 rank and their state (initial losses, weights, random draws from equally seeded generators)
 stays identical.
 
+Rotations (the RotoGrad family) are replicated parameters whose gradients depend on the
+rows of ``G``, not only on ``M``: their alignment terms are all-reduced once more (``K m^2``
+numbers, see :meth:`Sync.rotation_terms`), with the reference direction's coefficients
+taken from the global Gram.
+
 Only the Gram-based path can be exact: a method with an element-wise ``combine`` needs the
 raw ``K x N`` gradients of the whole batch, so it is refused unless ``distributed_exact=False``
 (per-rank surgery, what other libraries do: each rank decides from its own slice).
@@ -103,8 +108,9 @@ class Sync:
         exact: distributed-exact (global Gram and losses) or per-rank surgery.
         bytes_last_step: bytes this optimizer all-reduced in the last ``backward``,
             split into ``"surgery"`` (Gram, losses, finiteness flag: ``O(K^2)``, whatever
-            the model size) and ``"heads"`` (the heads' gradients, which DDP would
-            all-reduce for any replicated parameter). Counted on the host, no sync.
+            the model size), ``"heads"`` (the heads' gradients, which DDP would
+            all-reduce for any replicated parameter) and ``"rotations"`` (the rotations'
+            gradient terms, ``K m^2``). Counted on the host, no sync.
     """
 
     def __init__(self, group, exact: bool):
@@ -112,7 +118,12 @@ class Sync:
         self.world_size = _dist().get_world_size(group)
         self.exact = exact
         self.checked = False
-        self.bytes_last_step = {"surgery": 0, "heads": 0}
+        self.bytes_last_step = {"surgery": 0, "heads": 0, "rotations": 0}
+
+    def begin_step(self, num_tasks: int, method: Method) -> None:
+        """Resets the byte counters; at the first step, checks that the ranks agree."""
+        self.bytes_last_step = {"surgery": 0, "heads": 0, "rotations": 0}
+        self.check(num_tasks, method)
 
     def check(self, num_tasks: int, method: Method) -> None:
         """First step only (one small all-reduce and one host read): every rank must
@@ -206,7 +217,7 @@ class Sync:
         parts = [alignment, losses] + ([task] if task is not None else [])
         buf = torch.cat([p.reshape(-1).to(alignment.dtype) for p in parts])
         _dist().all_reduce(buf, group=self.group)
-        self.bytes_last_step["rotations"] = self.bytes_last_step.get("rotations", 0) + buf.numel() * buf.element_size()
+        self.bytes_last_step["rotations"] += buf.numel() * buf.element_size()
         r = self.world_size
         factor = (1.0 / (r * r * (r if batch_averaged else 1))) if self.exact else 1.0 / r
         out = buf.split([p.numel() for p in parts])

@@ -59,8 +59,10 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
     Attributes:
         method: the :class:`~gradsurgery.methods.Method` in use.
         stats: what the last ``backward`` saw and decided (detached tensors):
-            ``losses``, ``weights`` (the coefficients ``c``) and, for methods that look at
-            gradients, ``grad_norms`` and ``cosines``.
+            ``losses``, ``weights`` (each unweighted task gradient's coefficient in what
+            the backbone received: the method's ``c`` times its loss weights, so ``1/K``
+            for ``mean``) and, for methods that look at gradients, ``grad_norms`` and
+            ``cosines``.
         distributed: the :class:`gradsurgery.distributed.Sync` in use (``None`` when
             single-process); its ``bytes_last_step`` counts what the last step all-reduced.
     """
@@ -336,6 +338,9 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         if state_dict.get("num_tasks") != self.num_tasks:
             raise ValueError(f"this checkpoint is for num_tasks={state_dict.get('num_tasks')}, "
                              f"the optimizer has num_tasks={self.num_tasks}")
+        if (state_dict.get("rotation") is None) != (self.rotations is None):
+            raise ValueError("this checkpoint and this optimizer disagree on rotations (one has them, the "
+                             "other not); build the optimizer with the same method and rotation= option")
         self.optimizer.load_state_dict(state_dict["optimizer"])
         self.method.load_state_dict(state_dict["method"])
         self.generator.set_state(state_dict["generator"])
@@ -442,8 +447,7 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
                 raise RuntimeError("torch.distributed was initialised after this MultiTaskOptimizer was "
                                    "built; build it after init_process_group (or pass process_group=)")
             return None
-        sync.bytes_last_step = {"surgery": 0, "heads": 0}
-        sync.check(self.num_tasks, self.method)
+        sync.begin_step(self.num_tasks, self.method)
         return sync
 
     def _record_stats(self, values: Tensor, gram: Tensor | None, coefficients: Tensor | None) -> None:

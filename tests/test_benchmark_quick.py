@@ -80,7 +80,7 @@ def test_table_matches_json(smoke):
             assert row[1] == "skipped"
     machine = report["machine"]
     assert machine["cpu"] and machine["torch_threads"] == 1
-    assert "Machine: " in markdown and "1 threads" in markdown
+    assert "Machine: " in markdown and "1 threads" in markdown and "OMP_WAIT_POLICY=PASSIVE" in markdown
 
 
 def test_targets_are_listed(smoke):

@@ -124,7 +124,7 @@ def test_kkt_on_degenerate_gradients(name, scale, solver):
                                    atol=1e-6 * float(grads.norm(dim=1).max()))
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(k=st.integers(1, 12), n=st.integers(1, 40), seed=st.integers(0, 2**31),
        kind=st.sampled_from(["random", "correlated", "scaled"]), solver=st.sampled_from(["auto", "active_set"]),
        scale=st.sampled_from([1e-10, 1e-3, 1.0, 1e5, 1e10]))
@@ -158,7 +158,7 @@ def test_point_matches_slsqp(k):
 @pytest.mark.parametrize("k", [16, 32])
 def test_iterative_path_is_exact(k):
     worst = 0.0
-    for seed, (n, kind) in enumerate(itertools.product([3, 20, 200], ["random", "correlated", "scaled"])):
+    for seed, (n, kind) in enumerate(itertools.product([3, 20, 200], ["correlated", "scaled"])):
         grads = random_grads(k, n, seed, kind)
         lam = linalg.min_norm_simplex(grads @ grads.T)
         simplex, dual, comp = kkt_residuals(grads, lam)

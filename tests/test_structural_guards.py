@@ -8,8 +8,9 @@ Per training step, for every registered method (the loop picks up new ones by it
   of its own shape and not batched over the tasks: no per-task gradient of the shared
   parameters is ever computed (hooks on the parameters see every gradient autograd
   produces for them, from ``backward``, ``autograd.grad`` or a vmapped ``autograd.grad``);
-- every rotation's matrix exponential is evaluated at most once (``torch.matrix_exp`` and
-  ``torch.linalg.matrix_exp`` are counted matrix by matrix).
+- every rotation's matrix exponential is evaluated at most once (``matrix_exp`` calls and
+  the eigendecompositions an exponential can be computed from are counted matrix by
+  matrix).
 
 The first tests check that the instruments do catch what they guard against.
 """
@@ -72,21 +73,23 @@ class Probe:
 
 
 class ExpmCounter:
-    """Counts the matrices exponentiated by ``torch.matrix_exp``/``torch.linalg.matrix_exp``
-    (a ``K x m x m`` batch counts ``K``), by matrix size."""
+    """Counts the matrix exponentials evaluated, matrix by matrix and by size (a
+    ``K x m x m`` batch counts ``K``): calls of ``torch.matrix_exp``/``torch.linalg.matrix_exp``
+    and the eigendecompositions (``torch.linalg.eigh``/``eig``) an exponential can be
+    evaluated from (``exp(X) = U e^L U^H``), whichever the rotations use."""
 
     def __init__(self, monkeypatch):
         self.counts: dict[int, int] = {}
-        original = torch.linalg.matrix_exp
+        for owner, name in [(torch.linalg, "matrix_exp"), (torch, "matrix_exp"), (torch.Tensor, "matrix_exp"),
+                            (torch.linalg, "eigh"), (torch.linalg, "eig")]:
+            monkeypatch.setattr(owner, name, self._counting(getattr(owner, name)))
 
+    def _counting(self, original):
         def counting(a, *args, **kwargs):
             n = a.shape[-1]
             self.counts[n] = self.counts.get(n, 0) + a.numel() // (n * n)
             return original(a, *args, **kwargs)
-
-        monkeypatch.setattr(torch.linalg, "matrix_exp", counting)
-        monkeypatch.setattr(torch, "matrix_exp", counting)
-        monkeypatch.setattr(torch.Tensor, "matrix_exp", counting)
+        return counting
 
     def reset(self):
         self.counts = {}
@@ -177,7 +180,9 @@ def test_expm_counter_counts_matrices(monkeypatch):
     torch.linalg.matrix_exp(a)
     torch.matrix_exp(a[0])
     a[1].matrix_exp()
-    assert expm.counts == {D: K + 2}
+    torch.linalg.eigh(a[0] @ a[0].T)
+    torch.linalg.eig(a[:2])
+    assert expm.counts == {D: K + 5}
 
 
 def test_expm_counter_sees_rotation_evaluations(monkeypatch):

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import math
+import sys
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -41,8 +42,13 @@ class Plan:
         try:
             if getattr(bench, "threads", None):
                 torch.set_num_threads(bench.threads)
+            # one untimed epoch first, so that the first method timed does not pay the warm-up
+            train_one(bench, self.methods[0], self.seeds[0], 1, self.options[self.methods[0]], tqdm(disable=True))
             total = len(self.methods) * len(self.seeds) * self.epochs
-            with tqdm(total=total, disable=not progress, unit="epoch", dynamic_ncols=True) as bar:
+            with tqdm(total=total, disable=not progress, unit="epoch", dynamic_ncols=True) as bar, \
+                    warnings.catch_warnings():
+                if progress:  # print warnings (a failed method) above the bar, not through it
+                    warnings.showwarning = _write_above_bar
                 for name in self.methods:
                     for seed in self.seeds:
                         runs.append(train_one(bench, name, seed, self.epochs, self.options[name], bar))
@@ -110,7 +116,7 @@ def train_one(bench: Any, method: str, seed: int, epochs: int, options: Mapping[
     backbone, heads = bench.build(seed)
     heads = list(heads)
     modules = nn.ModuleList([backbone, *heads])
-    base = bench.optimizer(_unique(modules.parameters()))
+    base = bench.optimizer(list(modules.parameters()))  # shared parameters counted once
     opt = MultiTaskOptimizer(base, method, num_tasks=len(heads), rep_size=bench.rep_size,
                              **{"method_lr": getattr(bench, "method_lr", None), **options})
     shuffle = torch.Generator().manual_seed(seed)
@@ -120,6 +126,7 @@ def train_one(bench: Any, method: str, seed: int, epochs: int, options: Mapping[
     weights: list[Tensor] = []
     tracked: list[Tensor] = []
     elapsed = 0.0  # of every step but the first (lazy initialisation, warm-up)
+    clock = _clock(modules)
 
     def predict(x: Tensor) -> list[Tensor]:
         return [head(view) for head, view in zip(heads, opt.fork(backbone(x)))]
@@ -129,7 +136,7 @@ def train_one(bench: Any, method: str, seed: int, epochs: int, options: Mapping[
         modules.train()
         loss_sum = torch.zeros(len(heads), dtype=torch.float64)
         steps = 0
-        start = time.perf_counter()
+        start = clock()
         for x, targets in bench.train_batches(shuffle):
             opt.zero_grad()
             views = opt.fork(backbone(x))
@@ -145,11 +152,11 @@ def train_one(bench: Any, method: str, seed: int, epochs: int, options: Mapping[
             loss_sum += values
             steps += 1
             if run.steps + steps == 1:  # restart the clock after the very first step
-                start = time.perf_counter()
+                start = clock()
             if track is not None:
                 tracked.append(track(backbone))
         _sync(loss_sum)
-        elapsed += time.perf_counter() - start
+        elapsed += clock() - start
         run.steps += steps
         if not run.ok:
             break
@@ -173,6 +180,10 @@ def train_one(bench: Any, method: str, seed: int, epochs: int, options: Mapping[
     run.weights = torch.stack(weights).tolist() if weights else []
     run.track = torch.stack(tracked).tolist() if tracked else []
     return run
+
+
+def _write_above_bar(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+    tqdm.write(f"{category.__name__}: {message}", file=sys.stderr)
 
 
 def _record(stats: Mapping[str, Tensor], k: int, cosines: list[Tensor], weights: list[Tensor]) -> None:
@@ -202,17 +213,18 @@ def _mean_pairwise(cos: Tensor) -> Tensor:
     return (cos.sum() - cos.diagonal().sum()) / (k * (k - 1))
 
 
+def _clock(modules: nn.Module) -> Callable[[], float]:
+    """The clock of the step time: the process's CPU time when the run is on CPU with one
+    thread (then it is the compute time, unaffected by other programs on the machine),
+    wall time otherwise (several threads, or an accelerator)."""
+    on_cpu = all(p.device.type == "cpu" for p in modules.parameters())
+    return time.process_time if on_cpu and torch.get_num_threads() == 1 else time.perf_counter
+
+
 def _sync(t: Tensor) -> None:
     """Waits for queued device work so the timing covers it (a no-op on CPU)."""
     if t.is_cuda:
         torch.cuda.synchronize(t.device)
-
-
-def _unique(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
-    seen: dict[int, nn.Parameter] = {}
-    for p in params:
-        seen.setdefault(id(p), p)
-    return list(seen.values())
 
 
 # -- validation (all before any training) ------------------------------------------------
@@ -232,18 +244,17 @@ def _resolve_benchmark(benchmark: Any) -> Any:
 
 
 def _resolve_methods(methods: Sequence[str] | None, baseline: str) -> list[str]:
-    known = registry.available()
-    names = known if methods is None else list(methods)
     if isinstance(methods, str):
         raise TypeError(f"methods must be a list of names, got the string {methods!r}; "
                         f"write methods=[{methods!r}]")
+    known = registry.available()
+    names = known if methods is None else list(methods)
     unknown = [n for n in [*names, baseline] if n not in known]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; available methods: {', '.join(known)}")
     if not names:
         raise ValueError("methods is empty; pass method names or None for every registered method")
-    ordered = list(dict.fromkeys([baseline, TIME_REFERENCE, *names]))
-    return ordered
+    return list(dict.fromkeys([baseline, TIME_REFERENCE, *names]))
 
 
 def _resolve_seeds(seeds: Sequence[int]) -> list[int]:

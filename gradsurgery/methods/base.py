@@ -18,7 +18,14 @@ Lifecycle, driven by :class:`gradsurgery.MultiTaskOptimizer`:
    ``loss_weights(losses)`` (pure: must not change any state), then
    ``weights(gram, losses)`` or ``combine(grads, losses)`` (may update state: counters,
    initial losses, RNG draws, gradients of the method's own parameters),
-3. ``after_step()`` after the wrapped optimizer stepped (e.g. renormalise weights).
+3. ``after_step()`` after the wrapped optimizer stepped (e.g. renormalise weights),
+4. ``observe(losses)`` when the user passes the losses measured after the step
+   (:meth:`gradsurgery.MultiTaskOptimizer.observe`; FAMO learns from them).
+
+At ``level="params"`` the same ``weights`` receive the Gram of the task gradients w.r.t.
+the shared parameters, and ``combine`` the flat ``K x P`` Jacobian. A learnable loss
+weighting needs no autograd hook: ``weights`` writes the exact gradient of its parameters'
+objective into their ``.grad`` (see ``uw.py`` and ``gradnorm.py``).
 """
 from __future__ import annotations
 

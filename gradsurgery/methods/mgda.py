@@ -10,9 +10,10 @@ where ``\\hat g_k = g_k / n_k`` is the task gradient under the paper code's
 the weights found on the normalised gradients combine the raw ones.
 
 The small QP is solved exactly (:func:`gradsurgery.linalg.min_norm_simplex`): every
-support is enumerated for ``K <= 12``, so the result meets the KKT conditions
-``<g_k, d> >= ||d||^2`` (equality on the support) to rounding. Representation level by
-default, as in MGDA-UB.
+support is enumerated for ``K <= 8``, Wolfe's active-set algorithm runs above, so the
+result meets the KKT conditions ``<g_k, d> >= ||d||^2`` (equality on the support) to
+rounding (residuals below 1e-12 relative to ``max ||g_k||^2`` in the tests, K up to 32).
+No host reads. Representation level by default, as in MGDA-UB.
 """
 from __future__ import annotations
 

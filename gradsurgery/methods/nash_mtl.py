@@ -89,7 +89,8 @@ class NashMTL(Method):
             ft = 0.5 * (small_matmul(trial, m) * trial).sum(-1) - trial.clamp_min(1e-300).log().sum(-1)
             armijo = positive & (ft <= f0 + 1e-4 * steps * (grad @ delta))
             first = torch.where(armijo, torch.arange(len(steps), device=m.device), len(steps)).min()
-            alpha = torch.where(first < len(steps), trial[first.clamp(max=len(steps) - 1)], alpha)
+            chosen = trial.index_select(0, first.clamp(max=len(steps) - 1).reshape(1))[0]  # no host read
+            alpha = torch.where(first < len(steps), chosen, alpha)
             if it % 10 == 0 or it == self.max_iter:
                 residual = float((alpha * (m @ alpha) - 1).abs().max())
                 if residual <= self.tol:
