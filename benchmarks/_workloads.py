@@ -91,7 +91,7 @@ def plain_step(p: Problem) -> Callable[[], None]:
 
 
 def gradsurgery_supports(option: str) -> bool:
-    """Whether :class:`gradsurgery.MultiTaskOptimizer` (or every method) takes ``option``."""
+    """Whether :class:`gradsurgery.MultiTaskOptimizer` takes ``option`` (e.g. ``level``)."""
     import gradsurgery as gs
     return option in inspect.signature(gs.MultiTaskOptimizer.__init__).parameters
 

@@ -23,13 +23,12 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see step_time.py
 
 import torch  # noqa: E402
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _workloads as W  # noqa: E402
 import gradsurgery as gs  # noqa: E402
-from gradsurgery import optimizer as gs_optimizer  # noqa: E402
 from gradsurgery import pipeline, rotation  # noqa: E402
 
 STAGES = {pipeline: ["fork", "task_gradients", "gram", "combine", "shared_backward", "accumulate"],

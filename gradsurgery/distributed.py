@@ -26,6 +26,11 @@ are the global ones, so the methods' own parameters receive identical gradients 
 rank and their state (initial losses, weights, random draws from equally seeded generators)
 stays identical.
 
+The same buffer carries a finiteness flag (NaN when anything on a rank is not finite), so
+every rank raises together, or under a ``GradScaler`` skips the step together. Methods
+whose ``loss_weights`` may depend on the losses (loss weighting, ``normalize_losses``) get
+the global losses before it, from one more all-reduce of ``K`` numbers.
+
 Rotations (the RotoGrad family) are replicated parameters whose gradients depend on the
 rows of ``G``, not only on ``M``: their alignment terms are all-reduced once more (``K m^2``
 numbers, see :meth:`Sync.rotation_terms`), with the reference direction's coefficients
@@ -44,14 +49,10 @@ import zlib
 from typing import Iterable
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from .methods import Method
-
-
-def _dist():
-    import torch.distributed as dist
-    return dist
 
 
 def active_group(process_group=None):
@@ -59,7 +60,6 @@ def active_group(process_group=None):
     (``torch.distributed`` not initialised and no group given)."""
     if process_group is not None:
         return process_group
-    dist = _dist()
     if dist.is_available() and dist.is_initialized():
         return dist.group.WORLD
     return None
@@ -83,10 +83,10 @@ def average_gradients(params: Iterable[Tensor], process_group=None) -> None:
     if group is None:
         return
     grads = [p.grad for p in params if p.grad is not None]
-    world = _dist().get_world_size(group)
+    world = dist.get_world_size(group)
     for same in _by_dtype_and_device(grads).values():
         flat = torch.cat([g.reshape(-1) for g in same])
-        _dist().all_reduce(flat, group=group)
+        dist.all_reduce(flat, group=group)
         flat /= world
         for g, part in zip(same, flat.split([g.numel() for g in same])):
             g.copy_(part.view_as(g))
@@ -115,7 +115,7 @@ class Sync:
 
     def __init__(self, group, exact: bool):
         self.group = group
-        self.world_size = _dist().get_world_size(group)
+        self.world_size = dist.get_world_size(group)
         self.exact = exact
         self.checked = False
         self.bytes_last_step = {"surgery": 0, "heads": 0, "rotations": 0}
@@ -135,7 +135,7 @@ class Sync:
         ident = f"{type(method).__module__}.{type(method).__qualname__}({method.extra_repr()})"
         values = [float(num_tasks), float(zlib.crc32(ident.encode())), float(self.exact)]
         sig = torch.tensor(values + [-v for v in values], dtype=torch.float64, device=self._device())
-        _dist().all_reduce(sig, op=_dist().ReduceOp.MAX, group=self.group)
+        dist.all_reduce(sig, op=dist.ReduceOp.MAX, group=self.group)
         hi, lo = sig[:3].tolist(), [-v for v in sig[3:].tolist()]
         problems = []
         if hi[0] != lo[0]:
@@ -150,7 +150,7 @@ class Sync:
         self.checked = True
 
     def _device(self) -> torch.device:
-        backend = _dist().get_backend(self.group)
+        backend = dist.get_backend(self.group)
         if backend == "nccl":
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
@@ -159,7 +159,7 @@ class Sync:
         """The global losses ``(1/R) sum_r L^r`` (one all-reduce of ``K`` numbers); used
         before ``loss_weights`` by methods whose loss weights may depend on the losses."""
         buf = values.clone()
-        _dist().all_reduce(buf, group=self.group)
+        dist.all_reduce(buf, group=self.group)
         self.bytes_last_step["surgery"] += buf.numel() * buf.element_size()
         return buf / self.world_size
 
@@ -185,7 +185,7 @@ class Sync:
         for p in parts[1:]:
             dtype = torch.promote_types(dtype, p.dtype)
         buf = torch.cat([p.to(dtype) for p in parts])
-        _dist().all_reduce(buf, group=self.group)
+        dist.all_reduce(buf, group=self.group)
         sizes = [p.numel() for p in parts]
         n_surgery = sum(sizes[:len(surgery)])
         self.bytes_last_step["surgery"] += n_surgery * buf.element_size()
@@ -216,7 +216,7 @@ class Sync:
         """
         parts = [alignment, losses] + ([task] if task is not None else [])
         buf = torch.cat([p.reshape(-1).to(alignment.dtype) for p in parts])
-        _dist().all_reduce(buf, group=self.group)
+        dist.all_reduce(buf, group=self.group)
         self.bytes_last_step["rotations"] += buf.numel() * buf.element_size()
         r = self.world_size
         factor = (1.0 / (r * r * (r if batch_averaged else 1))) if self.exact else 1.0 / r

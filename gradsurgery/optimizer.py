@@ -32,6 +32,17 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
             :class:`~gradsurgery.methods.Method` instance.
         num_tasks: ``K``, the number of losses ``backward`` takes.
         rep_size: size of the shared representation (needed by rotation methods).
+        rotation: learn one rotation ``R_k`` of the representation per task (RotoGrad; see
+            :mod:`gradsurgery.rotation`); ``None``: the method's default (on for
+            ``rotate_only``, ``rotograd``, ``rotogradnorm``). ``True`` composes rotations
+            with any method, ``False`` drops them.
+        rotation_shape: the rotated part of ``z``'s features (int or shape; same as
+            ``rep_size``); smaller than the features, the leading ones are rotated.
+        post_shape: trailing dims of ``z`` kept as they are (e.g. ``(H, W)`` to rotate the
+            channels of a feature map at every position).
+        rotation_init: ``"random"`` (Haar, torch's generator, as rotograd/geotorch),
+            ``"identity"`` or a ``(K, m, m)`` tensor of orthogonal matrices.
+        coop: RotoGrad's cooperative mode from the start (see :meth:`coop`).
         method_lr: learning rate of the method's own parameters (their own param group);
             default: the first group's lr. Accepted, and ignored, for methods without
             parameters, so a loop over method names can pass the same keywords.
@@ -58,11 +69,12 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
 
     Attributes:
         method: the :class:`~gradsurgery.methods.Method` in use.
+        rotations: the :class:`gradsurgery.rotation.Rotations` (``None`` without).
         stats: what the last ``backward`` saw and decided (detached tensors):
             ``losses``, ``weights`` (each unweighted task gradient's coefficient in what
             the backbone received: the method's ``c`` times its loss weights, so ``1/K``
             for ``mean``) and, for methods that look at gradients, ``grad_norms`` and
-            ``cosines``.
+            ``cosines``; with rotations, ``rotation_losses`` (the alignment losses).
         distributed: the :class:`gradsurgery.distributed.Sync` in use (``None`` when
             single-process); its ``bytes_last_step`` counts what the last step all-reduced.
     """
@@ -112,7 +124,7 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         dtype = first.dtype if first.is_floating_point() else torch.get_default_dtype()
         self.rotations = rot.build(
             self.method, num_tasks, rotation=rotation, rep_size=rep_size, rotation_shape=rotation_shape,
-            post_shape=post_shape, init=rotation_init, coop=coop, level=getattr(self, "level", "rep"),
+            post_shape=post_shape, init=rotation_init, coop=coop, level=level,
             dtype=dtype, device=first.device)
         self.generator = torch.Generator()
         self.generator.manual_seed(int(torch.randint(0, 2**62, ())))

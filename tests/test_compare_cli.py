@@ -5,8 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import subprocess
+import runpy
 import sys
 
 import pytest
@@ -16,14 +15,18 @@ from gradsurgery.compare import cli, runner
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def test_cli_smoke(tmp_path):
+def test_cli_smoke(tmp_path, capsys, monkeypatch):
+    """``python -m gradsurgery compare`` on tiny settings, run in-process through the
+    package's ``__main__``."""
     out = tmp_path / "out"
-    done = subprocess.run([sys.executable, "-m", "gradsurgery", "compare", "--benchmark", "regression",
-                           "--methods", "mean,mgda", "--seeds", "0", "--epochs", "1", "--out", str(out), "--quiet"],
-                          capture_output=True, text=True, timeout=180, env={**os.environ, "MPLBACKEND": "Agg"})
-    assert done.returncode == 0, done.stderr
-    assert "epoch/s" not in done.stderr  # --quiet: no progress bar
-    printed = done.stdout
+    monkeypatch.setattr(sys, "argv", ["gradsurgery", "compare", "--benchmark", "regression", "--methods",
+                                      "mean,mgda", "--seeds", "0", "--epochs", "1", "--out", str(out), "--quiet"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_module("gradsurgery", run_name="__main__", alter_sys=True)
+    assert exit_.value.code == 0
+    captured = capsys.readouterr()
+    assert "epoch/s" not in captured.err  # --quiet: no progress bar
+    printed = captured.out
     header = next(line for line in printed.splitlines() if line.startswith("method"))
     assert header.split() == ["method", "y1", "nmse", "↓", "y2", "nmse", "↓", "y3", "nmse", "↓",
                               "y4", "nmse", "↓", "Δm%", "↑", "time/step", "seeds"]

@@ -27,6 +27,9 @@ FEATURES = 6
 EXACT_METHODS = [m for m in ("pcgrad", "mgda", "gradnorm", "rotograd", "rotogradnorm")
                  if m in gs.methods.available()]
 
+#: the overflow scenario: a method whose state a wrongly counted step would change
+AMP_RUN, AMP_OPTIONS = (("rotograd",), {"burn_in_period": 7}) if "rotograd" in EXACT_METHODS else (("gradnorm",), {})
+
 
 def _data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1234)
@@ -37,29 +40,43 @@ def _data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def _train(method: str, rows: slice, *, ddp: bool = False, manual: bool = False,
-           exact: bool = True, post: bool = False) -> list[torch.Tensor]:
+           exact: bool = True, post: bool = False, poison: bool | None = None, **options) -> list[torch.Tensor]:
     """10 Adam steps on rows ``rows`` of every batch; returns every parameter (backbone,
     heads, the method's own) after training. ``post``: rotate the 3 channels of a
     ``batch x 3 x 2`` representation at each of its 2 positions, in cooperative mode
-    (the rotation loss then averages over the batch instead of summing)."""
+    (the rotation loss then averages over the batch instead of summing). ``poison`` (not
+    None): with a GradScaler, whose final scale is returned last; True: this process's
+    loss is 1e300 times larger at step 4: finite, but its Gram overflows float64 (an
+    overflow only this process sees, until the Gram is all-reduced)."""
     torch.manual_seed(0)
     backbone = nn.Sequential(nn.Linear(5, FEATURES), nn.Tanh(), nn.Linear(FEATURES, FEATURES)).double()
     heads = nn.ModuleList([nn.Linear(FEATURES, 1), nn.Linear(FEATURES, 2)]).double()
     shared = nn.parallel.DistributedDataParallel(backbone) if ddp else backbone
     base = torch.optim.Adam([*backbone.parameters(), *heads.parameters()], lr=0.05)
     shape = dict(rotation_shape=3, post_shape=(2,), coop=True) if post else dict(rep_size=FEATURES)
-    opt = gs.MultiTaskOptimizer(base, method, num_tasks=2, method_lr=0.05, distributed_exact=exact, **shape)
+    opt = gs.MultiTaskOptimizer(base, method, num_tasks=2, method_lr=0.05, distributed_exact=exact, **shape,
+                                **options)
     x, y1, y2 = _data()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=3) if poison is not None else None
     for t in range(STEPS):
         opt.zero_grad()
         z = shared(x[t, rows])
         z1, z2 = (v.flatten(1) for v in opt.fork(z.view(-1, 3, 2) if post else z))
         losses = [(heads[0](z1) - y1[t, rows]).pow(2).mean(), (heads[1](z2).tanh() - y2[t, rows]).pow(2).mean()]
-        opt.backward(losses)
+        if scaler is None:
+            opt.backward(losses)
+        else:
+            losses[1] = losses[1] * (1e300 if poison and t == 4 else 1.0)
+            opt.backward(losses, scaler=scaler)
         if manual:
             average_gradients(backbone.parameters())
-        opt.step()
-    return [p.detach().clone() for g in base.param_groups for p in g["params"]]
+        if scaler is None:
+            opt.step()
+        else:
+            scaler.step(opt)
+            scaler.update()
+    scale = [] if scaler is None else [torch.tensor(scaler.get_scale(), dtype=torch.float64)]
+    return [p.detach().clone() for g in base.param_groups for p in g["params"]] + scale
 
 
 class _ElementWise(gs.methods.Method):
@@ -84,6 +101,8 @@ def _worker(rank: int, port: int, out: str) -> None:
     results: dict[str, object] = {m: _train(m, rows, ddp=True) for m in EXACT_METHODS}
     if "rotograd" in EXACT_METHODS:
         results["rotograd/post+coop"] = _train("rotograd", rows, ddp=True, post=True)
+    # an overflow on rank 1 only: both ranks skip the step, the method's state untouched
+    results["amp"] = _train(*AMP_RUN, rows, ddp=True, poison=rank == 1, **AMP_OPTIONS)
     results["mgda/manual"] = _train("mgda", rows, manual=True)
     results["mgda/per-rank"] = _train("mgda", rows, ddp=True, exact=False)
     # a Gram-free method: the losses are reduced, nothing else
@@ -142,6 +161,19 @@ def test_rotations_averaged_over_batch_in_coop_mode(ranks):
     reference = _train("rotograd", slice(None), post=True)
     assert _max_diff(ranks[0]["rotograd/post+coop"], reference) < 1e-6
     assert _max_diff(ranks[0]["rotograd/post+coop"], ranks[1]["rotograd/post+coop"]) == 0
+
+
+def test_overflow_on_one_rank_skips_the_step_on_all(ranks):
+    """GradScaler on both ranks, rank 1's gradients overflow at step 4: the global flag makes
+    every rank skip that step and leave the method's state alone (RotoGrad's step counter:
+    with ``burn_in_period=7`` a rank that counted the skipped step re-takes its initial
+    values a step early), as one process on the whole (overflowing) batch does."""
+    reference = _train(*AMP_RUN, slice(None), poison=True, **AMP_OPTIONS)
+    assert _max_diff(ranks[0]["amp"], reference) < 1e-6
+    assert _max_diff(ranks[0]["amp"], ranks[1]["amp"]) == 0
+    clean = _train(*AMP_RUN, slice(None), poison=False, **AMP_OPTIONS)
+    assert reference[-1] < clean[-1]  # the overflow did lower the scale
+    assert _max_diff(reference[:-1], clean[:-1]) > 1e-4  # and did skip a step
 
 
 @pytest.mark.parametrize("scenario,method", [("mgda/manual", "mgda"), ("mean", "mean")])

@@ -14,7 +14,7 @@ EQUIVARIANT = ["cagrad", "imtl_g", "nash_mtl", "aligned_mtl", "upgrad", "dualpro
 #: <g_k, d> >= 0 for every task (PCGrad only promises it for two tasks)
 NON_CONFLICTING = ["upgrad", "dualproj", "mgda"]
 
-SETTINGS = settings(max_examples=25, deadline=None, derandomize=True)
+SETTINGS = settings(max_examples=15, deadline=None, derandomize=True)
 
 
 @st.composite

@@ -2,6 +2,7 @@
 on imbalanced tasks, and the weight gradient equal to autograd of the paper's loss."""
 import copy
 
+import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 from torch import nn
@@ -95,7 +96,5 @@ def test_initial_losses_taken_at_first_step_and_zero_loss_stays_finite():
 
 
 def test_bad_alpha_raises():
-    import pytest
-
     with pytest.raises(ValueError, match="alpha"):
         gs.methods.create("gradnorm", alpha=-1.0)

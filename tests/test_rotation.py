@@ -50,16 +50,18 @@ def train(opt, backbone, heads, x, y, steps, head_fn=None):
 
 
 # -- the parametrisation -----------------------------------------------------------------
-def test_parametrisation_equals_geotorch():
+@pytest.mark.parametrize("scale", [0.0, 1.0, 30.0])
+def test_parametrisation_equals_geotorch(scale):
     """R = base @ expm(skew(A)) is what geotorch.orthogonal(triv="expm") computes, in the
-    installed geotorch (CI runs the newest and 0.3.0), values and gradients."""
+    installed geotorch (CI runs the newest and 0.3.0), values and gradients (at A = 0 all
+    eigenvalues coincide)."""
     k, m = 3, 5
     holder = nn.Module()
     holder.weight = nn.Parameter(torch.eye(m, dtype=torch.float64).repeat(k, 1, 1))
     geotorch.orthogonal(holder, "weight", triv="expm")
     a = holder.parametrizations.weight.original
     with torch.no_grad():
-        a.copy_(torch.randn(k, m, m, dtype=torch.float64))
+        a.copy_(scale * torch.randn(k, m, m, dtype=torch.float64))
     ours = rotation.Rotations(k, m, init=holder.parametrizations.weight[0].base, dtype=torch.float64)
     with torch.no_grad():
         ours.skew_params.copy_(a)
@@ -309,6 +311,8 @@ def test_errors_before_any_state_changes():
         gs.MultiTaskOptimizer(base, "rotograd", num_tasks=3, rep_size=5, rotation_shape=4)
     with pytest.raises(ValueError, match="only apply with rotations"):
         gs.MultiTaskOptimizer(base, "mgda", num_tasks=3, rep_size=5, post_shape=(2,))
+    with pytest.raises(ValueError, match="level"):
+        gs.MultiTaskOptimizer(base, "pcgrad", num_tasks=3, rep_size=5, rotation=True, level="params")
     with pytest.raises(ValueError, match="level"):
         rotation.build(gs.methods.create("rotograd"), 3, rotation=None, rep_size=5, rotation_shape=None,
                        post_shape=(), init="random", coop=False, level="params", dtype=torch.float32, device=None)

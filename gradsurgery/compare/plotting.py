@@ -249,7 +249,8 @@ def plot_toy_trajectories(results: "Results", path: Path) -> Path:
             c = seed_colors(i % 10)
             ax.plot(t[:, 0], t[:, 1], color=c, linewidth=1.2)
             ax.plot(t[0, 0], t[0, 1], "o", color=c, markersize=4)
-            ax.plot(t[-1, 0], t[-1, 1], "*", color=c, markersize=9, markeredgecolor="black", markeredgewidth=0.5)
+            end = "*" if r.ok else "X"  # X: the run stopped (diverged or failed) there
+            ax.plot(t[-1, 0], t[-1, 1], end, color=c, markersize=9, markeredgecolor="black", markeredgewidth=0.5)
         ax.set_title(m, fontsize="medium")
         ax.set_xlim(*BOX)
         ax.set_ylim(*BOX)
@@ -259,5 +260,6 @@ def plot_toy_trajectories(results: "Results", path: Path) -> Path:
         ax.set_xlabel("x1")
     for ax in axes[:, 0]:
         ax.set_ylabel("x2")
-    fig.suptitle("toy: trajectories (o start, * end) over contours of log(1 + L1 + L2); black: Pareto set")
+    fig.suptitle("toy: trajectories (o start, * end, X stopped: diverged or failed) over contours of "
+                 "log(1 + L1 + L2); black: Pareto set")
     return _save(fig, path)
