@@ -18,7 +18,9 @@ its forward once ``A`` has moved (``A ~ 0.05 N(0, 1)``: 1.1-1.5 s for the 8 matr
 eigendecomposition whatever ``||A||`` (0.4-0.6 s there, 2.5-3x faster; about 0.3 s of
 ``eigh`` and 0.3 s of complex matmuls per step at any ``A``), and the result stays
 orthogonal however large ``A`` grows. At ``A = 0`` (the very first steps)
-``matrix_exp`` is nearly free and the eigendecomposition is the slower choice. Without
+``matrix_exp`` is nearly free; there a whole RotoGrad step measured as fast as the
+package's, and 1.7-1.8x faster once ``A ~ 0.01 N(0, 1)``
+(``benchmarks/rotograd_vs_package.py``). Without
 gradient (evaluation) ``matrix_exp`` runs one matrix at a time: batched, it measured from
 2.5x faster to 9x slower than the loop depending on ``||A||``.
 

@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     p = sub.add_parser("compare", help="train every method on a benchmark and compare them",
                        description="Train methods on a bundled benchmark, print the comparison table "
-                                   "(per-task metrics, Δm%%, time per step) and write CSV, JSON and PNG "
+                                   "(per-task metrics, Δm%, time per step) and write CSV, JSON and PNG "
                                    "plots to --out.")
     p.add_argument("--benchmark", default=data.DEFAULT,
                    help=f"one of: {', '.join(data.available())} (default: {data.DEFAULT})")
