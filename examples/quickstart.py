@@ -2,6 +2,8 @@
 
 Run: python examples/quickstart.py   (under a minute on CPU)
 """
+import os
+
 import torch
 from torch import nn
 
@@ -17,7 +19,10 @@ def make_data(n=512, seed=0):
     return x, (y1, y2)
 
 
-def train(method, epochs=30, seed=0):
+EPOCHS = 2 if os.environ.get("GRADSURGERY_QUICK") else 30  # the test suite runs it at smoke size
+
+
+def train(method, epochs=EPOCHS, seed=0):
     torch.manual_seed(seed)
     x, (y1, y2) = make_data()
     backbone = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU())

@@ -465,7 +465,7 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
     def _record_stats(self, values: Tensor, gram: Tensor | None, coefficients: Tensor | None) -> None:
         stats = {"losses": values}
         if coefficients is not None:
-            stats["weights"] = coefficients.detach()
+            stats["weights"] = coefficients.detach().clone()  # never an alias of a live parameter
         if gram is not None:
             stats["grad_norms"] = norms(gram)
             stats["cosines"] = cosines(gram)
