@@ -3,6 +3,8 @@ min-norm point of a convex hull. Everything is a tensor program: no host reads, 
 Python branching on tensor values, fixed iteration budgets."""
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -42,19 +44,6 @@ def cosines(gram: Tensor) -> Tensor:
 def scale_gram(gram: Tensor, scales: Tensor) -> Tensor:
     """The Gram of ``g_k * scales_k``: ``M_ij s_i s_j``."""
     return gram * scales[:, None] * scales[None, :]
-
-
-def _supports(k: int, device: torch.device) -> Tensor:
-    """All non-empty subsets of ``range(k)`` as a ``(2^k - 1) x k`` boolean mask, in the
-    order of ``itertools.product((False, True), repeat=k)`` (row ``r`` is ``r`` in binary,
-    task 0 the most significant bit). Built on ``device``: no host-to-device copy (which
-    is a sync from pageable memory)."""
-    rows = torch.arange(1, 2**k, device=device)
-    shifts = torch.arange(k - 1, -1, -1, device=device)
-    return ((rows[:, None] >> shifts[None, :]) & 1).bool()
-
-
-_SUPPORT_CACHE: dict[tuple[int, torch.device], Tensor] = {}
 
 
 def _affine_minimizers(m: Tensor, masks: Tensor) -> Tensor:
@@ -180,13 +169,15 @@ def small_matmul(a: Tensor, b: Tensor) -> Tensor:
 SMALL_PRODUCT = 4096
 
 
+@functools.lru_cache(maxsize=None)
 def supports(k: int, device: torch.device) -> Tensor:
-    """The non-empty subsets of ``range(k)`` (``(2^k - 1) x k`` mask), cached per device."""
-    key = (k, device)
-    masks = _SUPPORT_CACHE.get(key)
-    if masks is None:
-        masks = _SUPPORT_CACHE[key] = _supports(k, device)
-    return masks
+    """All non-empty subsets of ``range(k)`` as a ``(2^k - 1) x k`` boolean mask, cached per
+    ``(k, device)``, in the order of ``itertools.product((False, True), repeat=k)`` (row
+    ``r`` is ``r`` in binary, task 0 the most significant bit). Built on ``device``: no
+    host-to-device copy (which is a sync from pageable memory)."""
+    rows = torch.arange(1, 2**k, device=device)
+    shifts = torch.arange(k - 1, -1, -1, device=device)
+    return ((rows[:, None] >> shifts[None, :]) & 1).bool()
 
 
 #: Largest K for which :func:`project_dual_cone` enumerates every active set

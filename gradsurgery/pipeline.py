@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .linalg import compute_dtype, gram  # noqa: F401  (gram is part of the pipeline)
+from .linalg import gram  # noqa: F401  (the pipeline's Gram step, re-exported)
 
 
 @dataclass

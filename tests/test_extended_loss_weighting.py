@@ -5,7 +5,6 @@ import io
 
 import pytest
 import torch
-from torch import nn
 
 import gradsurgery as gs
 from core_helpers import assert_same, make, snapshot, wrapped_step
