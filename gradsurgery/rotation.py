@@ -10,19 +10,15 @@ the ``K`` tasks)::
 at zero and is what the optimizer trains. ``R_k`` is evaluated once per step, in
 :func:`fork`, and reused by the backward.
 
-**Where the time goes** (CPU, 8 x 256 x 256, one thread): the backward of
-``torch.linalg.matrix_exp`` (what geotorch, hence rotograd, differentiates) exponentiates a
-``2m x 2m`` block matrix and its cost grows with ``||A||`` (scaling and squaring): 5-10x
-its forward once ``A`` has moved (``A ~ 0.05 N(0, 1)``: 1.1-1.5 s for the 8 matrices).
-:class:`SkewExp` computes the exponential and its exact derivative from one Hermitian
-eigendecomposition whatever ``||A||`` (0.4-0.6 s there, 2.5-3x faster; about 0.3 s of
-``eigh`` and 0.3 s of complex matmuls per step at any ``A``), and the result stays
-orthogonal however large ``A`` grows. At ``A = 0`` (the very first steps)
-``matrix_exp`` is nearly free; there a whole RotoGrad step measured as fast as the
-package's, and 1.7-1.8x faster once ``A ~ 0.01 N(0, 1)``
-(``benchmarks/rotograd_vs_package.py``). Without
-gradient (evaluation) ``matrix_exp`` runs one matrix at a time: batched, it measured from
-2.5x faster to 9x slower than the loop depending on ``||A||``.
+**Where the time goes** (CPU, 8 x 256 x 256, 2 threads): the exponential and its
+derivative. :func:`expm` evaluates a Taylor polynomial with scaling and squaring whose
+degree follows a tight bound on ``||A||_2``, and autograd differentiates that polynomial
+exactly (a few dozen batched matrix products, about 30-50 ms in float32 once ``A`` has
+moved); ``torch.linalg.matrix_exp``, which geotorch and hence rotograd differentiate,
+exponentiates a ``2m x 2m`` block matrix in its backward and costs 5-10x its forward
+(DESIGN.md's measurements), and an eigendecomposition-based exact derivative measured
+2.5-4x slower than :func:`expm` here (complex ``eigh`` alone is 90-130 ms). Both
+agree with ``matrix_exp`` and its derivative to ~1e-13 relative in float64.
 
 **Layout.** ``z`` has shape ``(*lead, *feat, *post)``: ``post = post_shape`` (kept as it
 is, e.g. the ``H x W`` of a feature map), ``feat`` the ``len(rotation_shape)`` dims before
@@ -51,9 +47,10 @@ gradient.
 """
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -73,52 +70,73 @@ def skew(a: Tensor) -> Tensor:
 
 
 def expm(x: Tensor) -> Tensor:
-    """``exp(x)`` of a ``K x m x m`` stack of skew-symmetric matrices.
+    """``exp(x)`` of a ``K x m x m`` stack of skew-symmetric matrices, differentiable.
 
-    With gradient, through :class:`SkewExp` (eigendecomposition: exact values and an exact,
-    cheap derivative); without, ``torch.linalg.matrix_exp`` one matrix at a time (the
-    fastest forward measured; see the module docstring)."""
-    if torch.is_grad_enabled() and x.requires_grad:
-        return SkewExp.apply(x)
-    return torch.stack([torch.linalg.matrix_exp(m) for m in x.unbind(0)])
-
-
-class SkewExp(torch.autograd.Function):
-    """``exp(X)`` for real skew-symmetric ``X`` (batched), by the spectral decomposition
-    of the Hermitian ``iX = U diag(mu) U^H``::
-
-        exp(X) = U diag(e^{-i mu}) U^H
-
-    exact to rounding whatever ``||X||`` (the eigenvalues ``e^{-i mu}`` have modulus 1, so
-    ``exp(X)`` stays orthogonal to ~1e-7 in float32 even for huge ``X``, where
-    scaling-and-squaring loses digits). The backward is the exact adjoint Fréchet
-    derivative, ``L(X^T, G) = U [(U^H G U) o Phi] U^H`` with the divided differences of
-    ``exp`` at the eigenvalues ``i mu`` of ``X^T``, in the stable form
-    ``Phi_ij = e^{i (mu_i + mu_j) / 2} sinc((mu_i - mu_j) / 2)`` (equal eigenvalues: ``e^{i mu}``).
-    It reuses the forward's ``U``: a few matmuls instead of the exponential of a ``2m x 2m``
-    block matrix that ``matrix_exp``'s backward evaluates; products with the real ``G`` and
-    real results are split into real and imaginary parts (15-25% faster than complex).
+    Scaling and squaring of a truncated Taylor series, ``exp(X) ~ T_d(X / 2^s)^(2^s)``,
+    with ``d`` and ``s`` chosen so that the truncation error is below the unit roundoff
+    (see :func:`_taylor_theta`). The terms are bounded with the 2-norm, which for a
+    skew-symmetric (normal) ``X`` is its spectral radius, estimated from above as
+    ``min(||X||_1, ||X^2||_1^(1/2), ||X^4||_1^(1/4))`` (``||X^j||_2 <= ||X^j||_1`` for the
+    symmetric even powers): on trained rotations 2-5x tighter than the 1-norm that
+    ``torch.linalg.matrix_exp`` uses, so a lower degree and fewer squarings.
+    ``T_d`` is evaluated by Paterson-Stockmeyer in ``X^4`` (degrees 4, 8, 12, 16: 3, 4, 5,
+    6 matrix products, ``X^2`` and ``X^4`` among them), the powers computed once and
+    rescaled by ``2^-sj``. Autograd through these products is the exact derivative of the
+    approximant (about twice the forward's products), which equals the exponential's
+    Fréchet derivative to the same accuracy: far cheaper than ``matrix_exp``'s backward,
+    which exponentiates a ``2m x 2m`` block matrix. One host read (the three norms)
+    chooses ``d`` and ``s``.
     """
+    eye = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)
+    x2 = x @ x
+    x4 = x2 @ x2
+    with torch.no_grad():
+        norms = torch.stack([x.abs().sum(-2).amax(), x2.abs().sum(-2).amax(), x4.abs().sum(-2).amax()])
+        n1, n2, n4 = norms.tolist()
+    rho = min(n1, math.sqrt(n2), math.sqrt(math.sqrt(n4)))
+    thetas = _taylor_theta(x.dtype)
+    degree = next((d for d, theta in thetas if rho <= theta), None)
+    squarings = 0
+    if degree is None:
+        degree, theta = thetas[-1]
+        squarings = max(0, math.ceil(math.log2(rho / theta)))
+    c = [1 / math.factorial(j) for j in range(degree + 1)]
+    if squarings:
+        f = 2.0 ** -squarings
+        x, x2, x4 = x * f, x2 * f ** 2, x4 * f ** 4
+    if degree == 4:
+        out = eye + x + x2 * c[2] + (x2 @ x) * c[3] + x4 * c[4]
+    else:  # Paterson-Stockmeyer in X^4: T = B_0 + X^4 (B_1 + X^4 (B_2 + ...)), B_j of degree < 4
+        x3 = x2 @ x
+        powers = (eye, x, x2, x3)
+        blocks = [sum(p * c[4 * j + i] for i, p in enumerate(powers)) for j in range(degree // 4)]
+        out = blocks[-1] + x4 * c[degree]
+        for block in reversed(blocks[:-1]):
+            out = block + x4 @ out
+    for _ in range(squarings):
+        out = out @ out
+    return out
 
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        mu, u = torch.linalg.eigh(x * 1j)
-        p = u * torch.polar(torch.ones_like(mu), -mu).unsqueeze(-2)
-        parts = torch.cat([u.real, u.imag], -1)  # [Re U, Im U]: Re(P U^H) in one real matmul
-        ctx.save_for_backward(mu, u, parts)
-        return torch.cat([p.real, p.imag], -1) @ parts.mT
 
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        mu, u, parts = ctx.saved_tensors
-        m = grad.shape[-1]
-        half_sum = (mu.unsqueeze(-1) + mu.unsqueeze(-2)) / 2
-        half_diff = (mu.unsqueeze(-1) - mu.unsqueeze(-2)) / 2
-        phi = torch.polar(torch.sinc(half_diff / torch.pi), half_sum)
-        stacked = parts.mT @ grad.to(parts.dtype)  # [Re U^T G; Im U^T G]: U^H G, G real
-        inner = torch.complex(stacked[..., :m, :], -stacked[..., m:, :]) @ u
-        q = u @ (inner * phi)
-        return torch.cat([q.real, q.imag], -1) @ parts.mT  # Re(Q U^H)
+@functools.cache
+def _taylor_theta(dtype: torch.dtype) -> tuple[tuple[int, float], ...]:
+    """``(d, theta_d)`` for the Taylor degrees :func:`expm` uses: ``theta_d`` is the largest
+    ``||X||_2`` for which the truncation error ``sum_{j > d} ||X||^j / j!`` (a bound on
+    ``||exp(X) - T_d(X)||_2``, relative since ``||exp(X)||_2 = 1`` for skew ``X``) stays
+    below the unit roundoff of ``dtype``; found by bisection."""
+    unit = torch.finfo(dtype).eps / 2
+
+    def tail(degree: int, t: float) -> float:
+        return sum(t ** j / math.factorial(j) for j in range(degree + 1, degree + 40))
+
+    out = []
+    for degree in (4, 8, 12, 16):
+        lo, hi = 0.0, 8.0
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if tail(degree, mid) <= unit else (lo, mid)
+        out.append((degree, lo))
+    return tuple(out)
 
 
 def haar(num: int, size: int, *, dtype: torch.dtype, device: torch.device | None = None) -> Tensor:

@@ -24,6 +24,7 @@ from torch import nn
 from torch._C._functorch import is_batchedtensor, is_legacy_batchedtensor
 
 import gradsurgery as gs
+from gradsurgery import rotation
 
 K, D, BATCH, STEPS = 3, 6, 5, 3
 
@@ -74,14 +75,15 @@ class Probe:
 
 class ExpmCounter:
     """Counts the matrix exponentials evaluated, matrix by matrix and by size (a
-    ``K x m x m`` batch counts ``K``): calls of ``torch.matrix_exp``/``torch.linalg.matrix_exp``
-    and the eigendecompositions (``torch.linalg.eigh``/``eig``) an exponential can be
+    ``K x m x m`` batch counts ``K``): calls of ``torch.matrix_exp``/``torch.linalg.matrix_exp``,
+    of :func:`gradsurgery.rotation.expm` (the rotations' own Taylor exponential) and of
+    the eigendecompositions (``torch.linalg.eigh``/``eig``) an exponential can be
     evaluated from (``exp(X) = U e^L U^H``), whichever the rotations use."""
 
     def __init__(self, monkeypatch):
         self.counts: dict[int, int] = {}
         for owner, name in [(torch.linalg, "matrix_exp"), (torch, "matrix_exp"), (torch.Tensor, "matrix_exp"),
-                            (torch.linalg, "eigh"), (torch.linalg, "eig")]:
+                            (torch.linalg, "eigh"), (torch.linalg, "eig"), (rotation, "expm")]:
             monkeypatch.setattr(owner, name, self._counting(getattr(owner, name)))
 
     def _counting(self, original):
@@ -182,7 +184,8 @@ def test_expm_counter_counts_matrices(monkeypatch):
     a[1].matrix_exp()
     torch.linalg.eigh(a[0] @ a[0].T)
     torch.linalg.eig(a[:2])
-    assert expm.counts == {D: K + 5}
+    rotation.expm(rotation.skew(a[:2]))
+    assert expm.counts == {D: K + 7}
 
 
 def test_expm_counter_sees_rotation_evaluations(monkeypatch):
