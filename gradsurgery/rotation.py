@@ -99,7 +99,7 @@ def expm(x: Tensor, *, sync_free: bool | None = None) -> Tensor:
             ``False``) one host read picks the cheapest degree and only the squarings
             needed. Both plans are accurate to the unit roundoff.
     """
-    sync_free = x.device.type != "cpu" if sync_free is None else sync_free
+    sync_free = not reads_on_host(x) if sync_free is None else sync_free
     x2 = x @ x
     x4 = x2 @ x2
     with torch.no_grad():
@@ -125,6 +125,12 @@ def expm(x: Tensor, *, sync_free: bool | None = None) -> Tensor:
     for i in range(MAX_SQUARINGS):
         out = torch.where(i < squarings, out @ out, out)
     return torch.where(rho <= theta * 2 ** MAX_SQUARINGS, out, torch.nan)
+
+
+def reads_on_host(x: Tensor) -> bool:
+    """Whether :func:`expm` picks its plan with a host read by default: on the CPU, where
+    reading a number costs nothing (elsewhere it would synchronise the device)."""
+    return x.device.type == "cpu"
 
 
 def _taylor(x: Tensor, x2: Tensor, x4: Tensor, degree: int) -> Tensor:
