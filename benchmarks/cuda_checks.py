@@ -7,7 +7,10 @@
    the all-reduces and the ranks' check run for real).
 2. Mixed precision with float16 autocast and ``torch.amp.GradScaler("cuda")``: distance to
    the float32 run after 10 steps, a forced overflow (step skipped, nothing changed), and
-   the coefficients under two loss scales (must be equal).
+   the coefficients under two loss scales (must be equal; the steps compared are counted,
+   and "nothing compared" is reported rather than success when a skip came first).
+3. Time per ``weights`` call of the methods with an eigen-decomposition (Jacobi sweeps, the
+   default off the CPU, vs ``torch.linalg.eigh``, which syncs) and of Nash-MTL's solve.
 
 Run: ``python benchmarks/cuda_checks.py``.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 import traceback
 import warnings
 
@@ -23,10 +27,13 @@ import torch.distributed as dist
 from torch import nn
 
 import gradsurgery as gs
+import gradsurgery.linalg
 from gradsurgery.distributed import is_exact
 
 DEV = torch.device("cuda", 0)
 K, F = 3, 64
+#: loss scales compared (powers of two: scaling and unscaling are exact without overflow)
+SCALES = (2.0 ** 4, 2.0 ** 12)
 
 
 def _setup(method: str, *, check_finite: bool = False, lr: float = 0.01):
@@ -115,18 +122,27 @@ def amp_checks(method: str) -> dict:
     out["fp16_rel_dist_to_fp32"] = ((runs["float16"] - runs["float32"]).norm() / runs["float32"].norm()).item()
     out["fp32_distance_travelled_rel"] = ((runs["float32"][:n] - start).norm() / start.norm()).item()
 
-    # the scale never changes a decision
+    # the scale never changes a decision: compared step by step while both runs took the
+    # same steps (a step GradScaler skipped has no coefficients, and after it the runs'
+    # parameters differ, so later steps are not comparable)
     weights = []
-    for scale in (2.0 ** 4, 2.0 ** 20):
+    for scale in SCALES:
         backbone, heads, opt = _setup(method, check_finite=True)
         scaler = torch.amp.GradScaler("cuda", init_scale=scale)
         w = []
-        for x, y in batches[:3]:
+        for x, y in batches[:5]:
             _step(backbone, heads, opt, x, y, scaler=scaler, autocast=True)
             w.append(opt.stats.get("weights"))
         weights.append(w)
-    out["coefficients_equal_across_scales"] = all(
-        (a is None and b is None) or torch.equal(a, b) for a, b in zip(*weights))
+    compared, equal = 0, True
+    for a, b in zip(*weights):
+        if a is None or b is None:
+            break
+        compared += 1
+        equal = equal and torch.equal(a, b)
+    out["coefficients_steps_compared"] = compared
+    out["coefficients_steps_not_compared"] = len(weights[0]) - compared
+    out["coefficients_equal_across_scales"] = equal if compared else "nothing compared (a step was skipped first)"
 
     # a forced overflow skips the step and changes nothing
     backbone, heads, opt = _setup(method, check_finite=True)
@@ -144,9 +160,38 @@ def amp_checks(method: str) -> dict:
     return out
 
 
+def weights_timing() -> dict:
+    """Milliseconds per ``weights`` call (median of 20, after 3 warm-ups), K = 3, 8, 32."""
+    out = {}
+    for k in (3, 8, 32):
+        g = torch.randn(k, 256, device=DEV)
+        gram, losses = g @ g.T, torch.ones(k, device=DEV)
+        for name, solver in (("aligned_mtl", "jacobi"), ("aligned_mtl", "torch"), ("imtl_g", "jacobi"),
+                             ("imtl_g", "torch"), ("nash_mtl", None)):
+            method = gs.methods.create(name)
+            method.bind(k, device=DEV, dtype=torch.float32, generator=torch.Generator())
+            original = gs.linalg._uses_torch
+            if solver is not None:
+                gs.linalg._uses_torch = lambda a, _s, use=solver == "torch": use
+            try:
+                times = []
+                for i in range(23):
+                    torch.cuda.synchronize()
+                    start = time.perf_counter()
+                    method.weights(gram, losses)
+                    torch.cuda.synchronize()
+                    times.append(time.perf_counter() - start)
+                out[f"K={k} {name}" + (f" {solver}" if solver else "")] = round(sorted(times[3:])[10] * 1e3, 3)
+            except Exception as e:
+                out[f"K={k} {name} {solver}"] = f"crashed: {type(e).__name__}: {str(e)[:120]}"
+            finally:
+                gs.linalg._uses_torch = original
+    return out
+
+
 def main() -> None:
     report = {"torch": torch.__version__, "device": torch.cuda.get_device_name(), "single": {}, "nccl": {},
-              "amp_float16": {}}
+              "amp_float16": {}, "weights_ms": weights_timing()}
     for method in gs.methods.available():
         try:
             report["single"][method] = sync_points(method)

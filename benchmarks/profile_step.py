@@ -2,11 +2,13 @@
 
 Usage::
 
-    python benchmarks/profile_step.py [--k 8 32] [--methods sum pcgrad mgda ...] [--d 256]
+    python benchmarks/profile_step.py [--k 8 32] [--methods sum pcgrad mgda ...] [--d 256] [--clock cpu]
 
-For each method and K: the step's wall time split by pipeline stage (each stage function
+For each method and K: the step's time split by pipeline stage (each stage function
 of ``gradsurgery.pipeline``/``gradsurgery.rotation`` and the method's ``weights`` is
-wrapped with a timer for this script only), next to plain ``sum(losses).backward()``; then
+wrapped with a timer for this script only), next to plain ``sum(losses).backward()``, and
+``opt.backward``'s time outside the autograd engine (the library's own overhead: checks,
+stats, bookkeeping; the engine's share is the work plain backward does too); then
 ``torch.profiler``'s operators whose total self-CPU time differs most between the two
 steps (the ops that cost the extra time). Interleaved rounds, medians.
 """
@@ -36,12 +38,22 @@ STAGES = {pipeline: ["fork", "task_gradients", "gram", "combine", "shared_backwa
 OPTIMIZER_STAGES = ["_validate", "_finite_flag", "_record_stats", "_head_params"]
 
 
+#: ``--clock``: wall time, or the process's CPU time (all threads; steadier on a machine
+#: shared with other jobs, since time spent descheduled does not count).
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = time.perf_counter
+
+
 class StageTimer:
     """Wraps the pipeline's stage functions (module attributes, looked up at call time by
-    the optimizer) with timers."""
+    the optimizer) with timers, and the autograd engine's entry points (``engine``: their
+    total time so far)."""
 
     def __init__(self):
         self.times: dict[str, float] = defaultdict(float)
+        self.engine = 0.0
+        for name in ("grad", "backward"):
+            setattr(torch.autograd, name, self._engine(getattr(torch.autograd, name)))
         for module, names in STAGES.items():
             for name in names:
                 setattr(module, name, self._wrap(f"{module.__name__.split('.')[-1]}.{name}", getattr(module, name)))
@@ -50,11 +62,20 @@ class StageTimer:
 
     def _wrap(self, label, fn):
         def timed(*args, **kwargs):
-            t0 = time.perf_counter()
+            t0 = clock()
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.times[label] += time.perf_counter() - t0
+                self.times[label] += clock() - t0
+        return timed
+
+    def _engine(self, fn):
+        def timed(*args, **kwargs):
+            t0 = clock()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.engine += clock() - t0
         return timed
 
     def wrap_method(self, method):
@@ -70,21 +91,24 @@ def instrumented_step(p: W.Problem, method: str, timer: StageTimer):
 
     def step():
         t = timer.times
-        t0 = time.perf_counter()
+        t0 = clock()
         opt.zero_grad()
         z = p.backbone(p.x)
-        t1 = time.perf_counter()
+        t1 = clock()
         views = opt.fork(z)
-        t2 = time.perf_counter()
+        t2 = clock()
         losses = W._losses(p.heads, views, p.targets)
-        t3 = time.perf_counter()
+        t3 = clock()
+        engine = timer.engine
         opt.backward(losses)
-        t4 = time.perf_counter()
+        t4 = clock()
+        engine = timer.engine - engine
         opt.step()
-        t5 = time.perf_counter()
+        t5 = clock()
         t["backbone forward"] += t1 - t0
         t["heads forward + losses"] += t3 - t2
         t["opt.backward total"] += t4 - t3
+        t["opt.backward outside autograd"] += t4 - t3 - engine
         t["opt.step (Adam + after_step)"] += t5 - t4
     return step
 
@@ -93,16 +117,16 @@ def plain_split(p: W.Problem, out: dict[str, float]):
     opt = W._adam(p.backbone, p.heads)
 
     def step():
-        t0 = time.perf_counter()
+        t0 = clock()
         opt.zero_grad()
         z = p.backbone(p.x)
-        t1 = time.perf_counter()
+        t1 = clock()
         losses = W._losses(p.heads, [z] * len(p.heads), p.targets)
-        t2 = time.perf_counter()
+        t2 = clock()
         sum(losses).backward()
-        t3 = time.perf_counter()
+        t3 = clock()
         opt.step()
-        t4 = time.perf_counter()
+        t4 = clock()
         out["backbone forward"] += t1 - t0
         out["heads forward + losses"] += t2 - t1
         out["backward total"] += t3 - t2
@@ -125,7 +149,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--top", type=int, default=8)
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall")
     args = parser.parse_args()
+    global clock
+    clock = CLOCKS[args.clock]
     torch.set_num_threads(args.threads)
     timer = StageTimer()
     for k in args.k:
@@ -140,12 +167,12 @@ def main() -> None:
             plain_t.clear()
             ratios, tp, ts = [], [], []
             for r in range(args.rounds):
-                a = time.perf_counter(); plain(); b = time.perf_counter(); step(); c = time.perf_counter()
+                a = clock(); plain(); b = clock(); step(); c = clock()
                 tp.append(b - a); ts.append(c - b); ratios.append((c - b) / (b - a))
             n = args.rounds
             print(f"\n=== {method}, d={args.d}, K={k}: step {1e3 * statistics.median(ts):.1f} ms vs plain "
                   f"{1e3 * statistics.median(tp):.1f} ms, ratio {statistics.median(ratios):.3f} "
-                  f"(min {min(ratios):.3f}) [instrumented]")
+                  f"(min {min(ratios):.3f}) [instrumented, {args.clock} clock]")
             print("  plain:  " + ", ".join(f"{key} {1e3 * v / n:.1f}" for key, v in plain_t.items()))
             for key, v in sorted(timer.times.items(), key=lambda kv: -kv[1]):
                 print(f"  {key:32s} {1e3 * v / n:8.2f} ms")

@@ -191,7 +191,9 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
             raise ValueError("fork(z): z does not require grad, so the backbone cannot be trained "
                              "through it; pass the backbone's output (or wrap evaluation in torch.no_grad())")
         self._shared = self._shared_for(z) if self.level == "params" else []
-        self._fork = (pipeline.fork(z, self.num_tasks) if self.rotations is None
+        # a loss-only method in float32/64 gets g = sum_k g_k added up as in plain backward (no K x N G)
+        summed = self.method.loss_only and not self.method.needs_gram and z.dtype == compute_dtype(z.dtype)
+        self._fork = (pipeline.fork(z, self.num_tasks, summed) if self.rotations is None
                       else rot.fork(self.rotations, z, self.num_tasks))
         return self._fork.views
 
@@ -222,7 +224,8 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         if fork is None:
             raise RuntimeError("backward() was called without fork(); call views = opt.fork(z) on the "
                                "backbone's output and compute the task losses from those views")
-        values = self._validate(losses, backbone_loss)
+        stacked = self._validate(losses, backbone_loss)
+        values = stacked.detach().to(compute_dtype(stacked.dtype))
         method = self.method
         sync = self._sync_for_step()
         exact = sync is not None and sync.exact
@@ -232,12 +235,13 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
             values = sync.losses(values)
         loss_scale = amp.loss_scale(scaler, fork.z.device)
         scale = method.loss_weights(values)
-        objective = sum(losses) if scale is None else sum(s * l for s, l in zip(scale.to(losses[0].dtype), losses))
+        # one expression whatever K; each loss's gradient is exactly its weight, as in sum(w_k L_k)
+        objective = stacked.sum() if scale is None else (stacked * scale.to(losses[0].dtype)).sum()
         if loss_scale is not None:
             objective = objective * loss_scale
             backbone_loss = None if backbone_loss is None else backbone_loss * loss_scale
         params = self._head_params()
-        grads, param_grads = pipeline.task_gradients(objective, fork.leaf, params)
+        grads, param_grads = pipeline.task_gradients(objective, fork, params)
         rotated_grads = None
         if self.rotations is not None:  # the heads read R_k z: bring the gradients back to z's space
             rotated_grads, grads = grads, rot.unrotate(self.rotations, fork, grads)
@@ -260,15 +264,19 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
             values = values if reduced is None else reduced
         if checked and not bool(torch.isfinite(flag)):  # the one host read
             if loss_scale is None:
-                self._raise_nonfinite(values, grads, backbone_loss)
+                self._raise_nonfinite(values, pipeline.task_rows(fork, grads), backbone_loss)
             self._skip_overflow(fork, params, param_grads, backbone_loss, values)
             return
         # -- accepted: from here on the step changes state ------------------------------
         self._fork = None
+        fork.task_grads.clear()  # kept only to name a non-finite task
         with amp.method_grads_scaled(self._own_params(), loss_scale):
-            combined = method.combine(grads, values) if jac is None else None
+            method.prepare()  # the step's random draws, outside weights (which compiles whole)
+            combined = method.combine(grads, values) if jac is None and not fork.summed else None
             if jac is not None:  # parameter level: c^T J goes straight into the shared .grad
                 coefficients = params_level.apply(method, jac, gram, values)
+            elif fork.summed:  # loss_only: c is ones (weights runs for its state), g = grads
+                coefficients, combined = method.weights(gram, values), grads
             elif combined is None:
                 coefficients = method.weights(gram, values)
                 combined = pipeline.combine(coefficients, grads)
@@ -279,12 +287,15 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
                 raw = backbone_loss.detach() if loss_scale is None else backbone_loss.detach() / loss_scale
                 weight = method.backbone_loss_weight(raw)
                 backbone_loss = backbone_loss if weight is None else backbone_loss * weight.to(backbone_loss.dtype)
+            # the rotations first: their exponential's graph and the K task gradients are
+            # freed before the backbone's backward (lower peak memory)
+            alignment = (None if rotated_grads is None else
+                         rot.align(self.rotations, fork, grads, rotated_grads, gram, loss_scale, sync))
+            del grads, rotated_grads
             if jac is None:
                 pipeline.shared_backward(fork.z, combined, backbone_loss)
             elif backbone_loss is not None:
                 torch.autograd.backward(backbone_loss)
-            alignment = (None if rotated_grads is None else
-                         rot.align(self.rotations, fork, grads, rotated_grads, gram, loss_scale, sync))
         pipeline.accumulate(params, param_grads)
         if coefficients is not None and scale is not None:  # weights of the unweighted task gradients
             coefficients = coefficients * scale.to(coefficients.dtype)
@@ -386,8 +397,8 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         return found
 
     def _validate(self, losses: Sequence[Tensor], backbone_loss: Tensor | None) -> Tensor:
-        """Checks the losses' count, shapes and graph; returns their detached values in the
-        dtype decisions are made in (float32 or float64)."""
+        """Checks the losses' count, shapes and graph; returns them stacked into one
+        ``K``-vector, still in the graph."""
         if isinstance(losses, Tensor) or not isinstance(losses, Sequence):
             raise TypeError(f"backward(losses) takes a list of {self.num_tasks} scalar losses, got {_describe(losses)}")
         if len(losses) != self.num_tasks:
@@ -402,8 +413,8 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
                                  "returned by fork() (not under torch.no_grad())")
         if backbone_loss is not None and (not isinstance(backbone_loss, Tensor) or backbone_loss.numel() != 1):
             raise ValueError(f"backbone_loss must be a scalar tensor, got {_describe(backbone_loss)}")
-        values = torch.stack([loss.detach().reshape(()) for loss in losses])
-        return values.to(compute_dtype(values.dtype))
+        return torch.stack(losses if all(loss.dim() == 0 for loss in losses)
+                           else [loss.reshape(()) for loss in losses])
 
     def _finite_flag(self, values: Tensor, grads: Tensor, gram: Tensor | None,
                      param_grads: list[Tensor | None], backbone_loss: Tensor | None) -> Tensor:

@@ -202,6 +202,25 @@ def test_nash_mtl_raises_when_no_bargaining_solution():
         weights("nash_mtl", g)
 
 
+def test_nash_mtl_on_failure_warn_keeps_the_last_solution():
+    """Opt-in fallback: a failed solve warns and reuses the last converged weights (the start
+    ``1 / ||g_k||`` before any); the default raises (above)."""
+    g = matrices(2, seed=0, conflict=False)
+    method = gs.methods.create("nash_mtl", on_failure="warn")
+    method.bind(2, device=g.device, dtype=D, generator=torch.Generator())
+    opposed = g.clone()
+    opposed[1] = -opposed[0]
+    with pytest.warns(RuntimeWarning, match="keeping the last solution"):
+        start = method.weights(opposed @ opposed.T, torch.ones(2, dtype=D))
+    torch.testing.assert_close(start, 1 / opposed.norm(dim=1))
+    solved = method.weights(g @ g.T, torch.ones(2, dtype=D))
+    with pytest.warns(RuntimeWarning, match="keeping the last solution"):
+        kept = method.weights(opposed @ opposed.T, torch.ones(2, dtype=D))
+    assert torch.equal(kept, solved)
+    with pytest.raises(ValueError, match="on_failure"):
+        gs.methods.create("nash_mtl", on_failure="ignore")
+
+
 def gradvac_reference(g, beta, steps):
     """GradVac for two tasks written from the paper's Eq. (the visiting order is forced)."""
     target = torch.zeros(2, 2, dtype=D)

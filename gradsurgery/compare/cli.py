@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .. import data, methods as registry
-from .runner import OPTIMIZER_OPTIONS, prepare
+from .runner import LEVELS, OPTIMIZER_OPTIONS, prepare
 
 DEFAULT_OUT = "compare-out"
 
@@ -30,6 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", help="comma-separated method names (default: every registered method)")
     p.add_argument("--seeds", help="comma-separated training seeds (default: the benchmark's, 0,1,2)")
     p.add_argument("--epochs", type=int, help="epochs per run (default: the benchmark's)")
+    p.add_argument("--level", choices=LEVELS, default="rep",
+                   help="where the methods decide: 'rep' (task gradients w.r.t. the shared representation, "
+                        "default) or 'params' (w.r.t. the shared parameters, the papers' setting); "
+                        "METHOD.level=rep in --method-option overrides it for one method")
     p.add_argument("--baseline", default="mean", help="the method Δm%% is measured against (default: mean)")
     p.add_argument("--method-option", action="append", default=[], metavar="METHOD.OPTION=VALUE",
                    help="an option for one method, e.g. gradnorm.alpha=0.5 (repeatable)")
@@ -81,7 +85,7 @@ def _plan(args: argparse.Namespace):
         from .plotting import require_matplotlib
         require_matplotlib()
     plan = prepare(args.benchmark, methods, seeds=seeds, epochs=args.epochs, baseline=args.baseline,
-                   method_options=options)
+                   method_options=options, level=args.level)
     return plan, out
 
 

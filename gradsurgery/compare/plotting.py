@@ -226,22 +226,25 @@ def plot_task_weights(results: "Results", path: Path) -> Path | None:
 
 def plot_toy_trajectories(results: "Results", path: Path) -> Path:
     """The toy problem: each method's trajectories from every starting point over the
-    contours of ``L_1 + L_2``, with the Pareto set (black)."""
+    contours of ``L_1 + L_2``, with the Pareto set (black). End markers: a star where the
+    run reached the Pareto set (its ``outcome["reached"]``), a hollow square where it did
+    not, an X where it stopped (diverged or failed); the panel title counts the runs that
+    reached it (stopped ones included: their last point is where they stopped)."""
     import numpy as np
     import torch
-    from ..data.toy import BOX, objectives, pareto_set
+    from ..data.toy import BOX, objectives, pareto_curve
 
     axis = torch.linspace(*BOX, 150, dtype=torch.float64)
     xx, yy = torch.meshgrid(axis, axis, indexing="xy")
     total = objectives(torch.stack([xx, yy], -1)).sum(-1).numpy()
-    front = pareto_set()[0].numpy()
+    front = pareto_curve().numpy()
     rows, cols = _grid(len(results.methods))
     fig, axes = _figure(rows, cols, size=(3.4, 3.2), sharex=True, sharey=True)
     from matplotlib import colormaps
     seed_colors = colormaps["tab10"]
     for ax, m in zip(axes.flat, results.methods):
         ax.contourf(xx.numpy(), yy.numpy(), np.log1p(total), levels=20, cmap="Greys", alpha=0.6)
-        ax.plot(front[:, 0], front[:, 1], ".", color="black", markersize=1.5)
+        ax.plot(front[:, 0], front[:, 1], "-", color="black", linewidth=2)
         for i, r in enumerate(results.runs_of(m)):
             if not r.track:
                 continue
@@ -249,9 +252,17 @@ def plot_toy_trajectories(results: "Results", path: Path) -> Path:
             c = seed_colors(i % 10)
             ax.plot(t[:, 0], t[:, 1], color=c, linewidth=1.2)
             ax.plot(t[0, 0], t[0, 1], "o", color=c, markersize=4)
-            end = "*" if r.ok else "X"  # X: the run stopped (diverged or failed) there
-            ax.plot(t[-1, 0], t[-1, 1], end, color=c, markersize=9, markeredgecolor="black", markeredgewidth=0.5)
-        ax.set_title(m, fontsize="medium")
+            if not r.ok:  # the run stopped (diverged or failed) there
+                ax.plot(t[-1, 0], t[-1, 1], "X", color=c, markersize=9, markeredgecolor="black", markeredgewidth=0.5)
+            elif r.outcome.get("reached"):
+                ax.plot(t[-1, 0], t[-1, 1], "*", color=c, markersize=11, markeredgecolor="black", markeredgewidth=0.5)
+            else:
+                ax.plot(t[-1, 0], t[-1, 1], "s", markerfacecolor="white", markeredgecolor=c, markersize=7,
+                        markeredgewidth=2)
+        runs = results.runs_of(m)
+        hits = sum(bool(r.outcome.get("reached")) for r in runs)
+        title = f"{m} ({hits}/{len(runs)} reached)" if any("reached" in r.outcome for r in runs) else m
+        ax.set_title(title, fontsize="medium")
         ax.set_xlim(*BOX)
         ax.set_ylim(*BOX)
     for ax in axes.flat[len(results.methods):]:
@@ -260,6 +271,6 @@ def plot_toy_trajectories(results: "Results", path: Path) -> Path:
         ax.set_xlabel("x1")
     for ax in axes[:, 0]:
         ax.set_ylabel("x2")
-    fig.suptitle("toy: trajectories (o start, * end, X stopped: diverged or failed) over contours of "
-                 "log(1 + L1 + L2); black: Pareto set")
+    fig.suptitle("toy: trajectories over contours of log(1 + L1 + L2); black: Pareto set\n"
+                 "o start, * end on the Pareto set, □ end elsewhere, X stopped (diverged or failed)")
     return _save(fig, path)

@@ -61,6 +61,9 @@ class Run:
     mean training losses of every epoch; ``cosine`` (mean pairwise cosine of the task
     gradients), ``weights`` (the method's coefficients) and ``track`` (the benchmark's
     tracked value, e.g. the toy point) have one entry per step, empty when unavailable.
+    ``level`` is where the method decided (``"rep"`` or ``"params"``); ``outcome`` holds
+    what the benchmark's ``outcome(backbone, heads)`` reported at the end of training
+    (the toy: start, end point, distance to the Pareto set, ``reached``), empty without.
     """
 
     method: str
@@ -75,6 +78,8 @@ class Run:
     cosine: list[float] = field(default_factory=list)
     weights: list[list[float]] = field(default_factory=list)
     track: list[list[float]] = field(default_factory=list)
+    level: str = "rep"
+    outcome: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -98,6 +103,7 @@ class Results:
     epochs: int
     baseline: str
     runs: list[Run]
+    level: str = "rep"
     source: Any = field(default=None, repr=False, compare=False)  # the benchmark object (for its plots)
 
     # -- numbers ------------------------------------------------------------------------
@@ -124,7 +130,9 @@ class Results:
     def summary(self) -> list[dict[str, Any]]:
         """One dict per method, best Δm% first (runs that did not finish last): ``method``,
         per-task ``metric`` and ``metric_std`` lists, ``delta_m``, ``delta_m_std``,
-        ``time_ratio``, ``finished``, ``diverged``, ``failed`` (seed counts)."""
+        ``time_ratio``, ``finished``, ``diverged``, ``failed`` (seed counts) and, for
+        every yes/no entry of the runs' ``outcome`` (e.g. the toy's ``reached``), how many
+        seeds said yes (``outcome_counts``; a run that stopped reports where it stopped)."""
         rows = []
         for name in self.methods:
             runs = self.runs_of(name)
@@ -134,9 +142,16 @@ class Results:
             rows.append({"method": name, "metric": [m for m, _ in per_task], "metric_std": [s for _, s in per_task],
                          "delta_m": dm[0], "delta_m_std": dm[1], "time_ratio": self.time_ratio(name),
                          "finished": len(done), "diverged": sum(r.status == "diverged" for r in runs),
-                         "failed": sum(r.status == "failed" for r in runs)})
+                         "failed": sum(r.status == "failed" for r in runs),
+                         "outcome_counts": {key: sum(bool(r.outcome.get(key)) for r in runs)
+                                            for key in self.flag_outcomes()}})
         rows.sort(key=lambda row: -row["delta_m"] if math.isfinite(row["delta_m"]) else math.inf)
         return rows
+
+    def flag_outcomes(self) -> list[str]:
+        """The yes/no entries of the runs' ``outcome`` (in first-seen order)."""
+        keys = {k: None for r in self.runs for k, v in r.outcome.items() if isinstance(v, bool)}
+        return list(keys)
 
     def best(self) -> str:
         """The method with the highest mean Δm%."""
@@ -145,13 +160,15 @@ class Results:
     # -- presentation -------------------------------------------------------------------
     def table(self, fmt: str = "text") -> str:
         """The comparison table: per-task held-out metric (mean ± std over seeds), Δm% against
-        the baseline (positive is better), time per step relative to ``mean``, and a
-        note for seeds that diverged or failed. ``fmt``: ``"text"`` or ``"markdown"``."""
+        the baseline (positive is better), time per step relative to ``mean``, for each
+        yes/no outcome the seeds that said yes, and a note for seeds that diverged
+        or failed; then the benchmark's own table when it has one (``extra_table(results,
+        fmt)``: the toy's end points). ``fmt``: ``"text"`` or ``"markdown"``."""
         if fmt not in ("text", "markdown"):
             raise ValueError(f"fmt must be 'text' or 'markdown', got {fmt!r}")
         arrows = ["↑" if up else "↓" for up in self.higher_is_better]
         header = (["method"] + [f"{t} {m} {a}" for t, m, a in zip(self.tasks, self.metrics, arrows)]
-                  + ["Δm% ↑", "time/step", "seeds"])
+                  + ["Δm% ↑", "time/step", *self.flag_outcomes(), "seeds"])
         body = []
         spread = len(self.seeds) > 1  # a single seed has no ± std
         for row in self.summary():
@@ -159,34 +176,46 @@ class Results:
             cells += [_pm(m, s if spread else None) for m, s in zip(row["metric"], row["metric_std"])]
             cells.append(_pm(row["delta_m"], row["delta_m_std"] if spread else None, ".2f", signed=True))
             cells.append(f"{row['time_ratio']:.2f}x" if math.isfinite(row["time_ratio"]) else "-")
+            cells += [f"{n}/{len(self.seeds)}" for n in row["outcome_counts"].values()]
             cells.append(_seeds(row, len(self.seeds)))
             body.append(cells)
         notes = [f"{r.method} (seed {r.seed}) {r.status}: {_shorten(r.error or '')}" for r in self.runs if not r.ok]
         caption = (f"{self.benchmark}: held-out metrics after {self.epochs} epochs, mean ± std over "
                    f"{len(self.seeds)} seed(s); Δm% against {self.baseline!r} (positive is better); "
-                   f"time per step relative to {TIME_REFERENCE!r}.")
+                   f"time per step relative to {TIME_REFERENCE!r}; {self._level_note()}.")
+        extra = getattr(self.source, "extra_table", None)
+        extra = "" if extra is None else "\n" + extra(self, fmt)
+        table = format_table(header, body, fmt)
         if fmt == "markdown":
-            lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + [":-:"] * (len(header) - 1)) + "|"]
-            lines += ["| " + " | ".join(cells) + " |" for cells in body]
-            return caption + "\n\n" + "\n".join(lines) + "\n" + "".join(f"\n- {n}" for n in notes) + ("\n" if notes else "")
-        widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
-        fmt_row = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
-                                          for i, (c, w) in enumerate(zip(cells, widths)))
-        rule = "-" * len(fmt_row(header))
-        return "\n".join([caption, rule, fmt_row(header), rule, *map(fmt_row, body), rule, *notes]) + "\n"
+            return (caption + "\n\n" + table + "\n" + "".join(f"\n- {n}" for n in notes)
+                    + ("\n" if notes else "") + extra)
+        return "\n".join([caption, table, *notes]) + "\n" + extra
+
+    def _level_note(self) -> str:
+        """Where the methods decided: the comparison's level, and the methods run at another."""
+        other = {r.method: r.level for r in self.runs if r.level != self.level}
+        names = {"rep": "representation", "params": "parameter"}
+        note = f"methods decide at the {names.get(self.level, self.level)} level ({self.level!r})"
+        if other:
+            note += ", except " + ", ".join(f"{m} ({lvl!r})" for m, lvl in other.items())
+        return note
 
     def to_csv(self, path: str | Path) -> Path:
-        """One row per run: method, seed, status, each task's metric, Δm%, seconds per step,
-        time ratio to ``mean``, error message."""
+        """One row per run: method, seed, level, status, each task's metric, Δm%, seconds per
+        step, time ratio to ``mean``, the ``outcome`` entries (a list entry ``end`` becomes
+        columns ``end_0``, ``end_1``, ...), error message."""
         path = Path(path)
         columns = [f"{t}_{m}" for t, m in zip(self.tasks, self.metrics)]
+        outcomes = [_flat_outcome(r.outcome) for r in self.runs]
+        extra = list({k: None for o in outcomes for k in o})
         with path.open("w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["method", "seed", "status", *columns, "delta_m_pct", "step_time_s", "time_ratio", "error"])
-            for r in self.runs:
+            writer.writerow(["method", "seed", "level", "status", *columns, "delta_m_pct", "step_time_s",
+                             "time_ratio", *extra, "error"])
+            for r, o in zip(self.runs, outcomes):
                 metrics = r.metrics if r.ok else [math.nan] * len(self.tasks)
-                writer.writerow([r.method, r.seed, r.status, *metrics, self.delta_m(r), r.step_time,
-                                 self.time_ratio(r.method), r.error or ""])
+                writer.writerow([r.method, r.seed, r.level, r.status, *metrics, self.delta_m(r), r.step_time,
+                                 self.time_ratio(r.method), *[o.get(k, "") for k in extra], r.error or ""])
         return path
 
     def to_dict(self) -> dict[str, Any]:
@@ -195,7 +224,7 @@ class Results:
         runs = [{**asdict(r), "delta_m": self.delta_m(r)} for r in self.runs]
         data = {"benchmark": self.benchmark, "tasks": self.tasks, "metrics": self.metrics,
                 "higher_is_better": self.higher_is_better, "methods": self.methods, "seeds": self.seeds,
-                "epochs": self.epochs, "baseline": self.baseline, "time_reference": TIME_REFERENCE,
+                "epochs": self.epochs, "baseline": self.baseline, "level": self.level, "time_reference": TIME_REFERENCE,
                 "summary": self.summary(), "runs": runs}
         return _no_nan(data)
 
@@ -215,7 +244,8 @@ class Results:
         source = data.get(d["benchmark"]) if d["benchmark"] in data.available() else None
         return cls(benchmark=d["benchmark"], tasks=d["tasks"], metrics=d["metrics"],
                    higher_is_better=d["higher_is_better"], methods=d["methods"], seeds=d["seeds"],
-                   epochs=d["epochs"], baseline=d["baseline"], runs=runs, source=source)
+                   epochs=d["epochs"], baseline=d["baseline"], runs=runs, level=d.get("level", "rep"),
+                   source=source)
 
     def plot(self, out_dir: str | Path) -> list[Path]:
         """Writes the PNG figures into ``out_dir`` (created if missing) and returns their
@@ -224,6 +254,20 @@ class Results:
         matplotlib (``pip install 'gradsurgery[plot]'``)."""
         from .plotting import plot_all
         return plot_all(self, Path(out_dir))
+
+
+def format_table(header: Sequence[str], body: Sequence[Sequence[str]], fmt: str) -> str:
+    """``header`` and rows of cells as a markdown table (first column left, the others
+    centred) or as text (first column left-aligned, the others right-aligned, between
+    rules); no trailing newline."""
+    if fmt == "markdown":
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + [":-:"] * (len(header) - 1)) + "|"]
+        return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in body])
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+    fmt_row = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
+                                      for i, (c, w) in enumerate(zip(cells, widths)))
+    rule = "-" * len(fmt_row(header))
+    return "\n".join([rule, fmt_row(header), rule, *map(fmt_row, body), rule])
 
 
 def _pm(mean: float, std: float | None, spec: str = ".4g", signed: bool = False) -> str:
@@ -241,6 +285,17 @@ def _seeds(row: dict[str, Any], total: int) -> str:
 def _shorten(text: str, limit: int = 160) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _flat_outcome(outcome: dict[str, Any]) -> dict[str, Any]:
+    """``{"end": [1, 2], "reached": True}`` -> ``{"end_0": 1, "end_1": 2, "reached": True}``."""
+    flat: dict[str, Any] = {}
+    for key, value in outcome.items():
+        if isinstance(value, (list, tuple)):
+            flat.update({f"{key}_{i}": v for i, v in enumerate(value)})
+        else:
+            flat[key] = value
+    return flat
 
 
 def _no_nan(x: Any) -> Any:

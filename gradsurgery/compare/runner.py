@@ -16,8 +16,11 @@ from .. import data, methods as registry
 from ..optimizer import MultiTaskOptimizer
 from .results import TIME_REFERENCE, Results, Run
 
-#: Options every method takes (they go to :class:`MultiTaskOptimizer`, not the method).
-OPTIMIZER_OPTIONS = ("method_lr",)
+#: Options every method takes (they go to :class:`MultiTaskOptimizer`, not the method);
+#: ``level`` here overrides :func:`compare`'s ``level`` for one method.
+OPTIMIZER_OPTIONS = ("method_lr", "level")
+#: Where the methods decide (:class:`MultiTaskOptimizer`'s ``level``).
+LEVELS = ("rep", "params")
 _PROTOCOL = ("tasks", "metrics", "higher_is_better", "rep_size", "build", "optimizer",
              "train_batches", "losses", "evaluate")
 
@@ -32,6 +35,7 @@ class Plan:
     epochs: int
     baseline: str
     options: dict[str, dict[str, Any]]
+    level: str = "rep"
 
     def run(self, progress: bool = True) -> Results:
         """Trains every method with every seed; a tqdm bar shows method, seed, epoch and
@@ -43,7 +47,8 @@ class Plan:
             if getattr(bench, "threads", None):
                 torch.set_num_threads(bench.threads)
             # one untimed epoch first, so that the first method timed does not pay the warm-up
-            train_one(bench, self.methods[0], self.seeds[0], 1, self.options[self.methods[0]], tqdm(disable=True))
+            first = self.methods[0]
+            train_one(bench, first, self.seeds[0], 1, self.options[first], tqdm(disable=True), self.level)
             total = len(self.methods) * len(self.seeds) * self.epochs
             with tqdm(total=total, disable=not progress, unit="epoch", dynamic_ncols=True) as bar, \
                     warnings.catch_warnings():
@@ -51,31 +56,34 @@ class Plan:
                     warnings.showwarning = _write_above_bar
                 for name in self.methods:
                     for seed in self.seeds:
-                        runs.append(train_one(bench, name, seed, self.epochs, self.options[name], bar))
+                        runs.append(train_one(bench, name, seed, self.epochs, self.options[name], bar,
+                                              self.level))
         finally:
             torch.set_num_threads(threads)
         return Results(benchmark=getattr(bench, "name", type(bench).__name__), tasks=list(bench.tasks),
                        metrics=list(bench.metrics), higher_is_better=[bool(h) for h in bench.higher_is_better],
                        methods=self.methods, seeds=self.seeds, epochs=self.epochs, baseline=self.baseline,
-                       runs=runs, source=bench)
+                       runs=runs, level=self.level, source=bench)
 
 
 def prepare(benchmark: Any = data.DEFAULT, methods: Sequence[str] | None = None, *,
             seeds: Sequence[int] | None = None, epochs: int | None = None, baseline: str = "mean",
-            method_options: Mapping[str, Mapping[str, Any]] | None = None) -> Plan:
+            method_options: Mapping[str, Mapping[str, Any]] | None = None, level: str = "rep") -> Plan:
     """Validates the arguments of :func:`compare` (same meaning) without training: unknown
     benchmarks, methods and options raise a ``ValueError`` that lists what exists."""
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {', '.join(map(repr, LEVELS))}, got {level!r}")
     bench = _resolve_benchmark(benchmark)
     names = _resolve_methods(methods, baseline)
     seeds = _resolve_seeds(bench.seeds if seeds is None else seeds)
     epochs = _positive_int(bench.epochs if epochs is None else epochs, "epochs")
-    options = _resolve_options(method_options or {}, names, bench)
-    return Plan(bench, names, seeds, epochs, baseline, options)
+    options = _resolve_options(method_options or {}, names, bench, level)
+    return Plan(bench, names, seeds, epochs, baseline, options, level)
 
 
 def compare(benchmark: Any = data.DEFAULT, methods: Sequence[str] | None = None, *,
             seeds: Sequence[int] | None = None, epochs: int | None = None, baseline: str = "mean",
-            method_options: Mapping[str, Mapping[str, Any]] | None = None,
+            method_options: Mapping[str, Mapping[str, Any]] | None = None, level: str = "rep",
             progress: bool = True) -> Results:
     """Trains every method in ``methods`` with every seed on ``benchmark`` and returns the
     :class:`~gradsurgery.compare.Results` (``.table()``, ``.to_csv()``, ``.to_json()``,
@@ -97,7 +105,12 @@ def compare(benchmark: Any = data.DEFAULT, methods: Sequence[str] | None = None,
         epochs: ``None``: the benchmark's default.
         baseline: the method Δm% is measured against.
         method_options: ``{method: {option: value}}``, e.g. ``{"gradnorm": {"alpha": 0.5}}``;
-            ``method_lr`` is accepted for every method.
+            ``method_lr`` and ``level`` are accepted for every method.
+        level: ``"rep"`` (default) or ``"params"``: where every method decides, from the
+            task gradients w.r.t. the shared representation or w.r.t. the shared parameters
+            (the papers' setting; :class:`~gradsurgery.MultiTaskOptimizer`'s ``level``).
+            Rotation methods run at ``"rep"`` only: with ``level="params"`` name them with
+            ``method_options={"rotograd": {"level": "rep"}}`` or leave them out.
         progress: show a tqdm progress bar (method, seed, epoch, running loss).
 
     Everything is validated before training starts (:func:`prepare`). A run whose loss or
@@ -105,23 +118,26 @@ def compare(benchmark: Any = data.DEFAULT, methods: Sequence[str] | None = None,
     ``"failed"`` (with a warning); the other runs still finish.
     """
     return prepare(benchmark, methods, seeds=seeds, epochs=epochs, baseline=baseline,
-                   method_options=method_options).run(progress)
+                   method_options=method_options, level=level).run(progress)
 
 
 def train_one(bench: Any, method: str, seed: int, epochs: int, options: Mapping[str, Any],
-              bar: tqdm) -> Run:
-    """One run: seeds torch, builds the model and the optimizer, trains ``epochs`` epochs
-    (timing the training steps), evaluates after each epoch, records ``opt.stats``."""
+              bar: tqdm, level: str = "rep") -> Run:
+    """One run: seeds torch, builds the model and the optimizer (at ``level``, unless the
+    method's ``options`` say otherwise), trains ``epochs`` epochs (timing the training
+    steps), evaluates after each epoch, records ``opt.stats``, and at the end the
+    benchmark's ``outcome(backbone, heads)`` when it has one."""
     torch.manual_seed(seed)
     backbone, heads = bench.build(seed)
     heads = list(heads)
     modules = nn.ModuleList([backbone, *heads])
     base = bench.optimizer(list(modules.parameters()))  # shared parameters counted once
-    opt = MultiTaskOptimizer(base, method, num_tasks=len(heads), rep_size=bench.rep_size,
-                             **{"method_lr": getattr(bench, "method_lr", None), **options})
+    options = {"method_lr": getattr(bench, "method_lr", None), "level": level, **options}
+    opt = MultiTaskOptimizer(base, method, num_tasks=len(heads), rep_size=bench.rep_size, **options)
     shuffle = torch.Generator().manual_seed(seed)
     track = getattr(bench, "track", None)
-    run = Run(method=method, seed=seed)
+    outcome = getattr(bench, "outcome", None)
+    run = Run(method=method, seed=seed, level=options["level"])
     cosines: list[Tensor] = []
     weights: list[Tensor] = []
     tracked: list[Tensor] = []
@@ -179,6 +195,8 @@ def train_one(bench: Any, method: str, seed: int, epochs: int, options: Mapping[
     run.cosine = torch.stack(cosines).tolist() if cosines else []
     run.weights = torch.stack(weights).tolist() if weights else []
     run.track = torch.stack(tracked).tolist() if tracked else []
+    if outcome is not None:
+        run.outcome = dict(outcome(backbone, heads))
     return run
 
 
@@ -273,13 +291,15 @@ def _positive_int(value: Any, what: str) -> int:
 
 
 def _resolve_options(method_options: Mapping[str, Mapping[str, Any]], names: list[str],
-                     bench: Any) -> dict[str, dict[str, Any]]:
+                     bench: Any, level: str = "rep") -> dict[str, dict[str, Any]]:
     """Checks ``{method: {option: value}}`` against each method's accepted options, then
-    builds each method once on a dummy parameter so that bad values raise now."""
+    builds each method once on a dummy parameter (at ``level`` unless its options name
+    another) so that bad values and methods that cannot run at that level raise now."""
     stray = [m for m in method_options if m not in names]
     if stray:
         raise ValueError(f"method_options names method(s) {stray} that are not compared; compared: {', '.join(names)}")
     resolved = {}
+    rep_only = []  # methods that cannot run at level="params" (rotations), reported together
     for name in names:
         opts = dict(method_options.get(name, {}))
         accepted = [*registry.options(name), *OPTIMIZER_OPTIONS]
@@ -289,10 +309,21 @@ def _resolve_options(method_options: Mapping[str, Mapping[str, Any]], names: lis
         dummy = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.0)
         rng = torch.get_rng_state()
         try:
-            MultiTaskOptimizer(dummy, name, num_tasks=len(bench.tasks), rep_size=bench.rep_size, **opts)
+            MultiTaskOptimizer(dummy, name, num_tasks=len(bench.tasks), rep_size=bench.rep_size,
+                               **{"level": level, **opts})
         except (TypeError, ValueError) as err:
+            if opts.get("level", level) == "params" and "level" in str(err):
+                rep_only.append((name, err))
+                continue
             raise ValueError(f"method {name!r} cannot be built with options {opts}: {err}") from err
         finally:
             torch.set_rng_state(rng)
         resolved[name] = opts
+    if rep_only:
+        names_ = [n for n, _ in rep_only]
+        fix = ", ".join(f"{n!r}: {{'level': 'rep'}}" for n in names_)
+        flags = " ".join(f"--method-option {n}.level=rep" for n in names_)
+        raise ValueError(f"method(s) {names_} cannot run at level='params' ({rep_only[0][1]}); run them at the "
+                         f"representation level with method_options={{{fix}}} (command line: {flags}) "
+                         "or leave them out") from rep_only[0][1]
     return resolved

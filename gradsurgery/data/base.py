@@ -20,7 +20,10 @@ A benchmark (built-in or your own) is any object with these attributes and metho
 and, optionally, ``name``, ``threads`` (torch's intra-op threads during the run; the
 bundled benchmarks' models are so small that one thread is fastest, and many times faster
 on a busy machine), ``track(backbone) -> Tensor`` (recorded after every step, e.g.
-the toy problem's point) and ``extra_plots(results, out_dir) -> list[Path]``.
+the toy problem's point), ``outcome(backbone, heads) -> dict`` (recorded once after
+training as ``Run.outcome``; its yes/no entries are counted in the table, e.g. the toy's
+``reached``), ``extra_table(results, fmt) -> str`` (appended to ``Results.table``) and
+``extra_plots(results, out_dir) -> list[Path]``.
 :class:`Benchmark` holds the defaults; :class:`TensorBenchmark` implements batching and
 evaluation for data held in tensors, so a custom benchmark only writes ``build``,
 ``losses`` and ``metric_values``.

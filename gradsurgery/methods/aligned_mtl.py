@@ -10,7 +10,9 @@ eigen-decomposition ``M = G G^T = V diag(lambda) V^T`` restricted to its rank ``
 
 where ``lambda_s`` is the smallest kept eigenvalue (``scale_mode="min"``, the paper's
 choice and the default), their median (``"median"``) or mean (``"rmse"``, the original
-code's). A zero Gram gives ``B = I``. Same scale and options as torchjd 0.18's
+code's). A zero Gram gives ``B = I``. The eigen-decomposition is
+:func:`gradsurgery.linalg.symmetric_eigh` (LAPACK on the CPU, Jacobi sweeps elsewhere:
+no host-device sync). Same scale and options as torchjd 0.18's
 ``AlignedMTL``. Permutation-equivariant; the update is linear in the gradients' scale.
 
 Level: the paper aligns the gradients of the shared parameters (or, in its "-UB" variant,
@@ -21,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..linalg import symmetric_eigh
 from .base import Method
 from .registry import register
 
@@ -39,7 +42,7 @@ class AlignedMTL(Method):
     def weights(self, gram: Tensor, losses: Tensor) -> Tensor:
         k = gram.shape[0]
         eps = torch.finfo(gram.dtype).eps
-        lam, vec = torch.linalg.eigh(gram.to(torch.float64))
+        lam, vec = symmetric_eigh(gram.to(torch.float64))
         kept = lam > lam.max() * k * eps
         inv_sqrt = torch.where(kept, lam.clamp_min(1e-300).rsqrt(), 0)
         if self.scale_mode == "min":

@@ -9,7 +9,8 @@ Most methods only need the ``K x K`` Gram matrix ``M = G G^T`` and the losses ``
 override :meth:`Method.weights`. A method that needs the raw elements (e.g. GradDrop)
 overrides :meth:`Method.combine` instead. Methods that only weight the losses (``sum``,
 ``mean``, uncertainty weighting, ...) set ``needs_gram = False`` and return their loss
-weights from :meth:`Method.loss_weights`; the pipeline then skips the Gram entirely.
+weights from :meth:`Method.loss_weights`; the pipeline then skips the Gram entirely (and,
+with ``loss_only = True``, the ``K x N`` matrix ``G`` too).
 
 Lifecycle, driven by :class:`gradsurgery.MultiTaskOptimizer`:
 
@@ -45,6 +46,13 @@ class Method:
     Attributes:
         needs_gram: ``False`` for methods that only weight losses; the pipeline then
             computes no Gram and ``weights`` receives ``gram=None``.
+        loss_only: ``True`` for methods that only weight losses *and* whose ``weights``
+            always returns ones (it is still called, for its side effects), so that
+            ``g = sum_k g_k`` of the loss-weighted task gradients. The pipeline then adds
+            the heads' gradients up as plain ``sum(L).backward()`` does (bit for bit) and
+            never forms the ``K x N`` matrix ``G``.
+            Implies ``needs_gram = False``; a subclass returning other coefficients sets
+            it back to ``False``.
         rotation: whether the method learns per-task rotations of the representation by
             default (the RotoGrad family). Any method can be composed with rotations
             through ``MultiTaskOptimizer(..., rotation=True)``.
@@ -54,6 +62,7 @@ class Method:
     """
 
     needs_gram: ClassVar[bool] = True
+    loss_only: ClassVar[bool] = False
     rotation: ClassVar[bool] = False
 
     num_tasks: int
@@ -73,6 +82,13 @@ class Method:
         method's state but must not change it.
         """
         return None
+
+    def prepare(self) -> None:
+        """Called once per accepted step, just before :meth:`weights` (or :meth:`combine`):
+        draw the step's random numbers here, from :attr:`generator`, so that ``weights``
+        stays a tensor program ``torch.compile`` traces whole (Dynamo cannot trace a
+        ``torch.Generator``). ``weights`` called without it must still work (PCGrad then
+        draws in ``weights``)."""
 
     def weights(self, gram: Tensor | None, losses: Tensor) -> Tensor:
         """Returns the ``K`` coefficients ``c`` of the combined gradient ``g = c^T G``.

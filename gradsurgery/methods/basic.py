@@ -17,6 +17,7 @@ class Sum(Method):
     """``g = sum_k g_k``; heads get their own loss gradients. Equals ``sum(L).backward()``."""
 
     needs_gram = False
+    loss_only = True
 
     def weights(self, gram: Tensor | None, losses: Tensor) -> Tensor:
         return torch.ones_like(losses)

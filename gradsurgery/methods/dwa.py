@@ -25,6 +25,7 @@ class DWA(Method):
     """Weights from the ratio of the last two losses, softmax with temperature."""
 
     needs_gram = False
+    loss_only = True
 
     def __init__(self, temperature: float = 2.0):
         if not temperature > 0:

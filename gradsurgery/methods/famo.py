@@ -38,6 +38,7 @@ class FAMO(Method):
     """Loss weights whose logits follow the observed log-loss decreases."""
 
     needs_gram = False
+    loss_only = True
 
     def __init__(self, w_lr: float = 0.025, gamma: float = 0.01,
                  min_losses: Sequence[float] | None = None):

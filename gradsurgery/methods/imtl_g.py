@@ -10,7 +10,9 @@ unit gradient ``u_k = g_k / ||g_k||``: ``<g, u_k> = const``. With the Gram
 (the pseudo-inverse form, as in torchjd 0.18, extends the paper's closed form to linearly
 dependent gradients). Weights sum to 1; when ``1^T M^+ n`` vanishes (relative to the
 gradients' scale) there is no such combination and the weights are 0. Computed in float64
-on the Gram normalised to unit mean diagonal, so the weights do not depend on the scale.
+on the Gram normalised to unit mean diagonal, so the weights do not depend on the scale;
+``M^+`` is :func:`gradsurgery.linalg.pinv_symmetric` (``torch.linalg.pinv(hermitian=True)``'s
+cut-off, no host-device sync on any device).
 Permutation-equivariant. No options.
 
 Level: the paper applies it to the shared parameters' gradients; here by default to the
@@ -21,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..linalg import norms, normalized64
+from ..linalg import norms, normalized64, pinv_symmetric
 from .base import Method
 from .registry import register
 
@@ -32,7 +34,7 @@ class IMTLG(Method):
 
     def weights(self, gram: Tensor, losses: Tensor) -> Tensor:
         m = normalized64(gram)
-        v = torch.linalg.pinv(m, hermitian=True) @ norms(m)
+        v = pinv_symmetric(m) @ norms(m)
         total = v.sum()
         ok = total.abs() > 1e-12 * v.abs().sum().clamp_min(1e-300)
         return torch.where(ok, v / torch.where(ok, total, 1), 0).to(gram.dtype)

@@ -11,7 +11,9 @@ The update is ``sum_i g_i^PC`` (torchjd's scale). Every ``g_i^PC`` is a combinat
 product is ``C_i^T M e_j``. All ``K`` tasks are projected at once, one vectorised update
 per position in their permutations. The permutations are drawn from the method's
 generator (``K`` independent ones per step, :func:`visiting_orders`), so a seed fixes
-them and ``state_dict`` resumes them.
+them and ``state_dict`` resumes them. They are drawn in :meth:`PCGrad.prepare`, which the
+optimizer calls just before :meth:`PCGrad.weights` (a direct call of ``weights`` draws them
+itself): Dynamo cannot trace a ``torch.Generator``, so ``weights`` stays free of graph breaks.
 
 Level: the paper projects gradients w.r.t. the shared parameters; here, by default, the
 gradients w.r.t. the shared representation (``level="params"`` gives the paper's setting).
@@ -30,17 +32,37 @@ from .registry import register
 class PCGrad(Method):
     """Projecting conflicting gradients; see the module docstring for the math."""
 
+    _keys: Tensor | None = None
+
+    def prepare(self) -> None:
+        """Draws this step's sort keys (see :func:`visiting_keys`) ahead of :meth:`weights`,
+        which then traces into one graph under ``torch.compile``."""
+        self._keys = visiting_keys(self.num_tasks, self.generator)
+
     def weights(self, gram: Tensor, losses: Tensor) -> Tensor:
-        return project_conflicting(gram, visiting_orders(gram.shape[0], self.generator, gram.device))
+        keys = visiting_keys(gram.shape[0], self.generator) if self._keys is None else self._keys
+        self._keys = None  # one draw per step
+        return project_conflicting(gram, orders_from_keys(keys, gram.device))
+
+
+def visiting_keys(k: int, generator: torch.Generator | None) -> Tensor:
+    """One ``K x K`` draw of uniform sort keys from ``generator``, on the CPU (so a seed
+    gives the same orders on every device)."""
+    return torch.rand(k, k, generator=generator)
+
+
+def orders_from_keys(keys: Tensor, device: torch.device) -> Tensor:
+    """``K x (K - 1)``: row ``i`` sorts the tasks ``j != i`` by ``keys[i, j]``, a uniformly
+    random permutation for uniform keys: the order in which task ``i`` visits the others."""
+    k = keys.shape[0]
+    keys = keys.to(device, non_blocking=True)  # no stream sync
+    keys = torch.where(torch.eye(k, dtype=torch.bool, device=device), 2.0, keys)  # i sorts itself last, dropped
+    return keys.argsort(dim=1)[:, : k - 1]
 
 
 def visiting_orders(k: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
-    """``K x (K - 1)``: row ``i`` is a uniformly random permutation of the tasks ``j != i``,
-    the order in which task ``i`` visits the others. One ``K x K`` draw of uniform keys
-    from ``generator`` (on the CPU, so a seed gives the same orders on every device)."""
-    keys = torch.rand(k, k, generator=generator).to(device, non_blocking=True)  # no stream sync
-    keys.diagonal().fill_(2.0)  # task i sorts itself last, and is dropped
-    return keys.argsort(dim=1)[:, : k - 1]
+    """The visiting orders of one step: :func:`orders_from_keys` of :func:`visiting_keys`."""
+    return orders_from_keys(visiting_keys(k, generator), device)
 
 
 def project_conflicting(gram: Tensor, order: Tensor) -> Tensor:

@@ -22,6 +22,7 @@ class RLW(Method):
     """Random softmax-normal loss weights, redrawn every step."""
 
     needs_gram = False
+    loss_only = True
 
     def _draw(self, generator: torch.Generator, like: Tensor) -> Tensor:
         xi = torch.randn(self.num_tasks, generator=generator, dtype=torch.float64)

@@ -164,13 +164,16 @@ class RotoGradNorm(RotateOnly):
     def weights(self, gram: Tensor, losses: Tensor) -> Tensor:
         ratios = self._advance(losses)
         n = norms(gram)
-        with torch.enable_grad():
-            w = self.task_weights()
-            fixed = w.detach().to(gram.dtype)
-            mean_norm = (fixed @ gram @ fixed).clamp_min(0).sqrt() / self.num_tasks
-            target = mean_norm * (ratios / ratios.mean()).pow(self.alpha)
-            loss = (n.to(w.dtype) * w - target.to(w.dtype)).abs().sum()
-            grad, = torch.autograd.grad(loss, self.weight_logits)
+        v = self.weight_logits.detach()
+        w = self.task_weights().detach()  # no autograd graph: the gradient is written out below
+        fixed = w.to(gram.dtype)
+        mean_norm = (fixed @ gram @ fixed).clamp_min(0).sqrt() / self.num_tasks
+        target = mean_norm * (ratios / ratios.mean()).pow(self.alpha)
+        # d/dv of sum_k |n_k w_k - T_k| (T constant), written out so that weights has no
+        # autograd call (a graph break under torch.compile): with u_k = n_k sgn(n_k w_k - T_k)
+        # and w_k = K e_k / S, e = exp(v) + eps, S = sum(e): dw_k/dv_j = exp(v_j) (K delta_kj - w_k) / S
+        u = n.to(w.dtype) * (n.to(w.dtype) * w - target.to(w.dtype)).sign()
+        grad = v.exp() / (v.exp() + EPS).sum() * (self.num_tasks * u - u @ w)
         if self.weight_logits.grad is None:
             self.weight_logits.grad = grad
         else:

@@ -28,6 +28,7 @@ class UncertaintyWeighting(Method):
     """Learnable homoscedastic-uncertainty loss weights ``exp(-s_k) / 2``."""
 
     needs_gram = False
+    loss_only = True
 
     def __init__(self, init: float = 0.0):
         if not isinstance(init, (int, float)) or isinstance(init, bool) or init != init:
