@@ -256,12 +256,16 @@ class Rotations(nn.Module):
         raise ValueError(f"rotation_init must be 'random', 'identity' or a (num_tasks, m, m) tensor, got {init!r}")
 
     def matrices(self) -> Tensor:
-        """``R`` (``K x m x m``), differentiable w.r.t. :attr:`skew_params`."""
-        return self.base @ expm(skew(self.skew_params))
+        """``R`` (``K x m x m``), differentiable w.r.t. :attr:`skew_params`; always in the
+        parameters' dtype (autocast is off here: a half-precision exponential would not
+        stay orthogonal)."""
+        with torch.autocast(self.base.device.type, enabled=False):
+            return self.base @ expm(skew(self.skew_params))
 
     def matrix(self, task: int) -> Tensor:
-        """``R_task`` alone (``1 x m x m``)."""
-        return self.base[task:task + 1] @ expm(skew(self.skew_params[task:task + 1]))
+        """``R_task`` alone (``1 x m x m``), like :meth:`matrices`."""
+        with torch.autocast(self.base.device.type, enabled=False):
+            return self.base[task:task + 1] @ expm(skew(self.skew_params[task:task + 1]))
 
     # -- layout -------------------------------------------------------------------------
     def layout(self, shape: Sequence[int]) -> tuple[int, int, int, float]:

@@ -110,6 +110,20 @@ def test_expm_sync_free_plan_reads_nothing_and_flags_out_of_range(monkeypatch):
     assert torch.isfinite(rotation.expm(x.detach() * 1e4)).all()  # the host plan squares as needed
 
 
+def test_rotations_ignore_autocast():
+    """Under bfloat16 autocast the rotations are still computed in their own float32 (the
+    exponential's products would otherwise run in bfloat16, off orthogonal by ~4e-3)."""
+    rot = rotation.Rotations(3, 64, init="random")
+    with torch.no_grad():
+        rot.skew_params.copy_(0.05 * torch.randn(3, 64, 64))
+    expected = rot.matrices()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, single = rot.matrices(), rot.matrix(1)
+    assert got.dtype == single.dtype == torch.float32
+    assert torch.equal(got, expected)
+    torch.testing.assert_close(single[0], expected[1], rtol=0, atol=1e-6)
+
+
 def test_random_init_draws_what_geotorch_draws():
     """Under the same seed, "random" gives the rotations geotorch (hence rotograd) samples."""
     k, m = 3, 4
