@@ -15,7 +15,7 @@ from gradsurgery.compare import Results, Run, delta_m, runner
 from gradsurgery.data import get
 from gradsurgery.data.base import TensorBenchmark, mlp
 from gradsurgery.data.digits import SHIFT, overlay
-from gradsurgery.data.toy import STARTS, Toy, objectives, pareto_set
+from gradsurgery.data.toy import STARTS, Toy
 from gradsurgery.methods import registry
 
 
@@ -258,19 +258,6 @@ def test_multidigits_overlay():
     assert torch.equal(canvas[:, :, :SHIFT], left[:, :, :SHIFT])
     assert torch.equal(canvas[:, :, 8:], right[:, :, 8 - SHIFT:])
     assert torch.equal(canvas[:, :, SHIFT:8], torch.maximum(left[:, :, SHIFT:], right[:, :, :8 - SHIFT]))
-
-
-def test_toy_pareto_set_is_non_dominated():
-    points, losses = pareto_set(resolution=60)
-    axis = torch.linspace(-10, 10, 60, dtype=torch.float64)
-    grid = objectives(torch.cartesian_prod(axis, axis))
-    # brute force: no grid point is at least as good on both losses and better on one
-    dominated = ((grid[None] <= losses[:, None]).all(-1) & (grid[None] < losses[:, None]).any(-1)).any(1)
-    assert not dominated.any()
-    assert torch.allclose(objectives(points), losses)
-    # each loss's own minimum over the grid is on the front
-    for k in range(2):
-        assert losses[:, k].min() == grid[:, k].min()
 
 
 def test_toy_tracks_trajectories(tmp_path):

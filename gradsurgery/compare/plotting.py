@@ -260,7 +260,7 @@ def plot_toy_trajectories(results: "Results", path: Path) -> Path:
                 ax.plot(t[-1, 0], t[-1, 1], "s", markerfacecolor="white", markeredgecolor=c, markersize=7,
                         markeredgewidth=2)
         runs = results.runs_of(m)
-        hits = sum(bool(r.outcome.get("reached")) for r in runs)
+        hits = results.outcome_count(m, "reached")
         title = f"{m} ({hits}/{len(runs)} reached)" if any("reached" in r.outcome for r in runs) else m
         ax.set_title(title, fontsize="medium")
         ax.set_xlim(*BOX)

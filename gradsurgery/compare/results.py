@@ -143,10 +143,13 @@ class Results:
                          "delta_m": dm[0], "delta_m_std": dm[1], "time_ratio": self.time_ratio(name),
                          "finished": len(done), "diverged": sum(r.status == "diverged" for r in runs),
                          "failed": sum(r.status == "failed" for r in runs),
-                         "outcome_counts": {key: sum(bool(r.outcome.get(key)) for r in runs)
-                                            for key in self.flag_outcomes()}})
+                         "outcome_counts": {key: self.outcome_count(name, key) for key in self.flag_outcomes()}})
         rows.sort(key=lambda row: -row["delta_m"] if math.isfinite(row["delta_m"]) else math.inf)
         return rows
+
+    def outcome_count(self, method: str, key: str) -> int:
+        """How many of ``method``'s runs said yes to the outcome ``key`` (e.g. ``"reached"``)."""
+        return sum(bool(r.outcome.get(key)) for r in self.runs_of(method))
 
     def flag_outcomes(self) -> list[str]:
         """The yes/no entries of the runs' ``outcome`` (in first-seen order)."""

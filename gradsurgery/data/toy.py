@@ -69,21 +69,6 @@ def objectives(x: Tensor) -> Tensor:
     return torch.stack([task_loss(x, 0), task_loss(x, 1)], dim=-1)
 
 
-def pareto_set(resolution: int = 300) -> tuple[Tensor, Tensor]:
-    """Non-dominated points of a ``resolution x resolution`` grid over :data:`BOX`:
-    ``(points (n, 2), losses (n, 2))``. A point is kept when no grid point is at least as
-    good on both losses (sort by ``L_1``, keep the points that lower the running minimum
-    of ``L_2``)."""
-    axis = torch.linspace(*BOX, resolution, dtype=torch.float64)
-    grid = torch.cartesian_prod(axis, axis)
-    losses = objectives(grid)
-    order = torch.argsort(losses[:, 0])
-    l2 = losses[order, 1]
-    best_before = torch.cat([l2.new_full((1,), float("inf")), torch.cummin(l2, 0).values[:-1]])
-    keep = order[l2 < best_before]
-    return grid[keep], losses[keep]
-
-
 @functools.lru_cache(maxsize=4)
 def pareto_curve(n: int = 1401) -> Tensor:
     """``(n, 2)`` points of the Pareto set (float64), ``x_1`` evenly spaced over [-7, 7].
@@ -92,9 +77,9 @@ def pareto_curve(n: int = 1401) -> Tensor:
     signs, so a point is Pareto-stationary exactly where the gradients are anti-parallel,
     i.e. their 2-D cross product ``g_1 x g_2`` vanishes. For each ``x_1``, 40 bisection
     steps on ``x_2`` in [-9.5, -7.6] (where the cross product changes sign) find that
-    point; at ``x_1 = +-7`` it is the minimum of ``L_1`` (``L_2``). :func:`pareto_set`'s
-    grid agrees to within its spacing, but scatters over ``x_2`` (the losses are nearly flat
-    there); this curve does not. Cached (do not modify the returned tensor).
+    point; at ``x_1 = +-7`` it is the minimum of ``L_1`` (``L_2``). (A grid search for
+    non-dominated points scatters over ``x_2``, where the losses are nearly flat; this
+    curve does not.) Cached (do not modify the returned tensor).
     """
     x1 = torch.linspace(-7.0, 7.0, n, dtype=torch.float64)
 
@@ -214,8 +199,7 @@ class Toy(Benchmark):
         for m in results.methods:
             runs = {r.seed: r for r in results.runs_of(m)}
             cells = [_endpoint_cell(runs.get(s)) for s in seeds]
-            n = sum(bool(r.outcome.get("reached")) for r in runs.values())
-            body.append([m, *cells, f"{n}/{len(seeds)}"])
+            body.append([m, *cells, f"{results.outcome_count(m, 'reached')}/{len(seeds)}"])
         caption = (f"End points after {results.epochs} epochs: ✓ within {PARETO_TOL} of the Pareto set "
                    "(counted in `reached`), ✗ not; a run that diverged or failed ends where it stopped "
                    "and says after how many steps.")

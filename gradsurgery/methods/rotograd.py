@@ -173,7 +173,8 @@ class RotoGradNorm(RotateOnly):
         # autograd call (a graph break under torch.compile): with u_k = n_k sgn(n_k w_k - T_k)
         # and w_k = K e_k / S, e = exp(v) + eps, S = sum(e): dw_k/dv_j = exp(v_j) (K delta_kj - w_k) / S
         u = n.to(w.dtype) * (n.to(w.dtype) * w - target.to(w.dtype)).sign()
-        grad = v.exp() / (v.exp() + EPS).sum() * (self.num_tasks * u - u @ w)
+        e = v.exp()
+        grad = e / (e + EPS).sum() * (self.num_tasks * u - u @ w)
         if self.weight_logits.grad is None:
             self.weight_logits.grad = grad
         else:
