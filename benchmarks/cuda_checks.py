@@ -27,8 +27,8 @@ import torch.distributed as dist
 from torch import nn
 
 import gradsurgery as gs
-import gradsurgery.linalg
-from gradsurgery.distributed import is_exact
+import gradsurgery.numerics.eigh
+from gradsurgery.scale.distributed import is_exact
 
 DEV = torch.device("cuda", 0)
 K, F = 3, 64
@@ -170,9 +170,9 @@ def weights_timing() -> dict:
                              ("imtl_g", "torch"), ("nash_mtl", None)):
             method = gs.methods.create(name)
             method.bind(k, device=DEV, dtype=torch.float32, generator=torch.Generator())
-            original = gs.linalg._uses_torch
+            original = gs.numerics.eigh._uses_torch
             if solver is not None:
-                gs.linalg._uses_torch = lambda a, _s, use=solver == "torch": use
+                gs.numerics.eigh._uses_torch = lambda a, _s, use=solver == "torch": use
             try:
                 times = []
                 for i in range(23):
@@ -185,7 +185,7 @@ def weights_timing() -> dict:
             except Exception as e:
                 out[f"K={k} {name} {solver}"] = f"crashed: {type(e).__name__}: {str(e)[:120]}"
             finally:
-                gs.linalg._uses_torch = original
+                gs.numerics.eigh._uses_torch = original
     return out
 
 

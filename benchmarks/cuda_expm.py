@@ -17,7 +17,8 @@ import statistics
 
 import torch
 
-from gradsurgery import rotation
+from gradsurgery.numerics import expm as numerics_expm
+from gradsurgery.pipeline import rotation
 
 DEV = torch.device("cuda", 0)
 K = 8
@@ -26,18 +27,18 @@ K = 8
 def _exp(plan: str):
     if plan == "matrix_exp":
         return torch.linalg.matrix_exp
-    return lambda x: rotation.expm(x, sync_free=plan == "sync_free")
+    return lambda x: numerics_expm.expm(x, sync_free=plan == "sync_free")
 
 
 def accuracy(m: int, scale: float) -> dict:
     g = torch.Generator(device=DEV).manual_seed(0)
     a = (scale * torch.randn(K, m, m, generator=g, device=DEV, dtype=torch.float64)).requires_grad_()
     probe = torch.randn(K, m, m, generator=g, device=DEV, dtype=torch.float64)
-    ref = torch.linalg.matrix_exp(rotation.skew(a))
+    ref = torch.linalg.matrix_exp(numerics_expm.skew(a))
     ref_grad, = torch.autograd.grad((ref * probe).sum(), a)
     out = {}
     for plan in ("host", "sync_free"):
-        val = _exp(plan)(rotation.skew(a))
+        val = _exp(plan)(numerics_expm.skew(a))
         grad, = torch.autograd.grad((val * probe).sum(), a)
         out[plan] = {"value": ((val - ref).norm() / ref.norm()).item(),
                      "derivative": ((grad - ref_grad).norm() / ref_grad.norm()).item()}
@@ -54,7 +55,7 @@ def timing(m: int, scale: float) -> dict:
         for i in range(25):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            (f(rotation.skew(a)) * probe).sum().backward()
+            (f(numerics_expm.skew(a)) * probe).sum().backward()
             end.record()
             torch.cuda.synchronize()
             if i >= 5:

@@ -5,7 +5,7 @@ Usage::
     python benchmarks/profile_step.py [--k 8 32] [--methods sum pcgrad mgda ...] [--d 256] [--clock cpu]
 
 For each method and K: the step's time split by pipeline stage (each stage function
-of ``gradsurgery.pipeline``/``gradsurgery.rotation`` and the method's ``weights`` is
+of ``gradsurgery.pipeline.stages``/``gradsurgery.pipeline.rotation`` and the method's ``weights`` is
 wrapped with a timer for this script only), next to plain ``sum(losses).backward()``, and
 ``opt.backward``'s time outside the autograd engine (the library's own overhead: checks,
 stats, bookkeeping; the engine's share is the work plain backward does too); then
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _workloads as W  # noqa: E402
 import gradsurgery as gs  # noqa: E402
-from gradsurgery import pipeline, rotation  # noqa: E402
+from gradsurgery.pipeline import rotation, stages as pipeline  # noqa: E402
 
 STAGES = {pipeline: ["fork", "task_gradients", "gram", "combine", "shared_backward", "accumulate"],
           rotation: ["fork", "unrotate", "align"]}

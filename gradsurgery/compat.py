@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from .optimizer import MultiTaskOptimizer
-from .rotation import RotatedHead
+from .pipeline.rotation import RotatedHead
 
 __all__ = ["VanillaMTL", "RotateOnly", "RotoGrad", "RotoGradNorm", "cached"]
 
@@ -164,7 +164,7 @@ class RotateOnly(VanillaMTL):
         return list(self.rotations.matrices().unbind(0))
 
     def coop(self, value: bool = True) -> "RotateOnly":
-        """Enables/disables the cooperative mode (see :mod:`gradsurgery.rotation`)."""
+        """Enables/disables the cooperative mode (see :mod:`gradsurgery.pipeline.rotation`)."""
         self._optimizer.coop(value)
         return self
 

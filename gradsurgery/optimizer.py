@@ -7,9 +7,11 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
-from . import amp, distributed, params_level, pipeline
-from . import rotation as rot
-from .linalg import compute_dtype, cosines, norms
+from .pipeline import params_level
+from .pipeline import rotation as rot
+from .pipeline import stages as pipeline
+from .scale import amp, distributed
+from .numerics.gram import compute_dtype, cosines, norms
 from .methods import Method, create
 
 
@@ -33,7 +35,7 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         num_tasks: ``K``, the number of losses ``backward`` takes.
         rep_size: size of the shared representation (needed by rotation methods).
         rotation: learn one rotation ``R_k`` of the representation per task (RotoGrad; see
-            :mod:`gradsurgery.rotation`); ``None``: the method's default (on for
+            :mod:`gradsurgery.pipeline.rotation`); ``None``: the method's default (on for
             ``rotate_only``, ``rotograd``, ``rotogradnorm``). ``True`` composes rotations
             with any method, ``False`` drops them.
         rotation_shape: the rotated part of ``z``'s features (int or shape; same as
@@ -53,14 +55,14 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
             is built, or ``process_group`` given), decide from the global batch: one
             all-reduce of the ``K x K`` Gram and the ``K`` losses per step gives every rank
             the coefficients of single-process training on the global batch (see
-            :mod:`gradsurgery.distributed`). ``False``: per-rank surgery, each rank
+            :mod:`gradsurgery.scale.distributed`). ``False``: per-rank surgery, each rank
             deciding from its own slice (the only choice for element-wise ``combine``
             methods). The heads' gradients are averaged across ranks in both modes.
         process_group: the group to synchronise over (default: the whole world when
             ``torch.distributed`` is initialised).
         level: ``"rep"`` (default): the methods decide from the task gradients w.r.t. the
             shared representation ``z``. ``"params"``: from the task gradients w.r.t. the
-            shared parameters (the papers' setting; see :mod:`gradsurgery.params_level`),
+            shared parameters (the papers' setting; see :mod:`gradsurgery.pipeline.params_level`),
             the combined gradient written to their ``.grad``. Not with rotations or
             ``torch.distributed``.
         shared_params: the shared parameters for ``level="params"``; default: the wrapped
@@ -69,13 +71,13 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
 
     Attributes:
         method: the :class:`~gradsurgery.methods.Method` in use.
-        rotations: the :class:`gradsurgery.rotation.Rotations` (``None`` without).
+        rotations: the :class:`gradsurgery.pipeline.rotation.Rotations` (``None`` without).
         stats: what the last ``backward`` saw and decided (detached tensors):
             ``losses``, ``weights`` (each unweighted task gradient's coefficient in what
             the backbone received: the method's ``c`` times its loss weights, so ``1/K``
             for ``mean``) and, for methods that look at gradients, ``grad_norms`` and
             ``cosines``; with rotations, ``rotation_losses`` (the alignment losses).
-        distributed: the :class:`gradsurgery.distributed.Sync` in use (``None`` when
+        distributed: the :class:`gradsurgery.scale.distributed.Sync` in use (``None`` when
             single-process); its ``bytes_last_step`` counts what the last step all-reduced.
     """
 
@@ -211,14 +213,14 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         ``scaler`` (a ``torch.amp.GradScaler``): the backward passes run on the scaled
         losses, the method decides from the unscaled gradients (float32 or wider; the
         scale never changes a decision) and its parameters get their gradients at the
-        scaled size, like the rest (see :mod:`gradsurgery.amp`). A non-finite value then
+        scaled size, like the rest (see :mod:`gradsurgery.scale.amp`). A non-finite value then
         means overflow: the method is not consulted (its state stays untouched) and NaN
         gradients reach the parameters, so ``scaler.step(opt)`` skips the step. This
         needs the one host read whatever ``check_finite`` (``scaler.step`` reads anyway).
         Loop: ``opt.backward(losses, scaler=scaler); scaler.step(opt); scaler.update()``.
 
         Under ``torch.distributed`` the step needs one all-reduce (see
-        :mod:`gradsurgery.distributed`), so every rank must call ``backward`` every step.
+        :mod:`gradsurgery.scale.distributed`), so every rank must call ``backward`` every step.
         """
         fork = self._fork
         if fork is None:
@@ -334,7 +336,7 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
     # -- rotations ----------------------------------------------------------------------
     def coop(self, value: bool = True) -> "MultiTaskOptimizer":
         """Switches RotoGrad's cooperative mode: the rotations also follow the task losses
-        (see :mod:`gradsurgery.rotation`). Usually turned on after some epochs."""
+        (see :mod:`gradsurgery.pipeline.rotation`). Usually turned on after some epochs."""
         if self.rotations is None:
             raise ValueError(f"coop mode needs rotations, but {self.method!r} runs without them; build the "
                              "optimizer with rotation=True (or a RotoGrad-family method)")

@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import gradsurgery as gs
-from gradsurgery.distributed import average_gradients
+from gradsurgery.scale.distributed import average_gradients
 
 WORLD = 2
 STEPS = 10

@@ -1,4 +1,4 @@
-"""The sync-free symmetric eigen-decomposition (cyclic Jacobi, ``gradsurgery.linalg``)
+"""The sync-free symmetric eigen-decomposition (cyclic Jacobi, ``gradsurgery.numerics.eigh``)
 against ``torch.linalg.eigh`` (LAPACK), in float64, on Grams of every kind the methods
 meet: random, rank-deficient, zero, scaled from 1e-10 to 1e10, K = 1..10 and 32."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gradsurgery import linalg
+from gradsurgery.numerics import eigh
 
 D = torch.float64
 #: relative accuracy asked of the Jacobi sweeps (LAPACK reaches ~1e-15)
@@ -30,7 +30,7 @@ def _check_against_lapack(m: torch.Tensor, lam: torch.Tensor | None = None, vec:
     up to sign to ``TOL ||M|| / delta`` (the others are not unique)."""
     k = m.shape[0]
     if lam is None:
-        lam, vec = linalg.jacobi_eigh(m)
+        lam, vec = eigh.jacobi_eigh(m)
     ref_lam, ref_vec = torch.linalg.eigh(m)
     size = torch.linalg.matrix_norm(m, ord=2).clamp_min(1e-300)
     assert (lam == lam.sort().values).all()
@@ -56,21 +56,21 @@ def test_jacobi_matches_lapack(k, seed, kind, exponent):
 def test_jacobi_matches_lapack_k32():
     """K = 32, full rank and rank 5, in one batched call."""
     grams = torch.stack([_gram(32, 7, None, 1.0), _gram(32, 8, 5, 1.0)])
-    lam, vec = linalg.jacobi_eigh(grams)
+    lam, vec = eigh.jacobi_eigh(grams)
     for i in range(2):
         _check_against_lapack(grams[i], lam[i], vec[i])
 
 
 def test_zero_matrix_gives_identity():
-    lam, vec = linalg.jacobi_eigh(torch.zeros(4, 4, dtype=D))
+    lam, vec = eigh.jacobi_eigh(torch.zeros(4, 4, dtype=D))
     assert torch.equal(lam, torch.zeros(4, dtype=D)) and torch.equal(vec, torch.eye(4, dtype=D))
 
 
 def test_batched_equals_one_by_one():
     grams = torch.stack([_gram(5, s, None, 10.0 ** s) for s in range(3)])
-    lam, vec = linalg.jacobi_eigh(grams)
+    lam, vec = eigh.jacobi_eigh(grams)
     for i in range(3):
-        one_lam, one_vec = linalg.jacobi_eigh(grams[i])
+        one_lam, one_vec = eigh.jacobi_eigh(grams[i])
         torch.testing.assert_close(lam[i], one_lam, rtol=1e-14, atol=0)
         torch.testing.assert_close(vec[i].abs(), one_vec.abs(), rtol=0, atol=1e-13)
 
@@ -82,19 +82,19 @@ def test_pinv_symmetric_equals_torch_pinv(k):
         m = _gram(k, k, rank, 1e3)
         ref = torch.linalg.pinv(m, hermitian=True)
         for solver in ("torch", "jacobi"):
-            ours = linalg.pinv_symmetric(m, solver)
+            ours = eigh.pinv_symmetric(m, solver)
             assert (ours - ref).abs().max() <= 1e-9 * ref.abs().max()
 
 
 def test_eigvalsh_solvers_agree():
     m = _gram(9, 1, None, 1.0)
-    jac = linalg.symmetric_eigvalsh(m, "jacobi")
+    jac = eigh.symmetric_eigvalsh(m, "jacobi")
     assert (jac - torch.linalg.eigvalsh(m)).abs().max() <= TOL * torch.linalg.matrix_norm(m, ord=2)
 
 
 def test_unknown_solver_is_rejected():
     with pytest.raises(ValueError, match="solver must be one of"):
-        linalg.symmetric_eigh(torch.eye(2, dtype=D), "qr")
+        eigh.symmetric_eigh(torch.eye(2, dtype=D), "qr")
 
 
 @pytest.mark.parametrize("method", ["aligned_mtl", "imtl_g"])
@@ -104,7 +104,7 @@ def test_methods_on_the_jacobi_path_equal_lapack_path(method, monkeypatch):
 
     grams = [_gram(6, 3, None, 1e-4), _gram(6, 4, 3, 1e5)]
     expected = [gs.methods.create(method).weights(m, torch.ones(6, dtype=D)) for m in grams]
-    monkeypatch.setattr(linalg, "_uses_torch", lambda a, solver: False)
+    monkeypatch.setattr(eigh, "_uses_torch", lambda a, solver: False)
     for m, ref in zip(grams, expected):
         got = gs.methods.create(method).weights(m, torch.ones(6, dtype=D))
         assert (got - ref).abs().max() <= 1e-9 * ref.abs().max()
@@ -115,14 +115,14 @@ def test_cuda_graph_replay_equals_eager_sweeps_without_sync():
     """On CUDA the sweeps are replayed from a captured graph: same numbers as running them
     eagerly, fresh input on every call, and no synchronisation after the first call."""
     grams = [_gram(8, s, None, 10.0 ** s).cuda() for s in range(3)]
-    linalg.jacobi_eigh(grams[0])  # captures
+    eigh.jacobi_eigh(grams[0])  # captures
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        replayed = [linalg.jacobi_eigh(m) for m in grams]
+        replayed = [eigh.jacobi_eigh(m) for m in grams]
     finally:
         torch.cuda.set_sync_debug_mode(0)
     for m, (lam, vec) in zip(grams, replayed):
-        eager_lam, eager_vec = linalg.jacobi_eigh(m, sweeps=linalg.jacobi_sweeps(8))
+        eager_lam, eager_vec = eigh.jacobi_eigh(m, sweeps=eigh.jacobi_sweeps(8))
         assert torch.equal(lam, eager_lam) and torch.equal(vec, eager_vec)
         _check_against_lapack(m.cpu(), lam.cpu(), vec.cpu())

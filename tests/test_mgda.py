@@ -15,7 +15,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import gradsurgery as gs
-from gradsurgery import linalg
+from gradsurgery.numerics import qp
+from gradsurgery.numerics.gram import normalized64
 from gradsurgery.methods.mgda import MGDA
 from core_helpers import backbone_grads_for, make, task_grads
 
@@ -105,8 +106,8 @@ def degenerate_cases():
 #: "auto" enumerates supports up to MIN_NORM_ENUMERATION_MAX_TASKS and runs the active set
 #: above; "active_set" forces the active set for every K.
 SOLVERS = {
-    "auto": linalg.min_norm_simplex,
-    "active_set": lambda m: linalg._wolfe_active_set(linalg.normalized64(m), 3 * m.shape[0] + 10),
+    "auto": qp.min_norm_simplex,
+    "active_set": lambda m: qp._wolfe_active_set(normalized64(m), 3 * m.shape[0] + 10),
 }
 
 
@@ -139,7 +140,7 @@ def test_kkt_random(k, n, seed, kind, solver, scale):
        kind=st.sampled_from(["random", "correlated", "scaled"]))
 def test_point_matches_exhaustive_solver(k, n, seed, kind):
     grads = random_grads(k, n, seed, kind)
-    d = linalg.min_norm_simplex(grads @ grads.T) @ grads
+    d = qp.min_norm_simplex(grads @ grads.T) @ grads
     expected = exhaustive_min_norm(grads.numpy())
     np.testing.assert_allclose(d.numpy(), expected, rtol=0, atol=1e-6 * float(grads.norm(dim=1).max()))
 
@@ -148,7 +149,7 @@ def test_point_matches_exhaustive_solver(k, n, seed, kind):
 def test_point_matches_slsqp(k):
     for seed in range(3):
         grads = random_grads(k, 6 + seed * 10, seed, "correlated")
-        d = linalg.min_norm_simplex(grads @ grads.T) @ grads
+        d = qp.min_norm_simplex(grads @ grads.T) @ grads
         ref = slsqp_min_norm(grads.numpy())
         # SLSQP is the approximate one: ours is never longer, and close to it
         assert float(d @ d) <= float(ref @ ref) * (1 + 1e-9) + 1e-15
@@ -160,7 +161,7 @@ def test_iterative_path_is_exact(k):
     worst = 0.0
     for seed, (n, kind) in enumerate(itertools.product([3, 20, 200], ["correlated", "scaled"])):
         grads = random_grads(k, n, seed, kind)
-        lam = linalg.min_norm_simplex(grads @ grads.T)
+        lam = qp.min_norm_simplex(grads @ grads.T)
         simplex, dual, comp = kkt_residuals(grads, lam)
         worst = max(worst, dual, comp)
         assert simplex <= 1e-12
@@ -172,14 +173,14 @@ def test_solvers_agree_on_small_k():
         k = 2 + seed % 7
         grads = random_grads(k, 1 + seed % 5 * 7, seed, ["random", "correlated", "scaled"][seed % 3])
         m = grads @ grads.T
-        d1 = linalg.min_norm_simplex(m) @ grads
+        d1 = qp.min_norm_simplex(m) @ grads
         d2 = SOLVERS["active_set"](m) @ grads
         torch.testing.assert_close(d1, d2, rtol=0, atol=1e-9 * float(grads.norm(dim=1).max()))
 
 
 def test_float32_gram_is_solved_in_float64_and_returned_as_float32():
     grads = random_grads(5, 7, 1, "correlated")
-    lam = linalg.min_norm_simplex((grads @ grads.T).float())
+    lam = qp.min_norm_simplex((grads @ grads.T).float())
     assert lam.dtype == torch.float32
     assert_kkt(grads, lam, tol=1e-6)
 
@@ -197,7 +198,7 @@ def test_normalizations(normalization):
     lam = method.weights(grads @ grads.T, losses)
     assert_kkt(grads / n[:, None], lam)
     if normalization != "none":  # the normalisation changes the answer on these gradients
-        assert not torch.allclose(lam, linalg.min_norm_simplex(grads @ grads.T), atol=1e-3)
+        assert not torch.allclose(lam, qp.min_norm_simplex(grads @ grads.T), atol=1e-3)
 
 
 def test_unknown_normalization_raises():

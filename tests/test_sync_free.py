@@ -23,9 +23,9 @@ import torch.distributed as dist
 from torch import nn
 
 import gradsurgery as gs
-from gradsurgery import linalg
-from gradsurgery import rotation
-from gradsurgery.distributed import is_exact
+from gradsurgery.numerics import eigh, expm as numerics_expm
+
+from gradsurgery.scale.distributed import is_exact
 
 K = 3
 FEATURES = 8
@@ -93,7 +93,7 @@ def _train_step(backbone, heads, opt, x, y):
 def _check(method: str, monkeypatch) -> None:
     # the rotations' exponential reads its norm bound on the host only on the CPU, where a
     # read is free: check the plan it runs on accelerators
-    monkeypatch.setattr(rotation, "reads_on_host", lambda x: False)
+    monkeypatch.setattr(numerics_expm, "reads_on_host", lambda x: False)
     reads = _Reads(monkeypatch)
     backbone, heads, opt = _setup(method)
     g = torch.Generator().manual_seed(0)
@@ -148,5 +148,5 @@ def test_nash_mtl_reads_once_per_solve(monkeypatch):
 @pytest.mark.parametrize("method", ["aligned_mtl", "imtl_g"])
 def test_jacobi_path_has_no_host_read(method, monkeypatch):
     """The eigen-decomposition these methods run off the CPU (Jacobi sweeps), forced here."""
-    monkeypatch.setattr(linalg, "_uses_torch", lambda a, solver: False)
+    monkeypatch.setattr(eigh, "_uses_torch", lambda a, solver: False)
     _check(method, monkeypatch)

@@ -13,13 +13,13 @@ Install with ``pip install gradsurgery[lightning]``. Example::
 ``training_step`` runs ``zero_grad -> backbone -> fork -> heads -> backward -> step``; the
 Lightning optimizer's ``step`` goes through the precision plugin, so with
 ``precision="16-mixed"`` the plugin's ``GradScaler`` is handed to ``backward`` and then
-steps the optimizer (the skip-on-overflow contract of :mod:`gradsurgery.amp`). Override
+steps the optimizer (the skip-on-overflow contract of :mod:`gradsurgery.scale.amp`). Override
 :meth:`MultiTaskModule.task_losses` for batches of another shape.
 
 Single-device only: Lightning's DDP strategy wraps the whole module in
 ``DistributedDataParallel``, which cannot see the heads' gradients (the pipeline computes
 them with ``torch.autograd.grad``); for several GPUs use the plain ``torch.distributed``
-recipe of :mod:`gradsurgery.distributed`.
+recipe of :mod:`gradsurgery.scale.distributed`.
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ eigen-decomposition ``M = G G^T = V diag(lambda) V^T`` restricted to its rank ``
 where ``lambda_s`` is the smallest kept eigenvalue (``scale_mode="min"``, the paper's
 choice and the default), their median (``"median"``) or mean (``"rmse"``, the original
 code's). A zero Gram gives ``B = I``. The eigen-decomposition is
-:func:`gradsurgery.linalg.symmetric_eigh` (LAPACK on the CPU, Jacobi sweeps elsewhere:
+:func:`gradsurgery.numerics.eigh.symmetric_eigh` (LAPACK on the CPU, Jacobi sweeps elsewhere:
 no host-device sync). Same scale and options as torchjd 0.18's
 ``AlignedMTL``. Permutation-equivariant; the update is linear in the gradients' scale.
 
@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..linalg import symmetric_eigh
+from ..numerics.eigh import symmetric_eigh
 from .base import Method
 from .registry import register
 

@@ -33,7 +33,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..linalg import masked_solve, min_norm_simplex, normalized64, small_matmul, supports
+from ..numerics.gram import normalized64, small_matmul
+from ..numerics.qp import masked_solve, min_norm_simplex, supports
 from .base import Method
 from .registry import register
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..linalg import norms
+from ..numerics.gram import norms
 from .base import Method
 from .registry import register
 

@@ -6,7 +6,7 @@ is Eq. 11 of Lopez-Paz & Ranzato, "Gradient Episodic Memory", NeurIPS 2017).
            v = \\arg\\min_{v \\ge \\mathbf 1/K} v^\\top M v
 
 where ``C = {y : <g_k, y> >= 0 for all k}`` (torchjd's scale: the projection of the
-mean). Exact projection (:func:`gradsurgery.linalg.project_dual_cone`, no regularisation),
+mean). Exact projection (:func:`gradsurgery.numerics.qp.project_dual_cone`, no regularisation),
 so no task conflicts with ``g`` beyond rounding. Permutation-equivariant, weights invariant
 to the gradients' scale. No options.
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..linalg import project_dual_cone
+from ..numerics.qp import project_dual_cone
 from .base import Method
 from .registry import register
 

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..linalg import norms
+from ..numerics.gram import norms
 from .base import Method
 from .registry import register
 

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..linalg import small_matmul
+from ..numerics.gram import small_matmul
 from .base import Method
 from .registry import register
 

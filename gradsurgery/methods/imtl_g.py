@@ -11,7 +11,7 @@ unit gradient ``u_k = g_k / ||g_k||``: ``<g, u_k> = const``. With the Gram
 dependent gradients). Weights sum to 1; when ``1^T M^+ n`` vanishes (relative to the
 gradients' scale) there is no such combination and the weights are 0. Computed in float64
 on the Gram normalised to unit mean diagonal, so the weights do not depend on the scale;
-``M^+`` is :func:`gradsurgery.linalg.pinv_symmetric` (``torch.linalg.pinv(hermitian=True)``'s
+``M^+`` is :func:`gradsurgery.numerics.eigh.pinv_symmetric` (``torch.linalg.pinv(hermitian=True)``'s
 cut-off, no host-device sync on any device).
 Permutation-equivariant. No options.
 
@@ -23,7 +23,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..linalg import norms, normalized64, pinv_symmetric
+from ..numerics.eigh import pinv_symmetric
+from ..numerics.gram import norms, normalized64
 from .base import Method
 from .registry import register
 

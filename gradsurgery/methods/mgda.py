@@ -9,7 +9,7 @@ where ``\\hat g_k = g_k / n_k`` is the task gradient under the paper code's
 ``"loss"`` (``n_k = L_k``) or ``"loss+"`` (``n_k = L_k ||g_k||``). As in the paper's code,
 the weights found on the normalised gradients combine the raw ones.
 
-The small QP is solved exactly (:func:`gradsurgery.linalg.min_norm_simplex`): every
+The small QP is solved exactly (:func:`gradsurgery.numerics.qp.min_norm_simplex`): every
 support is enumerated for ``K <= 8``, Wolfe's active-set algorithm runs above, so the
 result meets the KKT conditions ``<g_k, d> >= ||d||^2`` (equality on the support) to
 rounding (residuals below 1e-12 relative to ``max ||g_k||^2`` in the tests, K up to 32).
@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..linalg import min_norm_simplex, norms, scale_gram
+from ..numerics.gram import norms, scale_gram
+from ..numerics.qp import min_norm_simplex
 from .base import Method
 from .registry import register
 

@@ -49,7 +49,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..linalg import replay, small_matmul
+from ..numerics.cuda_graphs import replay
+from ..numerics.gram import small_matmul
 from .base import Method
 from .registry import register
 
@@ -124,7 +125,7 @@ class NashMTL(Method):
 def _newton(m: Tensor, alpha: Tensor, *, iterations: int) -> tuple[Tensor]:
     """``iterations`` damped Newton steps on ``f(alpha) = alpha^T M alpha / 2 - sum log alpha``
     from ``alpha > 0``: a branch-free tensor program (one CUDA graph through
-    :func:`gradsurgery.linalg.replay`). The backtracking line search tries every step length
+    :func:`gradsurgery.numerics.cuda_graphs.replay`). The backtracking line search tries every step length
     ``2^-s`` at once and takes the longest that keeps ``alpha > 0`` and meets Armijo's
     condition (none: ``alpha`` stays)."""
     index = torch.arange(LINE_SEARCH_STEPS, device=m.device)

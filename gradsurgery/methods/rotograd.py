@@ -2,7 +2,7 @@
 Learning", ICLR 2022), step for step as the ``rotograd`` package 0.1.6.
 
 All three learn one rotation ``R_k`` per task (``rotation = True``; the rotations, their
-alignment loss and cooperative mode live in :mod:`gradsurgery.rotation`, so any method can
+alignment loss and cooperative mode live in :mod:`gradsurgery.pipeline.rotation`, so any method can
 use them with ``rotation=True``, and these can drop them with ``rotation=False``). They
 differ in the magnitudes of the combined gradient ``g = sum_k c_k g_k`` (``g_k`` the
 original-space task gradients):
@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..linalg import norms
+from ..numerics.gram import norms
 from .base import Method
 from .registry import register
 

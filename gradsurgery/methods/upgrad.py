@@ -8,7 +8,7 @@ Each task gradient is projected onto the dual cone of all task gradients,
            w = \\frac1K \\sum_i v_i,\\quad v_i = \\arg\\min_{v \\ge e_i} v^\\top M v
 
 (torchjd's scale: the *mean* of the projections). The projection is exact
-(:func:`gradsurgery.linalg.project_dual_cone`, no regularisation of ``M``), so
+(:func:`gradsurgery.numerics.qp.project_dual_cone`, no regularisation of ``M``), so
 ``<g_k, g> >= 0`` for every task to rounding: no task conflicts with the update.
 Permutation-equivariant and positively homogeneous (``w`` does not change with the scale
 of the gradients). No options.
@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..linalg import project_dual_cone
+from ..numerics.qp import project_dual_cone
 from .base import Method
 from .registry import register
 

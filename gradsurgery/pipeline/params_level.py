@@ -33,8 +33,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .linalg import compute_dtype
-from .methods import Method
+from ..numerics.gram import compute_dtype
+from ..methods import Method
 
 
 def shared_parameters(z: Tensor, candidates: list[Tensor]) -> list[Tensor]:

@@ -52,7 +52,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .methods import Method
+from ..methods import Method
 
 
 def active_group(process_group=None):

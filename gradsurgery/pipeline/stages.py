@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .linalg import gram  # noqa: F401  (the pipeline's Gram step, re-exported)
+from ..numerics.gram import gram  # noqa: F401  (the pipeline's Gram step, re-exported)
 
 
 @dataclass

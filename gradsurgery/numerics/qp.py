@@ -1,0 +1,215 @@
+"""Small quadratic programs over ``K x K`` Grams: the min-norm point of the convex hull
+(MGDA), the projection onto the dual cone (UPGrad, DualProj), and the batched small
+systems they solve. Tensor programs: no host reads, no Python branching on tensor
+values, fixed iteration budgets."""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+from .gram import normalized64, small_matmul
+
+#: Largest K for which :func:`min_norm_simplex` enumerates all ``2^K - 1`` supports;
+#: above it, Wolfe's active-set algorithm is cheaper.
+MIN_NORM_ENUMERATION_MAX_TASKS = 8
+
+def _affine_minimizers(m: Tensor, masks: Tensor) -> Tensor:
+    """For each support ``S`` (row of ``masks``), the minimiser of ``l^T M l`` over the
+    affine hull ``{l : sum(l) = 1, l_i = 0 for i not in S}``: ``l = y / sum(y)`` with
+    ``M_SS y_S = 1``, ``y = 0`` off ``S`` (stationarity ``M_SS l_S = nu 1``). Singular faces
+    (duplicated, opposite or zero gradients) are solved through :func:`masked_solve`'s
+    relative ridge; ``sum(y) = 1^T (M_SS + eps I)^{-1} 1 > 0``."""
+    fm = masks.to(m.dtype)
+    y = masked_solve(m, masks, fm[..., None])[..., 0]
+    return y / y.sum(-1, keepdim=True)
+
+
+def min_norm_simplex(gram: Tensor, iterations: int | None = None) -> Tensor:
+    """Exact minimiser ``l`` of ``l^T M l`` over the probability simplex.
+
+    ``sum_k l_k g_k`` is then the minimum-norm point ``d`` of the convex hull of the task
+    gradients (MGDA, Sener & Koltun 2018), characterised by the KKT conditions
+    ``<g_k, d> >= ||d||^2`` for every ``k``, with equality where ``l_k > 0``. Solved in
+    float64 on ``M`` normalised to unit mean diagonal (the minimiser is scale-invariant).
+
+    For ``K <= MIN_NORM_ENUMERATION_MAX_TASKS`` every support's affine minimiser is
+    computed in one batched solve and the feasible one of least objective is returned.
+    For larger ``K``, Wolfe's active-set algorithm (:func:`_wolfe_active_set`) runs a fixed
+    ``iterations`` budget (default ``3 K + 10``; it needs about one iteration per support
+    change, at most ``2 K + 10`` in the tests up to ``K = 64``) and stops changing once the
+    KKT conditions hold, so its answer is exact too. No host reads in either path.
+    """
+    k = gram.shape[0]
+    m = normalized64(gram)
+    if k <= MIN_NORM_ENUMERATION_MAX_TASKS:
+        cands = _affine_minimizers(m, supports(k, m.device))
+        objective = torch.einsum("bi,ij,bj->b", cands, m, cands)
+        feasible = (cands >= -1e-12).all(-1)
+        best = torch.where(feasible, objective, torch.inf).argmin()
+        lam = cands.index_select(0, best.reshape(1))[0]  # no host read (unlike cands[best])
+    else:
+        lam = _wolfe_active_set(m, 3 * k + 10 if iterations is None else iterations)
+    lam = lam.clamp_min(0)
+    return (lam / lam.sum()).to(gram.dtype)
+
+
+def _wolfe_active_set(m: Tensor, iterations: int) -> Tensor:
+    """Wolfe's minimum-norm-point algorithm (1976) on ``min l^T M l`` over the simplex,
+    as a fixed number of branch-free iterations.
+
+    Starts at the vertex of least norm with support ``S = {it}``. Each iteration takes the
+    affine minimiser ``mu`` on ``S``. If ``mu >= 0`` it becomes ``l`` and the vertex ``j``
+    with the most negative ``(M l)_j - l^T M l`` (a KKT violation) joins ``S``; otherwise
+    ``l`` moves towards ``mu`` until a coordinate hits 0, and that vertex leaves ``S``.
+    Once no vertex violates the KKT conditions, the iteration is a fixed point.
+    """
+    k = m.shape[0]
+    index = torch.arange(k, device=m.device)
+    lam = (index == m.diagonal().argmin()).to(m.dtype)
+    support = lam > 0
+    for _ in range(iterations):
+        mu = _affine_minimizers(m, support[None])[0]
+        feasible = (mu >= 0).all()
+        # feasible: l = mu; the worst KKT violator joins the support
+        grad = m @ mu
+        gap = torch.where(support, torch.inf, grad - mu @ grad)
+        worst = gap.argmin()
+        grown = support | ((index == worst) & (gap.min() < -1e-12))
+        # infeasible: the largest step towards mu that keeps l >= 0; blocking vertices leave
+        shrinking = support & (mu < 0)
+        ratio = torch.where(shrinking, lam / torch.where(shrinking, lam - mu, 1), torch.inf)
+        t = ratio.min().clamp(0, 1)
+        moved = torch.where(shrinking & (ratio <= t), 0, lam + t * (mu - lam)).clamp_min(0)
+        lam = torch.where(feasible, mu, moved)
+        support = torch.where(feasible, grown, support & (moved > 0))
+    return lam
+
+
+def masked_solve(m: Tensor, masks: Tensor, rhs: Tensor) -> Tensor:
+    """For each support ``S`` (row of the ``B x K`` boolean ``masks``), solves
+    ``M_SS x_S = rhs_S`` with ``x = rhs`` outside ``S`` (``rhs`` is ``B x K x R``).
+
+    A relative ridge (1e-13 in float64) keeps singular faces solvable; it converges to the
+    least-norm solution, which is what a consistent singular system of a Gram matrix
+    (``M_SS = G_S G_S^T``, right-hand sides in its range) needs."""
+    k = m.shape[0]
+    fm = masks.to(m.dtype)
+    eye = torch.eye(k, dtype=m.dtype, device=m.device)
+    ridge = 1e-13 if m.dtype == torch.float64 else 1e-7
+    a = m * (fm[:, :, None] * fm[:, None, :]) + eye * (1 - fm)[:, None, :] + ridge * eye * fm[:, None, :]
+    return solve_spd(a, rhs)
+
+
+def solve_spd(a: Tensor, rhs: Tensor) -> Tensor:
+    """Solves the batched symmetric positive-definite systems ``a x = rhs`` (``... x K x K``,
+    ``... x K x R``) with one ``torch.linalg.solve_ex(..., check_errors=False)`` call (LU with
+    partial pivoting): no error check, so no host read or device sync (its documented
+    contract; the call dispatches the single ``aten._linalg_solve_ex`` op), and no
+    per-batch Python loop. Measured against Gauss-Jordan elimination written with
+    element-wise ops (one Python iteration per row), 1 and 2 CPU threads, float64, same
+    solutions to 6e-16 relative: 255 systems of 8 x 8 (MGDA's enumeration at K = 8) 1.1 vs
+    3.5 ms, 4095 of 12 x 12 20 vs 236 ms, one 32 x 32 (each iteration of Wolfe's
+    algorithm at K = 32, which runs 3K + 10 of them) 0.03-0.05 vs 5-7 ms. (``cholesky_ex``
+    is avoided: its ``tril`` took ~8 ms for a 16 x 16 matrix on a loaded 2-thread CPU.)"""
+    return torch.linalg.solve_ex(a, rhs, check_errors=False)[0]
+
+
+@functools.lru_cache(maxsize=None)
+def supports(k: int, device: torch.device) -> Tensor:
+    """All non-empty subsets of ``range(k)`` as a ``(2^k - 1) x k`` boolean mask, cached per
+    ``(k, device)``, in the order of ``itertools.product((False, True), repeat=k)`` (row
+    ``r`` is ``r`` in binary, task 0 the most significant bit). Built on ``device``: no
+    host-to-device copy (which is a sync from pageable memory)."""
+    rows = torch.arange(1, 2**k, device=device)
+    shifts = torch.arange(k - 1, -1, -1, device=device)
+    return ((rows[:, None] >> shifts[None, :]) & 1).bool()
+
+
+#: Largest K for which :func:`project_dual_cone` enumerates every active set
+#: (``rows x 2^K`` small systems in one batched solve).
+DUAL_CONE_ENUMERATION_MAX_TASKS = 5
+
+
+def project_dual_cone(gram: Tensor, u: Tensor, iterations: int = 100) -> Tensor:
+    """Weights of the projection onto the dual cone of the task gradients.
+
+    For ``x = G^T u`` (one row of ``u`` per vector to project, ``R x K``), the Euclidean
+    projection of ``x`` onto the dual cone ``{y : G y >= 0}`` is ``G^T v`` with
+
+    .. math::  v = \\arg\\min_{v \\ge u} v^\\top M v
+
+    (the dual of the projection problem, Quinton & Rey 2024, Prop. 1). Returns ``v``
+    (``R x K``). KKT: ``M v >= 0`` (so ``<g_k, G^T v> >= 0``: no task conflicts with the
+    result) with ``(M v)_k = 0`` where ``v_k > u_k``. Solved exactly, without regularising
+    ``M``, in float64 on the normalised Gram: for ``K <= DUAL_CONE_ENUMERATION_MAX_TASKS``
+    every free set ``F`` gets ``v_F = -M_FF^+ M_FA u_A``, ``v_A = u_A``; the candidate meeting
+    the KKT conditions (primal and dual feasibility, to 1e-10 relative) with the least
+    objective is returned. For larger ``K``, ``iterations`` steps of accelerated projected
+    gradient guess the active set, ``2K`` primal active-set rounds correct it, and the same
+    system on it gives the point (kept when it meets the KKT conditions).
+    """
+    k = gram.shape[0]
+    m = normalized64(gram)
+    u64 = u.to(torch.float64)
+    if k <= DUAL_CONE_ENUMERATION_MAX_TASKS:
+        free = torch.cat([torch.zeros(1, k, dtype=torch.bool, device=m.device), supports(k, m.device)])
+        v = _box_candidates(m, u64[:, None, :].expand(-1, free.shape[0], -1), free[None].expand(u64.shape[0], -1, -1))
+        mv = small_matmul(v, m)
+        objective = (v * mv).sum(-1)
+        tol = 1e-10 * (1 + u64.abs().amax(-1, keepdim=True))
+        primal = (v >= u64[:, None, :] - tol[..., None]).all(-1)
+        dual = (mv >= -tol[..., None]).all(-1)
+        kkt = primal & dual
+        score = torch.where(kkt, objective, torch.where(primal, objective + 1e300, torch.inf))
+        best = score.argmin(-1)
+        v = v.gather(1, best[:, None, None].expand(-1, 1, k))[:, 0]
+    else:
+        v = _accelerated_box(m, u64, iterations)
+        free = _refine_free_set(m, u64, v > u64 + 1e-9 * (1 + u64.abs()), 2 * k)
+        polished = _box_candidates(m, u64[:, None, :], free[:, None, :])[:, 0]
+        mv = small_matmul(polished, m)
+        tol = 1e-10 * (1 + u64.abs().amax(-1, keepdim=True))
+        ok = ((polished >= u64 - tol) & (mv >= -tol)).all(-1, keepdim=True)
+        v = torch.where(ok, polished, v)
+    return torch.maximum(v, u64).to(gram.dtype)
+
+
+def _box_candidates(m: Tensor, u: Tensor, free: Tensor) -> Tensor:
+    """``v`` with ``v = u`` off the free set and ``v_F`` minimising ``v^T M v`` on it
+    (``u``, ``free``: ``R x B x K``)."""
+    r, b, k = u.shape
+    fixed = u * (~free).to(u.dtype)
+    rhs = torch.where(free, -small_matmul(fixed, m), u)  # M symmetric: (M u_A)_F = (u_A M)_F
+    x = masked_solve(m, free.reshape(r * b, k), rhs.reshape(r * b, k, 1))
+    return x.reshape(r, b, k)
+
+
+def _refine_free_set(m: Tensor, u: Tensor, free: Tensor, rounds: int) -> Tensor:
+    """Primal active-set rounds for ``min v^T M v, v >= u`` (each row independently): solve
+    on the free set; free variables that fell below ``u`` become fixed; otherwise the fixed
+    variable with the most negative multiplier ``(M v)_i`` is freed. Stops changing a row once
+    its KKT conditions hold."""
+    tol = 1e-10 * (1 + u.abs().amax(-1, keepdim=True))
+    for _ in range(rounds):
+        v = _box_candidates(m, u[:, None, :], free[:, None, :])[:, 0]
+        below = free & (v < u - tol)
+        multipliers = torch.where(free, torch.inf, small_matmul(v, m))
+        worst = multipliers.argmin(-1, keepdim=True)
+        release = torch.zeros_like(free).scatter(-1, worst, True) & (multipliers.amin(-1, keepdim=True) < -tol)
+        free = torch.where(below.any(-1, keepdim=True), free & ~below, free | release)
+    return free
+
+
+def _accelerated_box(m: Tensor, u: Tensor, iterations: int) -> Tensor:
+    """FISTA on ``min v^T M v`` s.t. ``v >= u`` (rows of ``u`` independently)."""
+    lipschitz = 2 * symmetric_eigvalsh(m)[-1].clamp_min(1e-30)
+    v = u.clone()
+    y, t = v, 1.0
+    for _ in range(iterations):
+        nxt = torch.maximum(y - (2 * small_matmul(y, m)) / lipschitz, u)
+        t_next = (1 + (1 + 4 * t * t) ** 0.5) / 2
+        y = nxt + ((t - 1) / t_next) * (nxt - v)
+        v, t = nxt, t_next
+    return v
