@@ -1,15 +1,18 @@
 """PCGrad against an independent per-vector implementation (Algorithm 1 of Yu et al.,
-2020, written as explicit projections of flattened gradient vectors), against torchjd
-0.18's PCGrad, and its properties."""
+2020, written as explicit projections of flattened gradient vectors), against LibMTL's
+``PCGrad.backward`` re-derived (K = 2..6 with zero, duplicate, opposed and scaled rows),
+against torchjd 0.18's PCGrad, and its properties."""
 import copy
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
 import gradsurgery as gs
 from gradsurgery.methods.pcgrad import PCGrad, project_conflicting, visiting_orders
 from core_helpers import backbone_grads_for, head_grads_plain, make, task_grads
+from gradient_cases import CASES, gradient_matrix
 
 
 def reference_pcgrad(grads: np.ndarray, orders) -> np.ndarray:
@@ -26,6 +29,43 @@ def reference_pcgrad(grads: np.ndarray, orders) -> np.ndarray:
                 g = g - dot / float(grads[j] @ grads[j]) * grads[j]
         total += g
     return total
+
+
+def libmtl_pcgrad(grads: torch.Tensor, orders: list[list[int]], eps: float = 0.0) -> torch.Tensor:
+    """LibMTL (median-research-group/LibMTL), ``LibMTL/weighting/PCGrad.py``,
+    ``PCGrad.backward``, re-derived: ``pc = G``; for each task ``i`` in its shuffled order
+    of tasks ``j``: ``d = <pc_i, g_j>``; if ``d < 0``: ``pc_i -= d g_j / (||g_j||^2 + 1e-8)``;
+    the update is ``sum_i pc_i``. LibMTL's order also holds ``i`` itself; the paper's
+    Algorithm 1 (``j != i``, which gradsurgery follows) does not, so ``orders`` here are
+    the paper's. LibMTL's ``eps`` (1e-8) only guards ``0/0``, which never occurs (a zero
+    ``g_j`` gives ``d = 0``); the authors' TensorFlow code (tianheyu927/PCGrad,
+    ``PCGrad_tf.py``) has none, so the reference runs with ``eps = 0`` by default."""
+    pc = grads.clone()
+    for i, order in enumerate(orders):
+        for j in order:
+            d = pc[i] @ grads[j]
+            if d < 0:
+                pc[i] = pc[i] - d * grads[j] / (grads[j].norm() ** 2 + eps)
+    return pc.sum(0)
+
+
+def paper_orders(k: int, seed: int) -> list[list[int]]:
+    """The orders a generator seeded with ``seed`` gives (gradsurgery's documented draw:
+    one ``K x K`` uniform draw, task ``i`` visits the others by increasing ``keys[i, j]``)."""
+    keys = torch.rand(k, k, generator=torch.Generator().manual_seed(seed))
+    return [sorted((j for j in range(k) if j != i), key=lambda j: float(keys[i, j])) for i in range(k)]
+
+
+@pytest.mark.parametrize("k,kind,seed", CASES)
+def test_equals_libmtl_update_on_degenerate_rows(k, kind, seed):
+    g = gradient_matrix(k, kind, seed)
+    method = PCGrad()
+    method.bind(k, device=g.device, dtype=g.dtype, generator=torch.Generator().manual_seed(seed))
+    ours = method.weights(g @ g.T, torch.ones(k, dtype=g.dtype)) @ g
+    ref = libmtl_pcgrad(g, paper_orders(k, seed))
+    assert torch.isfinite(ours).all()
+    tol = 1e-9 * g.norm(dim=1).max() * k
+    torch.testing.assert_close(ours, ref, rtol=0, atol=float(tol))
 
 
 def _conflicting(k, n, seed):
