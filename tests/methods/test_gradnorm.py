@@ -1,5 +1,7 @@
 """GradNorm (Chen et al., 2018): weights positive and summing to K, moving the right way
-on imbalanced tasks, and the weight gradient equal to autograd of the paper's loss."""
+on imbalanced tasks, the weight gradient equal to autograd of the paper's loss, and several
+steps equal to the paper's Algorithm 1 re-derived, with the norms at the last shared layer
+(``level="params", shared_params=[W]``) or at the representation."""
 import copy
 
 import pytest
@@ -9,6 +11,8 @@ from torch import nn
 
 import gradsurgery as gs
 from core_helpers import backbone_grads_for, make, task_grads, wrapped_step
+
+D = torch.float64
 
 
 @settings(max_examples=6, deadline=None)
@@ -98,3 +102,75 @@ def test_initial_losses_taken_at_first_step_and_zero_loss_stays_finite():
 def test_bad_alpha_raises():
     with pytest.raises(ValueError, match="alpha"):
         gs.methods.create("gradnorm", alpha=-1.0)
+
+
+def paper_gradnorm_run(model, x, batches, lr, method_lr, alpha=1.5, layer=None):
+    """GradNorm, Algorithm 1 of Chen et al. (ICML 2018; no authors' code), re-derived:
+    ``G_i = ||grad_W w_i L_i||`` at the last shared layer's weight ``W`` (``layer``; the
+    whole representation ``z`` when ``None``), ``r_i = Ltilde_i / mean Ltilde``,
+    ``Ltilde_i = L_i(t) / L_i(0)``, ``L_grad = sum_i |G_i - const(mean(G) r_i^alpha)|``
+    differentiated w.r.t. ``w`` only; the shared parameters get ``grad sum_i w_i L_i``, each
+    head its own unweighted loss gradient (gradsurgery's contract); then both steps and
+    ``w`` renormalised to sum to ``K``."""
+    k = len(model.heads)
+    w = torch.ones(k, dtype=D, requires_grad=True)
+    opt = torch.optim.SGD([{"params": model.parameters(), "lr": lr}, {"params": [w], "lr": method_lr}])
+    initial = None
+    for ys in batches:
+        opt.zero_grad()
+        z = model.rep(x)
+        zd = z.detach().requires_grad_()
+        losses = model.losses([zd] * k, ys)
+        initial = torch.stack([l.detach() for l in losses]) if initial is None else initial
+        if layer is None:
+            rows = [torch.autograd.grad(l, zd, retain_graph=True)[0].flatten() for l in losses]
+        else:
+            rows = [torch.autograd.grad(l, layer, retain_graph=True)[0].flatten()
+                    for l in model.losses([z] * k, ys)]
+        norms = torch.stack(rows).norm(dim=1)
+        g_w = w * norms
+        ratio = torch.stack([l.detach() for l in losses]) / initial
+        target = (g_w.mean() * (ratio / ratio.mean()) ** alpha).detach()
+        (g_w - target).abs().sum().backward()
+        sum(losses).backward()  # heads unweighted
+        zgrad = sum(w[i].detach() * r for i, r in enumerate(torch.stack(
+            [torch.autograd.grad(l, zd, retain_graph=True)[0] for l in model.losses([zd] * k, ys)])))
+        z.backward(zgrad)
+        opt.step()
+        with torch.no_grad():
+            w.mul_(k / w.sum())
+    return w.detach()
+
+
+@pytest.mark.parametrize("k", range(2, 7))
+def test_equals_paper_with_norms_at_the_last_shared_layer(k):
+    """``level="params", shared_params=[W]``: the norms at ``W``, the whole backbone trained
+    with ``sum_i w_i grad L_i``."""
+    model, x, _ = make(k, seed=k)
+    ref_model, _, _ = make(k, seed=k)
+    gen = torch.Generator().manual_seed(k)
+    batches = [(1 + s) * torch.randn(k, 4, generator=gen, dtype=D) for s in range(4)]
+    opt = gs.MultiTaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), "gradnorm", num_tasks=k,
+                                method_lr=0.02, level="params", shared_params=[model.backbone[2].weight])
+    for ys in batches:
+        wrapped_step(model, opt, x, ys)
+    w = paper_gradnorm_run(ref_model, x, batches, 0.05, 0.02, layer=ref_model.backbone[2].weight)
+    torch.testing.assert_close(opt.method.task_weights.detach(), w, rtol=1e-9, atol=1e-12)
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
+
+
+def test_equals_paper_with_norms_at_the_representation():
+    k = 3
+    model, x, _ = make(k, seed=11)
+    ref_model, _, _ = make(k, seed=11)
+    gen = torch.Generator().manual_seed(11)
+    batches = [(1 + s) * torch.randn(k, 4, generator=gen, dtype=D) for s in range(4)]
+    opt = gs.MultiTaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), "gradnorm", num_tasks=k,
+                                method_lr=0.02)
+    for ys in batches:
+        wrapped_step(model, opt, x, ys)
+    w = paper_gradnorm_run(ref_model, x, batches, 0.05, 0.02)
+    torch.testing.assert_close(opt.method.task_weights.detach(), w, rtol=1e-9, atol=1e-12)
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)

@@ -1,0 +1,70 @@
+"""DualProj against torchjd 0.18 ``DualProj`` (TorchJD/torchjd, the authors' code,
+``aggregation/_dualproj.py``, ``DualProjWeighting.forward``): with torchjd's default projector
+(Gram normalised by its trace, ``+ 1e-4 I``) through ``norm_eps``/``reg_eps``, and with the
+exact projection (gradsurgery's default) on well-conditioned matrices; K = 2..6 with zero,
+duplicate, opposed and scaled rows."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gradsurgery as gs
+from gradient_cases import CASES, gradient_matrix
+
+jd = pytest.importorskip("torchjd.aggregation", reason="torchjd 0.18 is a test-only dependency")
+pytest.importorskip("quadprog", reason="torchjd's projector needs quadprog")
+D = torch.float64
+NAME = "dualproj"
+REFERENCE = jd.DualProj
+
+
+def ours(g: torch.Tensor, **options) -> torch.Tensor:
+    method = gs.methods.create(NAME, **options)
+    method.bind(g.shape[0], device=g.device, dtype=D, generator=torch.Generator().manual_seed(0))
+    return method.weights(g @ g.T, torch.ones(g.shape[0], dtype=D)) @ g
+
+
+def exact_projector():
+    from torchjd._linalg import QuadprogProjector
+    return QuadprogProjector(norm_eps=0.0, reg_eps=0.0)
+
+
+@pytest.mark.parametrize("k,kind,seed", CASES)
+def test_equals_torchjd_default_projector(k, kind, seed):
+    """torchjd's defaults (``norm_eps = reg_eps = 1e-4``) reproduced by the options,
+    including the singular Grams of zero, duplicate and opposed rows."""
+    g = gradient_matrix(k, kind, seed)
+    torch.testing.assert_close(ours(g, norm_eps=1e-4, reg_eps=1e-4), REFERENCE()(g),
+                               rtol=0, atol=float(1e-7 * g.norm(dim=1).max()))
+
+
+@pytest.mark.parametrize("k,seed", [(k, s) for k in range(2, 7) for s in (0, 1, 2)])
+def test_default_is_the_exact_projection(k, seed):
+    g = gradient_matrix(k, "random", seed)
+    torch.testing.assert_close(ours(g), REFERENCE(projector=exact_projector())(g),
+                               rtol=0, atol=float(1e-7 * g.norm(dim=1).max()))
+
+
+@pytest.mark.parametrize("k,kind,seed", CASES)
+def test_exact_default_never_conflicts(k, kind, seed):
+    """The exact projection (no regulariser) leaves no task in conflict with the update,
+    also for singular Grams, and stays within 1e-3 of torchjd's regularised answer."""
+    g = gradient_matrix(k, kind, seed)
+    d = ours(g)
+    scale = g.norm(dim=1).max()
+    assert (g @ d >= -1e-9 * scale * d.norm()).all()
+    assert (d - REFERENCE()(g)).norm() <= 2e-3 * k * scale
+
+
+def test_pref_vector_matches_torchjd():
+    g = gradient_matrix(4, "random", 3)
+    pref = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=D)
+    torch.testing.assert_close(ours(g, pref_vector=pref, norm_eps=1e-4, reg_eps=1e-4),
+                               REFERENCE(pref_vector=pref)(g), rtol=0, atol=1e-7 * float(g.norm(dim=1).max()))
+
+
+@pytest.mark.parametrize("bad", [{"reg_eps": -1.0}, {"norm_eps": float("nan")}, {"pref_vector": [1.0, -1.0]}])
+def test_bad_options_raise(bad):
+    with pytest.raises(ValueError):
+        method = gs.methods.create(NAME, **bad)
+        method.bind(2, device=torch.device("cpu"), dtype=D, generator=torch.Generator())
