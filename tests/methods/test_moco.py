@@ -1,0 +1,115 @@
+"""MoCo (Fernando et al., ICLR 2023): differential tests against LibMTL's update,
+re-derived here (torchjd 0.18 has no MoCo)."""
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+import gradsurgery as gs
+from gradient_cases import CASES, gradient_matrix, losses_for
+
+D = torch.float64
+
+
+def reference_moco(grads_seq, losses_seq, beta=0.5, beta_sigma=0.5, gamma=0.1, gamma_sigma=0.5, rho=0.0):
+    """``(direction, lambda)`` after each step, re-derived from LibMTL 1.1.5
+    ``LibMTL/weighting/MoCo.py``, ``MoCo.backward`` (written from the authors' shared code):
+    each task gradient is normalised and scaled by its loss, ``g_k / (||g_k|| + 1e-8) * L_k``;
+    the tracking ``y <- y - beta_t (y - G)`` with ``beta_t = beta / t**beta_sigma``;
+    ``lambda <- softmax(lambda - gamma_t (y y^T + rho I) lambda)`` with
+    ``gamma_t = gamma / t**gamma_sigma``; the shared gradient is ``y^T lambda``."""
+    k, p = grads_seq[0].shape
+    y = torch.zeros(k, p, dtype=D)
+    lambd = torch.ones(k, dtype=D) / k
+    out = []
+    for t, (g, losses) in enumerate(zip(grads_seq, losses_seq), start=1):
+        g = g.to(D).clone()
+        for i in range(k):
+            g[i] = g[i] / (g[i].norm() + 1e-8) * losses[i]
+        y = y - (beta / t ** beta_sigma) * (y - g)
+        lambd = torch.softmax(lambd - (gamma / t ** gamma_sigma) * (y @ y.T + rho * torch.eye(k, dtype=D)) @ lambd, -1)
+        out.append((y.T @ lambd, lambd.clone()))
+    return out
+
+
+def steps(grads_seq, losses_seq, **opts):
+    k = grads_seq[0].shape[0]
+    method = gs.methods.create("moco", **opts)
+    method.bind(k, device=torch.device("cpu"), dtype=D, generator=torch.Generator().manual_seed(0))
+    return method, [method.combine(g, l, None) for g, l in zip(grads_seq, losses_seq)]
+
+
+@pytest.mark.parametrize("k,kind,seed", CASES)
+def test_equals_libmtl_update(k, kind, seed):
+    seq = [gradient_matrix(k, kind, seed + 10 * t) for t in range(4)]
+    losses = [losses_for(k, seed + t) for t in range(4)]
+    expected = reference_moco(seq, losses)
+    method, outs = steps(seq, losses)
+    for out, (d, lambd) in zip(outs, expected):
+        torch.testing.assert_close(out, d, rtol=1e-10, atol=1e-12 * float(d.abs().max().clamp_min(1)))
+    torch.testing.assert_close(method.state_dict()["lambda"], expected[-1][1], rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("opts", [dict(beta=0.2, beta_sigma=0.0, gamma=0.7, gamma_sigma=0.0, rho=0.3),
+                                  dict(beta=1.0, beta_sigma=1.0, gamma=2.0, gamma_sigma=0.25, rho=1.0)])
+def test_equals_libmtl_update_with_options(opts):
+    seq = [gradient_matrix(4, "random", t) for t in range(5)]
+    losses = [losses_for(4, t) for t in range(5)]
+    expected = reference_moco(seq, losses, **opts)
+    _, outs = steps(seq, losses, **opts)
+    for out, (d, _) in zip(outs, expected):
+        torch.testing.assert_close(out, d, rtol=1e-10, atol=1e-12)
+
+
+def test_defaults_are_libmtl_config():
+    m = gs.methods.create("moco")
+    assert (m.beta, m.beta_sigma, m.gamma, m.gamma_sigma, m.rho) == (0.5, 0.5, 0.1, 0.5, 0.0)
+
+
+def test_representation_level_is_refused_with_the_fix():
+    method = gs.methods.create("moco")
+    method.bind(2, device=torch.device("cpu"), dtype=D, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="level='params'"):
+        method.combine(torch.randn(2, 4, 3, dtype=D), torch.ones(2, dtype=D), torch.zeros(4, 3, dtype=D))
+    assert method.state_dict()["step"] == 0
+
+
+def test_zero_gradients_and_losses_are_finite():
+    seq = [torch.zeros(3, 5, dtype=D), gradient_matrix(3, "zero", 0, n=5)]
+    losses = [torch.zeros(3, dtype=D), torch.tensor([1.0, 0.0, 2.0], dtype=D)]
+    _, outs = steps(seq, losses)
+    assert all(torch.isfinite(o).all() for o in outs)
+    assert torch.equal(outs[0], torch.zeros(5, dtype=D))
+
+
+def test_parameter_count_change_raises():
+    method, _ = steps([torch.randn(2, 4, dtype=D)], [torch.ones(2, dtype=D)])
+    with pytest.raises(ValueError, match="parameters"):
+        method.combine(torch.randn(2, 5, dtype=D), torch.ones(2, dtype=D), None)
+
+
+def test_resume_is_bit_exact():
+    seq = [gradient_matrix(3, "random", t).float() for t in range(6)]
+    losses = [losses_for(3, t).float() for t in range(6)]
+    a = gs.methods.create("moco")
+    a.bind(3, device=torch.device("cpu"), dtype=torch.float32, generator=torch.Generator().manual_seed(0))
+    for g, l in zip(seq[:3], losses[:3]):
+        a.combine(g, l, None)
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    buf.seek(0)
+    b = gs.methods.create("moco")
+    b.bind(3, device=torch.device("cpu"), dtype=torch.float32, generator=torch.Generator().manual_seed(0))
+    b.load_state_dict(torch.load(buf))
+    for g, l in zip(seq[3:], losses[3:]):
+        assert torch.equal(a.combine(g, l, None), b.combine(g, l, None))
+
+
+@pytest.mark.parametrize("opts,match", [({"beta": 0.0}, "beta"), ({"beta": 1.5}, "beta"),
+                                        ({"beta_sigma": -1}, "beta_sigma"), ({"gamma": -0.1}, "gamma"),
+                                        ({"gamma_sigma": float("nan")}, "gamma_sigma"), ({"rho": -1}, "rho")])
+def test_bad_options_raise(opts, match):
+    with pytest.raises(ValueError, match=match):
+        gs.methods.create("moco", **opts)

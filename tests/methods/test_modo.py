@@ -1,0 +1,178 @@
+"""MoDo (Chen, Fernando et al., NeurIPS 2023 / JMLR 2024): differential tests against the
+authors' update (Trade-Off-MOL) and LibMTL's three-sample variant, re-derived here, and
+against torchjd 0.18's ``MoDoWeighting``; the two-batch design (halves of one batch)."""
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+import gradsurgery as gs
+from gradient_cases import CASES, gradient_matrix
+
+D = torch.float64
+
+
+def project_simplex_reference(y: torch.Tensor) -> torch.Tensor:
+    """Euclidean projection onto the simplex, the loop of heshandevaka/Trade-Off-MOL
+    ``LibMTL/LibMTL/weighting/MoDo.py``, ``MoDo._projection2simplex`` (same in LibMTL)."""
+    m = len(y)
+    s = torch.sort(y, descending=True)[0]
+    tmpsum = 0.0
+    tmax_f = (torch.sum(y) - 1.0) / m
+    for i in range(m - 1):
+        tmpsum += s[i]
+        tmax = (tmpsum - 1) / (i + 1.0)
+        if tmax > s[i + 1]:
+            tmax_f = tmax
+            break
+    return torch.clamp(y - tmax_f, min=0)
+
+
+def reference_modo(batches_seq, gamma=0.1, rho=0.1, samples=2):
+    """``(shared gradient, lambda)`` after each step, re-derived from heshandevaka/Trade-Off-MOL
+    ``LibMTL/LibMTL/weighting/MoDo.py``, ``MoDo.backward`` (``samples=2``: the lambda step
+    ``lambda <- proj(lambda - gamma (G1 G2^T lambda + rho lambda))`` and the shared gradient
+    ``lambda^T (G1 + G2)``) and LibMTL 1.1.5 ``LibMTL/weighting/MoDo.py`` (``samples=3``: the same
+    step from G1, G2 and the shared gradient ``lambda^T G3``). ``batches_seq``: per step, the
+    list of the ``samples`` K x P task-gradient matrices, one per independent batch."""
+    k = batches_seq[0][0].shape[0]
+    lambd = torch.ones(k, dtype=D) / k
+    out = []
+    for g in batches_seq:
+        g = [x.to(D) for x in g]
+        lambd = project_simplex_reference(lambd - gamma * (g[0] @ (g[1].T @ lambd) + rho * lambd))
+        update = g[0] + g[1] if samples == 2 else g[2]
+        out.append((lambd @ update, lambd.clone()))
+    return out
+
+
+def per_sample(k, kind, seed, batch, features=4):
+    """``K x batch x features`` per-sample loss gradients ``dl_i/dz_i`` (the kinds of
+    gradient_cases applied to the tasks' rows)."""
+    return gradient_matrix(k, kind, seed, n=batch * features).view(k, batch, features)
+
+
+def run(samples_seq, rep=True, **opts):
+    """Feeds ``modo`` the representation gradients of the batch's mean losses,
+    ``dL_k/dz_i = dl_ki/dz_i / B``; returns the method and the combined gradients."""
+    k = samples_seq[0].shape[0]
+    method = gs.methods.create("modo", **opts)
+    method.bind(k, device=torch.device("cpu"), dtype=D, generator=torch.Generator().manual_seed(0))
+    outs = []
+    for s in samples_seq:
+        grads = s / s.shape[1]
+        outs.append(method.combine(grads, torch.ones(k, dtype=D), torch.zeros(s.shape[1:], dtype=D) if rep else None))
+    return method, outs
+
+
+def batch_means(s, parts):
+    """The official code's inputs: each independent batch's mean-loss gradient (w.r.t. a
+    shared bias added to z, i.e. summed over the batch's samples)."""
+    return [c.mean(1) for c in torch.tensor_split(s, parts, dim=1)]
+
+
+@pytest.mark.parametrize("k,kind,seed", CASES)
+def test_two_halves_equal_the_authors_two_batches(k, kind, seed):
+    """The halves of one batch play the official code's two batches: lambda matches
+    Trade-Off-MOL's step for step; the shared gradient is the mean of the two batches'
+    (the official sum ``G1 + G2`` with its averaging left to the learning rate, see the card)."""
+    batch = 4 + seed  # 4 and 5: even and uneven halves
+    seq = [per_sample(k, kind, seed + 10 * t, batch) for t in range(4)]
+    expected = reference_modo([batch_means(s, 2) for s in seq], gamma=0.3, rho=0.1)
+    method, outs = run(seq, gamma=0.3, rho=0.1)
+    for s, out, (d, lambd) in zip(seq, outs, expected):
+        torch.testing.assert_close(out, torch.einsum("k,kbf->bf", lambd, s / batch), rtol=1e-10, atol=1e-14)
+        if batch % 2 == 0:
+            torch.testing.assert_close(out.sum(0), d / 2, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(method.state_dict()["lambda"], expected[-1][1], rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("k,kind,seed", [c for c in CASES if c[2] == 0])
+def test_three_parts_equal_libmtl(k, kind, seed):
+    """``samples=3``: LibMTL 1.1.5's MoDo: lambda from parts 1 and 2, the shared gradient
+    ``lambda^T G3`` from part 3 alone (the other samples' rows are zero)."""
+    seq = [per_sample(k, kind, seed + 10 * t, 7) for t in range(3)]
+    expected = reference_modo([batch_means(s, 3) for s in seq], gamma=1e-3, rho=0.1, samples=3)
+    _, outs = run(seq, gamma=1e-3, rho=0.1, samples=3)
+    for out, (d, _) in zip(outs, expected):
+        torch.testing.assert_close(out.sum(0), d, rtol=1e-10, atol=1e-14)
+        assert torch.equal(out[:5], torch.zeros_like(out[:5]))  # tensor_split(7, 3): sizes 3, 2, 2
+
+
+@pytest.mark.parametrize("k", range(2, 7))
+def test_equals_torchjd_modo_weighting(k):
+    jd = pytest.importorskip("torchjd.aggregation")
+    seq = [per_sample(k, "random", t, 6) for t in range(5)]
+    ref = jd.MoDoWeighting(gamma=0.2, rho=0.05)
+    method, _ = run(seq, gamma=0.2, rho=0.05)
+    for s in seq:
+        g1, g2 = batch_means(s, 2)
+        lambd = ref(g1 @ g2.T)
+    torch.testing.assert_close(method.state_dict()["lambda"], lambd, rtol=1e-10, atol=1e-14)
+
+
+def test_defaults_are_the_authors():
+    m = gs.methods.create("modo")
+    assert (m.gamma, m.rho, m.samples) == (0.1, 0.1, 2)
+
+
+@pytest.mark.parametrize("v", [torch.tensor([0.2, 0.3, 0.5]), torch.tensor([3.0, -1.0, 0.5, 0.5]),
+                               torch.tensor([0.25, 0.25, 0.25, 0.25]), torch.tensor([-2.0, -2.0]),
+                               torch.tensor([1e6, 1e6, -1e6])])
+def test_simplex_projection_equals_the_official_loop(v):
+    from gradsurgery.methods.modo import project_simplex
+    v = v.to(D)
+    torch.testing.assert_close(project_simplex(v), project_simplex_reference(v), rtol=0, atol=1e-12)
+
+
+def test_parameter_level_is_refused_with_the_fix():
+    method = gs.methods.create("modo")
+    method.bind(2, device=torch.device("cpu"), dtype=D, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="level='rep'"):
+        method.combine(torch.randn(2, 8, dtype=D), torch.ones(2, dtype=D), None)
+
+
+@pytest.mark.parametrize("samples,batch", [(2, 1), (3, 2)])
+def test_too_small_batch_is_refused_with_the_fix(samples, batch):
+    method = gs.methods.create("modo", samples=samples)
+    method.bind(2, device=torch.device("cpu"), dtype=D, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="drop_last"):
+        method.combine(torch.randn(2, batch, 3, dtype=D), torch.ones(2, dtype=D), torch.zeros(batch, 3, dtype=D))
+    assert torch.equal(method.state_dict()["lambda"], torch.full((2,), 0.5, dtype=D))
+
+
+def test_representation_without_batch_dimension_is_refused():
+    method = gs.methods.create("modo")
+    method.bind(2, device=torch.device("cpu"), dtype=D, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="batch"):
+        method.combine(torch.randn(2, dtype=D), torch.ones(2, dtype=D), torch.zeros((), dtype=D))
+
+
+def test_zero_gradients_are_finite():
+    _, outs = run([torch.zeros(3, 4, 2, dtype=D)] * 3)
+    assert all(torch.equal(o, torch.zeros(4, 2, dtype=D)) for o in outs)
+
+
+def test_resume_is_bit_exact():
+    seq = [per_sample(3, "random", t, 6).float() for t in range(6)]
+    a = gs.methods.create("modo")
+    a.bind(3, device=torch.device("cpu"), dtype=torch.float32, generator=torch.Generator().manual_seed(0))
+    for s in seq[:3]:
+        a.combine(s, torch.ones(3), torch.zeros(6, 4))
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    buf.seek(0)
+    b = gs.methods.create("modo")
+    b.bind(3, device=torch.device("cpu"), dtype=torch.float32, generator=torch.Generator().manual_seed(0))
+    b.load_state_dict(torch.load(buf))
+    for s in seq[3:]:
+        assert torch.equal(a.combine(s, torch.ones(3), torch.zeros(6, 4)), b.combine(s, torch.ones(3), torch.zeros(6, 4)))
+
+
+@pytest.mark.parametrize("opts,match", [({"gamma": 0.0}, "gamma"), ({"rho": -0.1}, "rho"),
+                                        ({"samples": 4}, "samples"), ({"samples": 1}, "samples")])
+def test_bad_options_raise(opts, match):
+    with pytest.raises(ValueError, match=match):
+        gs.methods.create("modo", **opts)
