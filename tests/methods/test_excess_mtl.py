@@ -42,12 +42,18 @@ def reference_excess_mtl(grads_seq: list[torch.Tensor], robust_step_size: float)
 
 
 def steps(grads_seq, rep=False, **opts):
-    """Runs ``excess_mtl`` on the sequence; returns the method and its combined gradients."""
+    """Runs ``excess_mtl`` on the sequence as the pipeline does (the task gradients it receives
+    are those of the losses weighted by its ``loss_weights``); returns the method and its
+    combined gradients."""
     k = grads_seq[0].shape[0]
     method = gs.methods.create("excess_mtl", **opts)
     method.bind(k, device=torch.device("cpu"), dtype=D, generator=torch.Generator().manual_seed(0))
     losses = torch.ones(k, dtype=D)
-    outs = [method.combine(g, losses, torch.zeros(g.shape[1:], dtype=D) if rep else None) for g in grads_seq]
+    outs = []
+    for g in grads_seq:
+        w = method.loss_weights(losses)
+        weighted = g * w.view(k, *[1] * (g.dim() - 1))
+        outs.append(method.combine(weighted, losses, torch.zeros(g.shape[1:], dtype=D) if rep else None))
     return method, outs
 
 

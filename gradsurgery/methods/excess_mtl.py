@@ -1,0 +1,113 @@
+"""ExcessMTL: task weights from excess risks (He, Zhou, Zhao and Zhang, "Robust Multi-Task
+Learning with Excess Risks", ICML 2024).
+
+Each task's excess risk (its loss above its optimum) is estimated by a second-order Taylor
+expansion with a diagonal AdaGrad Hessian (Eqs. 6-7), and the weights take an exponentiated
+gradient step on it (Eq. 9), each task's estimate divided by its first one so that the
+tasks' scales do not matter (Sec. 3.2):
+
+.. math::  S_k \\leftarrow S_k + g_k^{\\odot 2},\\qquad
+           e_k = \\sum_j \\frac{g_{kj}^2}{\\sqrt{S_{kj} + 10^{-7}}},\\qquad
+           w \\leftarrow K\\,\\operatorname{softmax}\\big(\\log w + \\eta\\, e / e^{(0)}\\big),
+           \\qquad g = \\sum_k w_k\\, g_k
+
+with ``w`` starting at ones (summing to K) and ``eta = robust_step_size``. As in the official
+code (yifei-he/ExcessMTL; LibMTL's ``ExcessMTL``), the first step records the baseline
+``e^(0)`` and keeps the weights; ``n_warmup_steps=n`` averages the baseline over the first
+``n`` steps (the paper's App. C.1 recommends three epochs), weights unchanged meanwhile.
+The official ``w * exp(eta r)``, renormalised, is computed in log space (the same update,
+without overflow). A task whose baseline is 0 (no gradient yet: absent from the first
+batches) records it at its first non-zero excess, its weight unchanged until then (the
+official code divides by 0). ``robust_step_size`` defaults to LibMTL's 1e-2.
+
+Level: either. At the representation level the statistics use the batch-summed gradients
+``sum_i dL_k/dz_i`` (LibMTL's ``rep_grad`` convention: the features persist from batch to
+batch, the samples do not); the update ``g`` keeps the per-sample shape.
+
+Heads: the official ``sum_k w_k L_k`` backward gives head ``k`` the gradient ``w_k dL_k`` of
+the weights just updated. Here :meth:`loss_weights` gives the heads the weights as they
+stand before the step (the heads' gradients are computed before the method sees the task
+gradients), one step behind, a factor ``exp(eta r_k)`` from the official (1 +- ~1e-2 at the
+default step). The task gradients the method receives are those of the weighted losses;
+it divides the weights out before its statistics (a weight that underflowed to exactly 0,
+which the official update never revives either, keeps its statistics frozen).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..numerics.gram import compute_dtype
+from .base import ElementWise
+from .registry import register
+
+
+@register("excess_mtl")
+class ExcessMTL(ElementWise):
+    """Exponentiated-gradient task weights driven by estimated excess risks."""
+
+    def __init__(self, robust_step_size: float = 1e-2, n_warmup_steps: int = 1):
+        if not (isinstance(robust_step_size, (int, float)) and math.isfinite(robust_step_size)
+                and robust_step_size > 0):
+            raise ValueError(f"robust_step_size must be a finite number > 0, got {robust_step_size!r}")
+        if isinstance(n_warmup_steps, bool) or not isinstance(n_warmup_steps, int) or n_warmup_steps < 1:
+            raise ValueError(f"n_warmup_steps must be an integer >= 1 (the steps averaged into the baseline; "
+                             f"1 is the official code), got {n_warmup_steps!r}")
+        self.robust_step_size = float(robust_step_size)
+        self.n_warmup_steps = n_warmup_steps
+
+    def bind(self, num_tasks: int, *, device: torch.device, dtype: torch.dtype,
+             generator: torch.Generator) -> None:
+        super().bind(num_tasks, device=device, dtype=dtype, generator=generator)
+        cdt = compute_dtype(dtype)
+        self.step = 0
+        self.squares: Tensor | None = None
+        self.baseline = torch.zeros(num_tasks, dtype=cdt, device=device)
+        self.weights = torch.ones(num_tasks, dtype=cdt, device=device)
+
+    def loss_weights(self, losses: Tensor) -> Tensor:
+        """The current weights (before this step's update): what the heads receive."""
+        return self.weights.to(losses.dtype)
+
+    def combine(self, grads: Tensor, losses: Tensor, rep: Tensor | None) -> Tensor:
+        k = grads.shape[0]
+        signal = grads.reshape(k, -1) if rep is None or rep.dim() == 0 else grads.reshape(k, grads.shape[1], -1).sum(1)
+        previous = self.weights
+        alive = previous > 0
+        signal = torch.where(alive[:, None], signal.to(self.weights.dtype) / torch.where(alive, previous, 1)[:, None], 0)
+        if self.squares is not None and self.squares.shape != signal.shape:
+            raise ValueError(f"excess_mtl accumulates squared gradients over {self.squares.shape[1]} features "
+                             f"(or parameters), got {signal.shape[1]} features; the representation's per-sample "
+                             "shape (or the shared parameters) must stay the same during training")
+        square = signal.square()
+        squares = square if self.squares is None else self.squares + square
+        excess = (square / (squares + 1e-7).sqrt()).sum(1)
+        self.squares = squares
+        if self.step < self.n_warmup_steps:
+            self.baseline = self.baseline + excess / self.n_warmup_steps
+        else:
+            known = self.baseline > 0
+            ratio = torch.where(known, excess / torch.where(known, self.baseline, 1), 0)
+            self.baseline = torch.where(known, self.baseline, excess)
+            self.weights = k * torch.softmax(self.weights.log() + self.robust_step_size * ratio, 0)
+        self.step += 1
+        scale = torch.where(alive, self.weights / torch.where(alive, previous, 1), 0)
+        return torch.tensordot(scale.to(grads.dtype), grads, dims=1)
+
+    def state_dict(self) -> dict[str, Any]:
+        squares = torch.empty(0, dtype=self.weights.dtype) if self.squares is None else self.squares.clone()
+        return {"step": self.step, "squares": squares, "baseline": self.baseline.clone(),
+                "weights": self.weights.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        like = dict(device=self.weights.device, dtype=self.weights.dtype)
+        self.step = int(state["step"])
+        self.squares = None if state["squares"].numel() == 0 else state["squares"].to(**like).clone()
+        self.baseline = state["baseline"].to(**like).clone()
+        self.weights = state["weights"].to(**like).clone()
+
+    def extra_repr(self) -> str:
+        return f"robust_step_size={self.robust_step_size}, n_warmup_steps={self.n_warmup_steps}"

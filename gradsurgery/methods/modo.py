@@ -1,0 +1,115 @@
+"""MoDo: multi-objective gradient with double sampling (Chen, Fernando, Ying and Chen,
+"Three-Way Trade-Off in Multi-Objective Learning: Optimization, Generalization and
+Conflict-Avoidance", NeurIPS 2023 / JMLR 2024).
+
+MoDo keeps task weights ``lambda`` on the simplex and moves them by one projected
+gradient step on ``1/2 ||G^T lambda||^2 + rho/2 ||lambda||^2`` per step, with the Gram
+estimated without bias from two **independent** samples ``G_1, G_2``:
+
+.. math::  \\lambda \\leftarrow \\Pi_\\Delta\\big(\\lambda - \\gamma\\,(G_1 G_2^\\top \\lambda
+           + \\rho\\,\\lambda)\\big),\\qquad \\lambda_0 = \\tfrac1K \\mathbf 1,\\qquad
+           g = \\lambda^\\top G
+
+``samples=2`` (the authors' Trade-Off-MOL code): ``G`` is the whole batch, i.e. the mean of
+the two samples' gradients. ``samples=3`` (LibMTL's MoDo): a third sample ``G_3`` alone
+makes the update, ``g = lambda^T G_3``.
+
+**Independent samples from one batch** (see ``docs/two_batches.md``). The user's loop does
+not change: the batch is split along its first dimension into ``samples`` contiguous parts
+(``torch.tensor_split``), independent when the loader draws samples independently
+(``shuffle=True``). Part ``j``'s task gradient is the gradient of its mean loss w.r.t. a bias
+added to ``z``, ``G_j = (1/|B_j|) sum_{i in B_j} dl_i/dz_i`` (``K x features``); the cross
+Gram ``G_1 G_2^T`` is ``K x K``. (The per-sample flattened vectors of two parts never share a
+coordinate, so their inner products would all be 0.) Level: the representation only;
+``level="params"`` (where the batch is already summed) raises, as does a batch smaller than
+``samples``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .base import ElementWise
+from .registry import register
+
+
+def project_simplex(v: Tensor) -> Tensor:
+    """Euclidean projection of ``v`` onto the probability simplex (sort, cumulative sum,
+    threshold ``theta``: ``max(v - theta, 0)`` sums to 1), without host reads."""
+    u = torch.sort(v, descending=True).values
+    excess = u.cumsum(0) - 1
+    rank = torch.arange(1, v.shape[0] + 1, dtype=v.dtype, device=v.device)
+    count = (u - excess / rank > 0).sum().clamp_min(1)
+    theta = excess.gather(0, (count - 1).view(1)) / count.to(v.dtype)
+    return (v - theta).clamp_min(0)
+
+
+def batch_parts(grads: Tensor, rep: Tensor | None, parts: int, method: str) -> tuple[Tensor, ...]:
+    """Splits the ``K x batch x ...`` representation gradients into ``parts`` contiguous
+    parts of the batch (``torch.tensor_split`` along the batch), after checking that the
+    batch can be split; raises a ``ValueError`` naming the fix otherwise."""
+    if rep is None:
+        raise ValueError(f"{method} needs independent samples, and at level='params' the batch is already "
+                         "summed into one gradient; use level='rep' (the default), where the batch is split")
+    if rep.dim() == 0:
+        raise ValueError(f"{method} splits the batch along the representation's first dimension, but the "
+                         "representation is a scalar; return z with a leading batch dimension")
+    if grads.shape[1] < parts:
+        raise ValueError(f"{method} splits every batch into {parts} independent parts and needs at least {parts} "
+                         f"samples, got a batch of {grads.shape[1]}; use a larger batch, or drop the last "
+                         "incomplete batch (DataLoader(..., drop_last=True))")
+    return torch.tensor_split(grads, parts, dim=1)
+
+
+def part_gradient(part: Tensor, batch: int) -> Tensor:
+    """``K x features``, in float64: the gradient of the part's mean loss w.r.t. a bias added
+    to ``z``, ``(B / |B_j|) sum_{i in B_j} dL_k/dz_i`` for ``L_k`` the whole batch's mean loss."""
+    flat = part.reshape(part.shape[0], part.shape[1], -1).to(torch.float64)
+    return flat.sum(1) * (batch / part.shape[1])
+
+
+@register("modo")
+class MoDo(ElementWise):
+    """Projected-gradient task weights from a doubly sampled Gram."""
+
+    def __init__(self, gamma: float = 0.1, rho: float = 0.1, samples: int = 2):
+        if not gamma > 0:
+            raise ValueError(f"gamma (the step size of lambda) must be > 0, got {gamma!r}")
+        if not rho >= 0:
+            raise ValueError(f"rho (the l2 regularisation of lambda) must be >= 0, got {rho!r}")
+        if samples not in (2, 3) or isinstance(samples, bool):
+            raise ValueError(f"samples must be 2 (the authors' code: update with the whole batch) or 3 "
+                             f"(LibMTL: update with a third part), got {samples!r}")
+        self.gamma = float(gamma)
+        self.rho = float(rho)
+        self.samples = samples
+
+    def bind(self, num_tasks: int, *, device: torch.device, dtype: torch.dtype,
+             generator: torch.Generator) -> None:
+        super().bind(num_tasks, device=device, dtype=dtype, generator=generator)
+        self.lambd = torch.full((num_tasks,), 1.0 / num_tasks, dtype=torch.float64, device=device)
+
+    def combine(self, grads: Tensor, losses: Tensor, rep: Tensor | None) -> Tensor:
+        parts = batch_parts(grads, rep, self.samples, "modo")
+        g1, g2 = (part_gradient(p, grads.shape[1]) for p in parts[:2])
+        lambd = self.lambd
+        cross = g1 @ (g2.T @ lambd)
+        self.lambd = lambd = project_simplex(lambd - self.gamma * (cross + self.rho * lambd))
+        c = lambd.to(grads.dtype)
+        if self.samples == 2:
+            return torch.tensordot(c, grads, dims=1)
+        g = torch.zeros_like(grads[0])
+        third = parts[2]
+        g[grads.shape[1] - third.shape[1]:] = torch.tensordot(c, third, dims=1) * (grads.shape[1] / third.shape[1])
+        return g
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"lambda": self.lambd.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.lambd = state["lambda"].to(self.lambd.device, torch.float64).clone()
+
+    def extra_repr(self) -> str:
+        return f"gamma={self.gamma}, rho={self.rho}, samples={self.samples}"
