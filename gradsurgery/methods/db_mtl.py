@@ -1,43 +1,83 @@
 """DB-MTL: dual-balancing multi-task learning (Lin et al., "Dual-Balancing for Multi-Task
-Learning", arXiv 2308.12029, 2023).
+Learning", arXiv 2308.12029, 2023), as the authors' code computes it
+(median-research-group/LibMTL, ``LibMTL/weighting/DB_MTL.py``, ``DB_MTL.backward``).
 
-Loss-scale balancing: every task is trained on ``log L_k`` — its loss weighted by
-``1 / (L_k + eps)`` (``eps`` 1e-8), heads and backbone alike. Gradient-magnitude balancing:
-the shared update rescales every (log-loss) task gradient to the largest norm,
+Loss-scale balancing: every task is trained on ``log(L_k + eps)`` — its loss weighted by
+``1 / (L_k + eps)`` (``eps`` 1e-8), heads and backbone alike. Gradient-magnitude balancing
+on an exponential moving average of the (log-loss) task gradients ``g_k``: at step
+``t = 1, 2, ...``, from ``b = 0`` (no bias correction, as the authors),
 
-.. math::  g = \\sum_k \\frac{\\max_j \\|g_j\\|}{\\|g_k\\|}\\, g_k,\\qquad g_k = \\nabla \\log L_k
+.. math::  b \\leftarrow g + \\frac{\\beta}{t^{\\sigma}} (b - g),\\qquad
+           g_{shared} = \\sum_k \\frac{\\max_j \\|b_j\\|}{\\|b_k\\| + 10^{-8}}\\, b_k
 
-(a zero ``g_k`` gets weight 0); the norms come from the Gram's diagonal. The paper applies
-the balancing to an exponential moving average of the task gradients; this implementation
-uses the current gradients (the paper's ``beta = 0``): at the representation level
-gradients of different batches do not share coordinates, and a momentum optimizer already
-averages over steps. Level: either.
+with ``beta`` (default 0.9) and ``beta_sigma`` = ``sigma`` (default 0): LibMTL's
+``config.py`` defaults. The first step is thus ``1 - beta`` times the ``beta = 0`` step.
+
+Level: ``level="params"`` is the authors' setting (their code refuses representation
+gradients): ``b`` is the ``K x P`` average of the parameter gradients. At the
+representation level the coordinates of ``dL_k/dz`` belong to the batch's samples and do
+not persist from one batch to the next, so the average is taken of what persists, each
+task's gradient norm: ``m <- ||g|| + beta / t^sigma (m - ||g||)`` from ``m = 0``, and
+``g_shared = sum_k max_j m_j / (m_k + 1e-8) g_k`` with the current batch's gradients.
+``beta=0`` gives the balancing of the current gradients at either level.
 """
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..numerics.gram import norms
-from .base import Method
+from .base import ElementWise
 from .registry import register
+
+#: The authors' floor of the norms in the scale ratios.
+NORM_EPS = 1e-8
 
 
 @register("db_mtl")
-class DBMTL(Method):
-    """Log-loss weighting plus gradient norms equalised to the largest."""
+class DBMTL(ElementWise):
+    """Log-loss weighting plus moving-averaged gradients equalised to the largest norm."""
 
-    def __init__(self, eps: float = 1e-8):
+    def __init__(self, beta: float = 0.9, beta_sigma: float = 0.0, eps: float = 1e-8):
+        if not 0 <= beta < 1:
+            raise ValueError(f"beta must be in [0, 1) (the moving average's decay), got {beta!r}")
+        if not beta_sigma >= 0:
+            raise ValueError(f"beta_sigma must be >= 0 (the decay's schedule beta / t**beta_sigma), got {beta_sigma!r}")
         if not eps >= 0:
             raise ValueError(f"eps must be >= 0, got {eps!r}")
-        self.eps = float(eps)
+        self.beta, self.beta_sigma, self.eps = float(beta), float(beta_sigma), float(eps)
+        self.step = 0
+        self.average: Tensor | None = None  # K x P gradients (params level) or K norms (rep level)
 
     def loss_weights(self, losses: Tensor) -> Tensor:
         return 1 / (losses + self.eps)
 
-    def weights(self, gram: Tensor, losses: Tensor) -> Tensor:
-        n = norms(gram)
-        return torch.where(n > 0, n.max() / torch.where(n > 0, n, 1), 0)
+    def combine(self, grads: Tensor, losses: Tensor, rep: Tensor | None) -> Tensor:
+        dtype = torch.float64 if grads.dtype == torch.float64 else torch.float32
+        flat = grads.reshape(grads.shape[0], -1).to(dtype)
+        current = flat if rep is None else flat.norm(dim=1)
+        if self.average is not None and self.average.shape != current.shape:
+            raise ValueError(f"db_mtl's moving average has shape {tuple(self.average.shape)} but this step's "
+                             f"is {tuple(current.shape)}: the level or the shared parameters changed; "
+                             "build a new optimizer (or load a matching state)")
+        self.step += 1
+        decay = self.beta / self.step ** self.beta_sigma
+        average = torch.zeros_like(current) if self.average is None else self.average.to(current)
+        self.average = current + decay * (average - current)
+        if rep is None:
+            scale = self.average.norm(dim=1)
+            combined = (scale.max() / (scale + NORM_EPS)) @ self.average
+        else:
+            combined = (self.average.max() / (self.average + NORM_EPS)) @ flat
+        return combined.view(grads.shape[1:]).to(grads.dtype)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "average": None if self.average is None else self.average.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = state["step"]
+        self.average = None if state["average"] is None else state["average"].clone()
 
     def extra_repr(self) -> str:
-        return f"eps={self.eps}"
+        return f"beta={self.beta}, beta_sigma={self.beta_sigma}, eps={self.eps}"

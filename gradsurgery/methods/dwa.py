@@ -1,13 +1,18 @@
 """DWA: dynamic weight average (Liu, Johns & Davison, "End-to-End Multi-Task Learning with
-Attention", CVPR 2019, Eq. 7).
+Attention", CVPR 2019, Eq. 7), as the authors' code (lorenmt/mtan,
+``im2im_pred/utils.py``, ``multi_task_trainer``) computes it.
 
-.. math::  w_k(t) = \\frac{K \\exp(r_k(t-1) / T)}{\\sum_j \\exp(r_j(t-1) / T)},\\qquad
-           r_k(t-1) = \\frac{L_k(t-1)}{L_k(t-2)}
+.. math::  w_k(e) = \\frac{K \\exp(r_k / T)}{\\sum_j \\exp(r_j / T)},\\qquad
+           r_k = \\frac{\\bar L_k(e-1)}{\\bar L_k(e-2)}
 
-with temperature ``T`` (default 2, the paper's) and ``w = 1`` until two steps were seen.
-The paper averages the losses over an epoch; here ``t`` counts optimizer steps (the losses
-of the previous two accepted ``backward`` calls, kept in ``state_dict``). The losses are
-weighted — heads and backbone alike; no Gram is computed. Level: loss weighting.
+where ``e`` counts epochs and ``\\bar L_k(e)`` is the mean of task ``k``'s training losses
+over the accepted ``backward`` calls of epoch ``e``; ``w = 1`` in epochs 0 and 1;
+temperature ``T`` (default 2, the authors'). The user marks each epoch's end with
+:meth:`gradsurgery.MultiTaskOptimizer.end_epoch`; the weights change only there, so they
+are constant within an epoch (without ``end_epoch`` calls they stay 1). ``per_step=True``
+replaces epochs by steps: the ratio of the losses of the previous two accepted ``backward``
+calls. The losses are weighted — heads and backbone alike; no Gram is computed.
+Level: loss weighting.
 """
 from __future__ import annotations
 
@@ -16,22 +21,24 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Method
+from .base import LossWeighting
 from .registry import register
 
 
 @register("dwa")
-class DWA(Method):
-    """Weights from the ratio of the last two losses, softmax with temperature."""
+class DWA(LossWeighting):
+    """Weights from the ratio of the last two epochs' mean losses, softmax with temperature."""
 
-    needs_gram = False
-    loss_only = True
-
-    def __init__(self, temperature: float = 2.0):
+    def __init__(self, temperature: float = 2.0, per_step: bool = False):
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        if not isinstance(per_step, bool):
+            raise ValueError(f"per_step must be True or False, got {per_step!r}")
         self.temperature = float(temperature)
-        self.history: list[Tensor] = []
+        self.per_step = per_step
+        self.history: list[Tensor] = []  # the last two completed periods' mean losses
+        self.total: Tensor | None = None  # sum of this epoch's losses
+        self.count = 0  # accepted backward calls in this epoch
 
     def loss_weights(self, losses: Tensor) -> Tensor:
         if len(self.history) < 2:
@@ -39,15 +46,28 @@ class DWA(Method):
         ratio = self.history[-1].to(losses) / self.history[-2].to(losses)
         return self.num_tasks * torch.softmax(ratio / self.temperature, 0)
 
-    def weights(self, gram: Tensor | None, losses: Tensor) -> Tensor:
-        self.history = [*self.history[-1:], losses.clone()]
-        return torch.ones_like(losses)
+    def update(self, losses: Tensor) -> None:
+        if self.per_step:
+            self.history = [*self.history[-1:], losses.clone()]
+            return
+        self.total = losses.clone() if self.total is None else self.total + losses
+        self.count += 1
+
+    def end_epoch(self) -> None:
+        """Closes the epoch: its mean losses become the newest entry of the ratio."""
+        if self.per_step or self.count == 0:
+            return
+        self.history = [*self.history[-1:], self.total / self.count]
+        self.total, self.count = None, 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": [h.clone() for h in self.history]}
+        return {"history": [h.clone() for h in self.history], "count": self.count,
+                "total": None if self.total is None else self.total.clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.history = [h.clone() for h in state["history"]]
+        self.count = state.get("count", 0)
+        self.total = None if state.get("total") is None else state["total"].clone()
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}"
+        return f"temperature={self.temperature}, per_step={self.per_step}"

@@ -13,7 +13,11 @@ much each log-loss decreased: with the losses ``L'`` measured after the step,
            \\nabla_\\xi = J_{\\mathrm{softmax}}(\\xi)^\\top \\delta
 
 and ``xi`` takes one Adam step (``w_lr``, default 0.025, with weight decay ``gamma``,
-default 0.01: the paper's settings). Those new losses are passed by
+default 1e-3: the authors' runs on NYUv2, CelebA and QM9, Cranial-XIX/FAMO
+``experiments/*/run.sh``; their argparse default 0.01 is the Cityscapes run's). The
+authors' runs also clip the shared parameters' gradient to norm 1:
+``torch.nn.utils.clip_grad_norm_(backbone.parameters(), 1.0)`` between ``opt.backward`` and
+``opt.step()`` does exactly that. Those new losses are passed by
 :meth:`gradsurgery.MultiTaskOptimizer.observe` (``opt.observe(losses)`` after
 ``opt.step()``, e.g. the losses of the same batch re-evaluated under ``torch.no_grad()``,
 as in the paper, or the next batch's losses to save a forward pass). The logits have their
@@ -27,20 +31,17 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from .base import Method
+from .base import LossWeighting
 from .registry import register
 
 EPS = 1e-8
 
 
 @register("famo")
-class FAMO(Method):
+class FAMO(LossWeighting):
     """Loss weights whose logits follow the observed log-loss decreases."""
 
-    needs_gram = False
-    loss_only = True
-
-    def __init__(self, w_lr: float = 0.025, gamma: float = 0.01,
+    def __init__(self, w_lr: float = 0.025, gamma: float = 1e-3,
                  min_losses: Sequence[float] | None = None):
         if not w_lr > 0:
             raise ValueError(f"w_lr must be > 0, got {w_lr!r}")
@@ -63,9 +64,8 @@ class FAMO(Method):
         gap = losses.to(z) - self.min_losses + EPS
         return (z / gap / (z / gap).sum()).to(losses)
 
-    def weights(self, gram: Tensor | None, losses: Tensor) -> Tensor:
+    def update(self, losses: Tensor) -> None:
         self.previous = losses.detach().clone()
-        return torch.ones_like(losses)
 
     def observe(self, losses: Tensor) -> None:
         if self.previous is None:

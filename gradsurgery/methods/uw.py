@@ -2,14 +2,15 @@
 to Weigh Losses for Scene Geometry and Semantics", CVPR 2018).
 
 Each task has a learnable log-variance ``s_k = log sigma_k^2`` (a method parameter, trained
-by the wrapped optimizer in its own group with ``method_lr``; start ``init``, default 0):
+by the wrapped optimizer in its own group with ``method_lr``; start ``init``, default -0.5,
+LibMTL's ``UW.init_param`` and MTAN's ``logsigma``: weights ``e^{0.5} / 2 = 0.82`` at the start):
 
 .. math::  \\mathcal L = \\sum_k \\tfrac12 e^{-s_k} L_k + \\tfrac12 s_k
 
 (the regression form, also LibMTL's). The task losses are weighted by
 ``w_k = exp(-s_k) / 2`` — heads and backbone alike, since the method only weights losses
 (no Gram is computed) — and ``s`` receives the exact gradient
-``dL/ds_k = (1 - exp(-s_k) L_k) / 2`` in its ``.grad`` during :meth:`weights`, which runs
+``dL/ds_k = (1 - exp(-s_k) L_k) / 2`` in its ``.grad`` during :meth:`update`, which runs
 after the step was validated. Level: loss weighting, the same at either level.
 """
 from __future__ import annotations
@@ -19,18 +20,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import Method
+from .base import LossWeighting
 from .registry import register
 
 
 @register("uw")
-class UncertaintyWeighting(Method):
+class UncertaintyWeighting(LossWeighting):
     """Learnable homoscedastic-uncertainty loss weights ``exp(-s_k) / 2``."""
 
-    needs_gram = False
-    loss_only = True
-
-    def __init__(self, init: float = 0.0):
+    def __init__(self, init: float = -0.5):
         if not isinstance(init, (int, float)) or isinstance(init, bool) or init != init:
             raise ValueError(f"init must be a finite number (the initial log-variance), got {init!r}")
         self.init = float(init)
@@ -45,14 +43,13 @@ class UncertaintyWeighting(Method):
     def loss_weights(self, losses: Tensor) -> Tensor:
         return 0.5 * torch.exp(-self.log_vars.detach().to(losses.dtype))
 
-    def weights(self, gram: Tensor | None, losses: Tensor) -> Tensor:
+    def update(self, losses: Tensor) -> None:
         s = self.log_vars.detach().to(losses.dtype)
         grad = (0.5 * (1 - torch.exp(-s) * losses)).to(self.log_vars.dtype)
         if self.log_vars.grad is None:
             self.log_vars.grad = grad
         else:
             self.log_vars.grad.add_(grad)
-        return torch.ones_like(losses)
 
     def state_dict(self) -> dict[str, Any]:
         return {"log_vars": self.log_vars.detach().clone()}
