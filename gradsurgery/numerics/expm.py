@@ -1,5 +1,33 @@
 """The matrix exponential of skew-symmetric stacks (the rotations' parametrisation): Taylor
-scaling and squaring with a tight 2-norm bound, differentiated exactly by autograd."""
+scaling and squaring with a tight 2-norm bound and a hand-written exact backward.
+
+**Forward.** ``exp(X) ~ T_d(X / 2^s)^(2^s)``, ``T_d(X) = sum_{j <= d} X^j / j!``. ``T_d`` is
+evaluated from the powers ``X, .., X^q`` by Horner's rule in ``X^q`` over ``r = d / q``
+blocks of degree ``< q`` (Paterson-Stockmeyer)::
+
+    V_{r-1} = B_{r-1} + X^d / d!,   V_j = B_j + X^q V_{j+1},   T_d = V_0,
+    B_j = sum_{i < q} X^i / (qj + i)!
+
+with ``(d, q)`` in (1, 1), (2, 2), (4, 2), (6, 3), (9, 3), (12, 3), (16, 4): ``q - 1 + r - 1``
+matrix products (0, 1, 2, 3, 4, 5, 6). The plan ``(d, s)`` is the cheapest (forward and,
+when a gradient is wanted, backward products) for which the truncation error is below the
+unit roundoff ``u`` for the value and ``64 u`` for the derivative (:func:`_taylor_theta`),
+given ``rho >= ||X||_2``: for skew-symmetric ``X``, ``||X^j||_2 = ||X||_2^j`` and the even
+powers are symmetric, so ``rho = min(||X||_1, ||X^2||_1^(1/2), ||X^4||_1^(1/4))`` (the
+powers the plan computes anyway).
+
+**Backward** (:class:`_SkewExp`): the exact adjoint of the evaluated approximant, reusing
+the forward's powers and Horner values: ``G <- G E^T + E^T G`` through each squaring (2
+products), ``dV_{j+1} = (X^q)^T dV_j``, ``dX^q += dV_j V_{j+1}^T`` through Horner (2 per
+block), then the powers. The domain is the skew-symmetric matrices, so only the skew part
+of ``dX`` is returned (which is all that ``skew(A)`` passes on to ``A``); by parity, only
+``sym(dX^2)``, ``skew(dX^3)`` and ``sym(dX^4)`` reach it, which halves the powers' adjoints:
+``X^2 = X X`` costs one product (``skew(-(S X + X S)) = -(S X - (S X)^T)``, ``S`` symmetric),
+``X^4 = X^2 X^2`` one, ``X^3 = X^2 X`` two. Backward products per degree: 0, 1, 3, 5, 7, 9,
+10 (autograd through the same evaluation: twice the forward's, and every intermediate
+kept). Both agree with ``torch.linalg.matrix_exp`` and its derivative to ~1e-13 relative in
+float64 (``tests/test_rotation_numerics.py``), and ``gradcheck`` holds exactly.
+"""
 from __future__ import annotations
 
 import functools
@@ -17,111 +45,238 @@ def skew(a: Tensor) -> Tensor:
 
 
 #: Squarings :func:`expm` runs without a host read (off the CPU): enough for
-#: ``||X||_2 <= 2^10 theta_16`` (about 2700 in float32, 840 in float64; a rotation
+#: ``||X||_2 <= 2^10 theta_16`` (about 2600 in float32, 840 in float64; a rotation
 #: generator that large means training diverged), NaN beyond.
 MAX_SQUARINGS = 10
-
-
-def expm(x: Tensor, *, sync_free: bool | None = None) -> Tensor:
-    """``exp(x)`` of a ``K x m x m`` stack of skew-symmetric matrices, differentiable.
-
-    Scaling and squaring of a truncated Taylor series, ``exp(X) ~ T_d(X / 2^s)^(2^s)``,
-    with ``d`` and ``s`` chosen so that the truncation error is below the unit roundoff
-    (see :func:`_taylor_theta`). The terms are bounded with the 2-norm, which for a
-    skew-symmetric (normal) ``X`` is its spectral radius, estimated from above as
-    ``rho = min(||X||_1, ||X^2||_1^(1/2), ||X^4||_1^(1/4))`` (``||X^j||_2 <= ||X^j||_1``
-    for the symmetric even powers): on trained rotations 2-5x tighter than the 1-norm that
-    ``torch.linalg.matrix_exp`` uses, so a lower degree and fewer squarings.
-    ``T_d`` is evaluated by Paterson-Stockmeyer in ``X^4`` (degrees 4, 8, 12, 16: 3, 4, 5,
-    6 matrix products, ``X^2`` and ``X^4`` among them), the powers computed once and
-    rescaled by ``2^-sj``. Autograd through these products is the exact derivative of the
-    approximant (about twice the forward's products), which equals the exponential's
-    Fréchet derivative to the same accuracy: far cheaper than ``matrix_exp``'s backward,
-    which exponentiates a ``2m x 2m`` block matrix.
-
-    Args:
-        sync_free: choose the plan without reading ``rho`` on the host: degree 16 and
-            :data:`MAX_SQUARINGS` squarings, each applied only where ``i < s``
-            (``torch.where``), ``s`` a device tensor. Otherwise one host read picks the
-            cheapest degree and only the squarings needed. Both plans are accurate to
-            the unit roundoff. Default: ``not reads_on_host(x)`` (sync-free on an
-            accelerator up to :data:`SYNC_FREE_MAX_SIZE`).
-    """
-    sync_free = not reads_on_host(x) if sync_free is None else sync_free
-    x2 = x @ x
-    x4 = x2 @ x2
-    with torch.no_grad():
-        rho = torch.stack([x.abs().sum(-2).amax(), x2.abs().sum(-2).amax().sqrt(),
-                           x4.abs().sum(-2).amax().sqrt().sqrt()]).amin()
-    thetas = _taylor_theta(x.dtype)
-    if sync_free:
-        degree, theta = thetas[-1]
-        squarings = (rho / theta).log2().ceil().clamp(0, MAX_SQUARINGS)
-        scale = 2 ** -squarings
-    else:
-        bound = float(rho)  # the one host read
-        degree, theta = next(((d, t) for d, t in thetas if not bound > t), thetas[-1])
-        squarings = max(0, math.ceil(math.log2(bound / theta))) if bound > theta and math.isfinite(bound) else 0
-        scale = 2.0 ** -squarings
-    if sync_free or squarings:
-        x, x2, x4 = x * scale, x2 * scale ** 2, x4 * scale ** 4
-    out = _taylor(x, x2, x4, degree)
-    if not sync_free:
-        for _ in range(squarings):
-            out = out @ out
-        return out
-    for i in range(MAX_SQUARINGS):
-        out = torch.where(i < squarings, out @ out, out)
-    return torch.where(rho <= theta * 2 ** MAX_SQUARINGS, out, torch.nan)
-
 
 #: Widest rotation whose exponential runs the sync-free plan on an accelerator by default.
 #: The fixed plan costs about 3x the products of the host-chosen one (16 + 10 masked
 #: squarings forward): negligible at this size, more than a synchronisation above it.
 SYNC_FREE_MAX_SIZE = 512
 
+#: ``d -> q``: degree ``d`` of ``T_d`` evaluated by Horner's rule in ``X^q`` (``d = q r``).
+_SCHEMES = {1: 1, 2: 2, 4: 2, 6: 3, 9: 3, 12: 3, 16: 4}
+#: Products of the powers' adjoints, by the highest power ``q``: ``X^2`` 1, ``X^3`` 2, ``X^4`` 1.
+_POWER_ADJOINTS = {1: 0, 2: 1, 3: 3, 4: 4}
+
+
+def expm(x: Tensor, *, sync_free: bool | None = None) -> Tensor:
+    """``exp(x)`` of a stack of skew-symmetric matrices (``(..., m, m)``), differentiable
+    (the gradient is the skew-symmetric one; see the module docstring).
+
+    Args:
+        sync_free: choose the plan without reading ``rho`` on the host: degree 16 and
+            :data:`MAX_SQUARINGS` squarings, each applied only where ``i < s``
+            (``torch.where``), ``s`` a device tensor. Otherwise host reads (free on the
+            CPU) pick the cheapest degree and only the squarings needed. Both plans are
+            accurate to the unit roundoff. Default: ``not reads_on_host(x)`` (sync-free on
+            an accelerator up to :data:`SYNC_FREE_MAX_SIZE`).
+    """
+    sync_free = not reads_on_host(x) if sync_free is None else sync_free
+    m = x.shape[-1]
+    return _SkewExp.apply(x.reshape(-1, m, m), sync_free).view(x.shape)
+
 
 def reads_on_host(x: Tensor) -> bool:
-    """Whether :func:`expm` picks its plan with a host read by default: on the CPU, where
+    """Whether :func:`expm` picks its plan with host reads by default: on the CPU, where
     reading a number costs nothing, and for rotations wider than
     :data:`SYNC_FREE_MAX_SIZE`, where the sync-free plan's extra products would cost more
     than the synchronisation the read causes."""
     return x.device.type == "cpu" or x.shape[-1] > SYNC_FREE_MAX_SIZE
 
 
-def _taylor(x: Tensor, x2: Tensor, x4: Tensor, degree: int) -> Tensor:
-    """``T_d(X) = sum_{j <= d} X^j / j!`` from the powers ``X, X^2, X^4``; for ``d > 4``
-    by Paterson-Stockmeyer in ``X^4``: ``T = B_0 + X^4 (B_1 + X^4 (B_2 + ...))`` with
-    blocks ``B_j`` of degree < 4."""
-    c = [1 / math.factorial(j) for j in range(degree + 1)]
-    eye = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)
-    x3 = x2 @ x
-    if degree == 4:
-        return eye + x + x2 * c[2] + x3 * c[3] + x4 * c[4]
-    powers = (eye, x, x2, x3)
-    blocks = [sum(p * c[4 * j + i] for i, p in enumerate(powers)) for j in range(degree // 4)]
-    out = blocks[-1] + x4 * c[degree]
-    for block in reversed(blocks[:-1]):
-        out = block + x4 @ out
-    return out
+class _SkewExp(torch.autograd.Function):
+    """``exp(X)`` of a ``K x m x m`` skew-symmetric stack with the exact adjoint of the
+    evaluated approximant as its backward (skew-symmetric part)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, sync_free: bool) -> Tensor:
+        grad = ctx.needs_input_grad[0]
+        thetas = _taylor_theta(x.dtype)
+        n1 = _norm1(x)
+        powers: list = [None, x]  # X^0 (the identity) is never formed
+        if sync_free:
+            x2 = x @ x
+            x4 = x2 @ x2
+            powers += [x2, x2 @ x, x4]
+            rho = torch.stack([n1, _norm1(x2).sqrt(), _norm1(x4).sqrt().sqrt()]).amin()
+            degree, theta = 16, thetas[16]
+            squarings = (rho / theta).log2().ceil().clamp(0, MAX_SQUARINGS)
+            scale = 2 ** -squarings
+            powers = [None] + [p * scale ** j for j, p in enumerate(powers[1:], 1)]
+        else:
+            rho = float(n1)  # the host reads
+            if rho <= thetas[1] or not math.isfinite(rho):
+                degree, squarings = 1, 0
+            else:
+                powers.append(x @ x)
+                rho = min(rho, float(_norm1(powers[2])) ** 0.5)
+                degree, squarings = _plan(rho, thetas, grad)
+                if degree == 16 or squarings:  # X^4 bounds rho tighter, and degree 16 needs it
+                    powers += [powers[2] @ x, powers[2] @ powers[2]]
+                    rho = min(rho, float(_norm1(powers[4])) ** 0.25)
+                    degree, squarings = _plan(rho, thetas, grad)
+                elif _SCHEMES[degree] == 3:
+                    powers.append(powers[2] @ x)
+            scale = 2.0 ** -squarings
+            if squarings:
+                powers = [None] + [p * scale ** j for j, p in enumerate(powers[1:], 1)]
+        q = _SCHEMES[degree]
+        horner, out = _horner(powers, q, degree)
+        squares = []
+        if sync_free:
+            for i in range(MAX_SQUARINGS):
+                squares.append(out)
+                out = torch.where(i < squarings, out @ out, out)
+            ok = rho <= theta * 2 ** MAX_SQUARINGS
+            out = torch.where(ok, out, torch.nan)
+        else:
+            for _ in range(squarings):
+                squares.append(out)
+                out = out @ out
+        if grad:
+            ctx.degree, ctx.sync_free, ctx.scale = degree, sync_free, None if sync_free else scale
+            ctx.counts = (q, len(horner), len(squares))
+            ctx.save_for_backward(*powers[1:q + 1], *horner, *squares, *([ok, scale] if sync_free else []))
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: Tensor):
+        q, n_horner, n_squares = ctx.counts
+        saved = ctx.saved_tensors
+        powers = [None, *saved[:q]]
+        horner = saved[q:q + n_horner]
+        squares = saved[q + n_horner:q + n_horner + n_squares]
+        if ctx.sync_free:
+            ok, scale = saved[q + n_horner + n_squares:]
+            squarings = -scale.log2()
+            g = torch.where(ok, g, 0)
+            for i in reversed(range(n_squares)):
+                e = squares[i].mT
+                g = torch.where(i < squarings, torch.baddbmm(g @ e, e, g), g)
+        else:
+            scale = ctx.scale
+            for e in reversed(squares):
+                e = e.mT
+                g = torch.baddbmm(g @ e, e, g)
+        d = _horner_adjoint(g, powers, horner, q, ctx.degree)
+        # the powers' adjoints: only skew(dX^odd) and sym(dX^even) reach skew(dX)
+        d1 = d[1]
+        if q >= 4:  # X^4 = X^2 X^2: sym(dX^2) += S X^2 + X^2 S, S = sym(dX^4)
+            d[2] = torch.baddbmm(d[2], d[4] + d[4].mT, powers[2])
+        if q >= 3:  # X^3 = X^2 X: sym(dX^2) += sym(-K X), skew(dX) += skew(X^2 K), K = skew(dX^3)
+            k3 = d[3] - d[3].mT
+            d[2] = torch.baddbmm(d[2], k3, powers[1], alpha=-0.5)
+            d1 = torch.baddbmm(d1, powers[2], k3, alpha=0.5)
+        if q >= 2:  # X^2 = X X: skew(dX) += -(S X - (S X)^T), S = sym(dX^2)
+            d1 = torch.baddbmm(d1, d[2] + d[2].mT, powers[1], alpha=-1)
+        return (d1 - d1.mT) * (0.5 * scale), None
+
+
+def _norm1(x: Tensor) -> Tensor:
+    """``max_k ||x_k||_1``, the largest column sum of absolute values over the stack."""
+    return x.abs().sum(-2).amax()
+
+
+def _add_eye(x: Tensor, value: float) -> Tensor:
+    x.diagonal(dim1=-2, dim2=-1).add_(value)
+    return x
+
+
+def _horner(powers: list, q: int, degree: int) -> tuple[list[Tensor], Tensor]:
+    """``(saved, T_d)``: ``T_d`` by Horner's rule in ``X^q`` from ``powers[i] = X^i``;
+    ``saved`` holds ``V_{r-1} / c_{q(r-1)+1}`` (the coefficient of ``X`` in the last block
+    is folded into the next product's scale) and ``V_{r-2}, .., V_1`` for the backward."""
+    c = _coefficients(degree)
+    x, xq, r = powers[1], powers[q], degree // q
+    if q == 1:
+        return [], _add_eye(x.clone(), 1.0)
+    top = q * (r - 1)
+    sigma = c[top + 1]
+    v = x
+    for i in range(2, q + 1):
+        v = torch.add(v, powers[i], alpha=c[top + i] / sigma)
+    saved = [_add_eye(v, c[top] / sigma)]  # a new tensor: q >= 2 added once at least
+    for j in reversed(range(r - 1)):
+        block = x
+        for i in range(2, q):
+            block = torch.add(block, powers[i], alpha=c[q * j + i] / c[q * j + 1])
+        saved.append(_add_eye(torch.baddbmm(block, xq, saved[-1], beta=c[q * j + 1], alpha=sigma), c[q * j]))
+        sigma = 1.0
+    out = saved.pop()
+    return saved, out
+
+
+def _horner_adjoint(g: Tensor, powers: list, saved, q: int, degree: int) -> list:
+    """The gradients of ``X, .., X^q`` (index 1..q) from the gradient ``g`` of ``T_d``:
+    the exact adjoint of :func:`_horner`."""
+    c = _coefficients(degree)
+    r = degree // q
+    xq_t = powers[q].mT
+    d: list = [None] * (q + 1)
+
+    def add(i: int, value: Tensor, alpha: float) -> None:
+        if d[i] is None:
+            d[i] = value if alpha == 1 else value * alpha
+        else:
+            d[i] = torch.add(d[i], value, alpha=alpha)
+
+    dv = g  # dV_j
+    for j in range(r - 1):
+        sigma = c[q * (r - 1) + 1] if j == r - 2 else 1.0
+        v_next = saved[r - 2 - j]  # V_{j+1} / sigma
+        for i in range(1, q):
+            add(i, dv, c[q * j + i])
+        d[q] = dv @ v_next.mT * sigma if d[q] is None else torch.baddbmm(d[q], dv, v_next.mT, alpha=sigma)
+        dv = xq_t @ dv
+    for i in range(1, q + 1):
+        add(i, dv, c[q * (r - 1) + i])
+    return d
 
 
 @functools.cache
-def _taylor_theta(dtype: torch.dtype) -> tuple[tuple[int, float], ...]:
-    """``(d, theta_d)`` for the Taylor degrees :func:`expm` uses: ``theta_d`` is the largest
-    ``||X||_2`` for which the truncation error ``sum_{j > d} ||X||^j / j!`` (a bound on
-    ``||exp(X) - T_d(X)||_2``, relative since ``||exp(X)||_2 = 1`` for skew ``X``) stays
-    below the unit roundoff of ``dtype``; found by bisection."""
+def _coefficients(degree: int) -> tuple[float, ...]:
+    return tuple(1 / math.factorial(j) for j in range(degree + 1))
+
+
+def _products(degree: int, backward: bool) -> int:
+    """Matrix products of evaluating ``T_degree`` (and, with ``backward``, its adjoint)."""
+    q = _SCHEMES[degree]
+    r = degree // q
+    return (q - 1) + (r - 1) + (2 * (r - 1) + _POWER_ADJOINTS[q] if backward else 0)
+
+
+def _plan(rho: float, thetas: dict[int, float], backward: bool) -> tuple[int, int]:
+    """The cheapest ``(degree, squarings)`` accurate for ``||X||_2 <= rho`` (a squaring
+    costs one product forward and two backward); fewer squarings break ties."""
+    best = None
+    for degree, theta in thetas.items():
+        s = max(0, math.ceil(math.log2(rho / theta))) if rho > theta else 0
+        key = (_products(degree, backward) + s * (3 if backward else 1), s)
+        if best is None or key < best[0]:
+            best = (key, degree, s)
+    return best[1], best[2]
+
+
+@functools.cache
+def _taylor_theta(dtype: torch.dtype) -> dict[int, float]:
+    """``{d: theta_d}``: the largest ``t = ||X||_2`` for which the truncation errors of
+    ``T_d`` stay below ``u`` (the unit roundoff of ``dtype``) for the value,
+    ``sum_{j > d} t^j / j!`` (relative, since ``||exp(X)||_2 = 1`` for skew ``X``), and
+    below ``64 u`` for the Fréchet derivative, ``sum_{j >= d} t^j / j!`` (relative to the
+    direction's norm); found by bisection."""
     unit = torch.finfo(dtype).eps / 2
 
-    def tail(degree: int, t: float) -> float:
-        return sum(t ** j / math.factorial(j) for j in range(degree + 1, degree + 40))
+    def tail(start: int, t: float) -> float:
+        return sum(t ** j / math.factorial(j) for j in range(start, start + 40))
 
-    out = []
-    for degree in (4, 8, 12, 16):
+    out = {}
+    for degree in _SCHEMES:
         lo, hi = 0.0, 8.0
-        for _ in range(60):
+        for _ in range(80):
             mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if tail(degree, mid) <= unit else (lo, mid)
-        out.append((degree, lo))
-    return tuple(out)
+            ok = tail(degree + 1, mid) <= unit and tail(degree, mid) <= 64 * unit
+            lo, hi = (mid, hi) if ok else (lo, mid)
+        out[degree] = lo
+    return out
