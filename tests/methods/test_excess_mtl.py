@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import gradsurgery as gs
+from core_helpers import head_grads_plain, make, wrapped_step
 from gradient_cases import CASES, gradient_matrix
 
 D = torch.float64
@@ -177,3 +178,28 @@ def test_feature_shape_change_raises():
     method, _ = steps([torch.randn(2, 4, 3, dtype=D)], rep=True)
     with pytest.raises(ValueError, match="features"):
         method.combine(torch.randn(2, 4, 5, dtype=D), torch.ones(2, dtype=D), torch.zeros(4, 5, dtype=D))
+
+
+def test_end_to_end_in_the_users_loop():
+    """Through ``MultiTaskOptimizer`` (representation level), three backward calls: the
+    backbone's last bias (the batch-summed ``dL/dz``, LibMTL's rep_grad) gets ``sum_k w_k g_k``
+    with the official weights, each head ``w_k dL_k`` with the weights one step behind."""
+    model, x, ys = make(3, seed=6, batch=5)
+    batches = [(x, ys), (x.flip(0), 0.3 * ys.flip(1)), (x, 2 * ys)]
+    bias = model.backbone[-1].bias
+    rows = []
+    for xb, yb in batches:
+        z = model.rep(xb)
+        losses = model.losses([z] * 3, yb)
+        rows.append(torch.stack([torch.autograd.grad(l, bias, retain_graph=True)[0] for l in losses]))
+    expected = reference_excess_mtl(rows, robust_step_size=0.5)
+    opt = gs.MultiTaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "excess_mtl", num_tasks=3,
+                                robust_step_size=0.5)
+    previous = torch.ones(3, dtype=D)
+    for g, w, (xb, yb) in zip(rows, expected, batches):
+        wrapped_step(model, opt, xb, yb, step=False)
+        torch.testing.assert_close(bias.grad, w @ g, rtol=1e-10, atol=1e-14)
+        want = head_grads_plain(model, xb, yb, weights=list(previous))
+        for got, ref in zip([p.grad for p in model.heads.parameters()], want):
+            torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-14)
+        previous = w

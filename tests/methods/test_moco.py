@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import gradsurgery as gs
+from core_helpers import head_grads_plain, make, wrapped_step
 from gradient_cases import CASES, gradient_matrix, losses_for
 
 D = torch.float64
@@ -113,3 +114,35 @@ def test_resume_is_bit_exact():
 def test_bad_options_raise(opts, match):
     with pytest.raises(ValueError, match=match):
         gs.methods.create("moco", **opts)
+
+
+def jacobian_rows(model, x, ys):
+    """``K x P``: each task's loss gradient w.r.t. the backbone's parameters, by plain autograd."""
+    params = list(model.backbone.parameters())
+    z = model.rep(x)
+    losses = model.losses([z] * len(model.heads), ys)
+    return torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(l, params, retain_graph=True)])
+                        for l in losses]), torch.stack([l.detach() for l in losses])
+
+
+def test_end_to_end_at_the_parameter_level():
+    """Through ``MultiTaskOptimizer(level="params")``, three backward calls: the backbone's
+    gradient is LibMTL's ``y^T lambda``, each head gets its own unweighted loss gradient."""
+    model, x, ys = make(3, seed=3, batch=5)
+    batches = [(x, ys), (x.flip(0), 0.5 * ys.flip(1)), (x, -ys)]
+    rows = [jacobian_rows(model, xb, yb) for xb, yb in batches]
+    expected = reference_moco([g for g, _ in rows], [l for _, l in rows])
+    opt = gs.MultiTaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "moco", num_tasks=3, level="params")
+    for (d, _), (xb, yb) in zip(expected, batches):
+        wrapped_step(model, opt, xb, yb, step=False)
+        got = torch.cat([p.grad.flatten() for p in model.backbone.parameters()])
+        torch.testing.assert_close(got, d, rtol=1e-10, atol=1e-14)
+        for g, want in zip([p.grad for p in model.heads.parameters()], head_grads_plain(model, xb, yb)):
+            torch.testing.assert_close(g, want, rtol=1e-10, atol=1e-14)
+
+
+def test_representation_level_in_the_users_loop_raises_with_the_fix():
+    model, x, ys = make(2, seed=3)
+    opt = gs.MultiTaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "moco", num_tasks=2)
+    with pytest.raises(ValueError, match="level='params'"):
+        wrapped_step(model, opt, x, ys)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import gradsurgery as gs
+from core_helpers import head_grads_plain, make, wrapped_step
 from gradient_cases import CASES, gradient_matrix
 
 D = torch.float64
@@ -176,3 +177,35 @@ def test_resume_is_bit_exact():
 def test_bad_options_raise(opts, match):
     with pytest.raises(ValueError, match=match):
         gs.methods.create("modo", **opts)
+
+
+def half_batch_bias_grads(model, x, ys, parts):
+    """The official code's inputs, by plain autograd: per independent batch (a part of the
+    batch), each task's mean-loss gradient w.r.t. the shared parameters, here the backbone's
+    last bias (the parameter a per-sample ``dL/dz`` sums into)."""
+    bias = model.backbone[-1].bias
+    out = []
+    for idx in torch.tensor_split(torch.arange(x.shape[0]), parts):
+        z = model.rep(x[idx])
+        losses = model.losses([z] * len(model.heads), ys[:, idx])
+        out.append(torch.stack([torch.autograd.grad(l, bias, retain_graph=True)[0] for l in losses]))
+    return out
+
+
+@pytest.mark.parametrize("samples", [2, 3])
+def test_end_to_end_in_the_users_loop(samples):
+    """Through ``MultiTaskOptimizer``: the last bias of the backbone gets the official update
+    computed on the parts as separate batches (halved for ``samples=2``: the mean, see the
+    card), and each head its own unweighted full-batch loss gradient, over two steps."""
+    model, x, ys = make(3, seed=2, batch=6)
+    opt = gs.MultiTaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "modo", num_tasks=3,
+                                gamma=0.5, samples=samples)
+    expected = reference_modo([half_batch_bias_grads(model, x, ys, samples),
+                               half_batch_bias_grads(model, x.flip(0), ys.flip(1), samples)],
+                              gamma=0.5, samples=samples)
+    for (update, _), (xb, yb) in zip(expected, [(x, ys), (x.flip(0), ys.flip(1))]):
+        wrapped_step(model, opt, xb, yb, step=False)
+        torch.testing.assert_close(model.backbone[-1].bias.grad, update / 2 if samples == 2 else update,
+                                   rtol=1e-10, atol=1e-14)
+        for got, want in zip([p.grad for p in model.heads.parameters()], head_grads_plain(model, xb, yb)):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import gradsurgery as gs
+from core_helpers import head_grads_plain, make, wrapped_step
 from gradient_cases import CASES, gradient_matrix
 
 D = torch.float64
@@ -182,3 +183,33 @@ def test_pref_vector_length_is_checked_at_bind():
     method = gs.methods.create("sdmgrad", pref_vector=[0.5, 0.5])
     with pytest.raises(ValueError, match="pref_vector"):
         method.bind(3, device=torch.device("cpu"), dtype=D, generator=torch.Generator().manual_seed(0))
+
+
+def part_bias_grads(model, x, ys):
+    """By plain autograd, per third of the batch taken as its own batch: each task's
+    mean-loss gradient w.r.t. the backbone's last bias, ``(zeta, xi1, xi2)``."""
+    bias = model.backbone[-1].bias
+    out = []
+    for idx in torch.tensor_split(torch.arange(x.shape[0]), 3):
+        z = model.rep(x[idx])
+        losses = model.losses([z] * len(model.heads), ys[:, idx])
+        out.append(torch.stack([torch.autograd.grad(l, bias, retain_graph=True)[0] for l in losses]))
+    return tuple(out)
+
+
+@pytest.mark.parametrize("max_norm", [1.0, None])
+def test_end_to_end_in_the_users_loop(max_norm):
+    """Through ``MultiTaskOptimizer``: the backbone's last bias gets the official update
+    computed on the thirds as separate batches (with its ``x K`` and clipping), each head its
+    own unweighted full-batch loss gradient, over two steps."""
+    model, x, ys = make(3, seed=5, batch=9)
+    ys = ys.abs() + 5  # the thirds agree (xi1_k . xi2_k > 0), where the official sqrt(d + 1e-4) is defined
+    batches = [(x, ys), (x.flip(0), ys.flip(1))]
+    expected = reference_sdmgrad([part_bias_grads(model, xb, yb) for xb, yb in batches], max_norm=max_norm)
+    opt = gs.MultiTaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "sdmgrad", num_tasks=3,
+                                max_norm=max_norm)
+    for (update, _), (xb, yb) in zip(expected, batches):
+        wrapped_step(model, opt, xb, yb, step=False)
+        torch.testing.assert_close(model.backbone[-1].bias.grad, update, rtol=1e-9, atol=1e-14)
+        for got, want in zip([p.grad for p in model.heads.parameters()], head_grads_plain(model, xb, yb)):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)
