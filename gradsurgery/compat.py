@@ -26,16 +26,20 @@ ones the package draws, so a run is the package's run.
 """
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .optimizer import MultiTaskOptimizer
-from .pipeline.rotation import RotatedHead
+from .pipeline.rotation import RotatedHead, haar
 
 __all__ = ["VanillaMTL", "RotateOnly", "RotoGrad", "RotoGradNorm", "cached"]
+
+#: Key prefixes of a ``state_dict`` saved by the rotograd 0.1.6 package.
+_PACKAGE_KEYS = ("parametrizations.rotation_", "weight_.")
 
 
 @contextmanager
@@ -60,13 +64,20 @@ class VanillaMTL(nn.Module):
         params = [*backbone.parameters(), *(p for h in heads for p in h.parameters())]
         # holds the model's parameters for the pipeline; never stepped (the user's optimizers step)
         holder = torch.optim.SGD(params, lr=0.0)
+        if rotation_shape is not None and isinstance(rotation_init, str) and rotation_init == "random":
+            # the package's draws: geotorch samples each R_k on the CPU in the default dtype
+            size = math.prod((rotation_shape,) if isinstance(rotation_shape, int) else rotation_shape)
+            rotation_init = haar(len(heads), size, dtype=torch.get_default_dtype())
         rotation = {} if rotation_shape is None else {
             "rotation_shape": rotation_shape, "post_shape": post_shape, "rotation_init": rotation_init}
-        self._optimizer = MultiTaskOptimizer(holder, self._method, num_tasks=len(heads), method_lr=0.0,
-                                             **rotation, **options)
+        # the pipeline seeds its own generator from torch's; the package draws nothing more,
+        # so neither do we: the global stream after construction is the package's
+        with torch.random.fork_rng(devices=[]):
+            self._optimizer = MultiTaskOptimizer(holder, self._method, num_tasks=len(heads), method_lr=0.0,
+                                                 **rotation, **options)
         self._backbone = [backbone]  # not a submodule: parameters() are the method's only
         self._heads = heads
-        self.heads = [RotatedHead(h, self._optimizer.rotations, k) for k, h in enumerate(heads)]
+        self.heads = [RotatedHead(h, self._optimizer.rotations, k, live=True) for k, h in enumerate(heads)]
         self.num_tasks = len(heads)
         self.rotations = self._optimizer.rotations
         self.method_parameters = nn.ParameterList(self._optimizer.method.parameters())
@@ -133,6 +144,41 @@ class VanillaMTL(nn.Module):
 
     def mtl_parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
         return self.parameters(recurse=recurse)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """Loads this class's own ``state_dict`` or, as it is, one saved by the ``rotograd``
+        0.1.6 package (keys ``parametrizations.rotation_{k}.original`` and ``.0.base``,
+        RotoGradNorm's ``weight_.{k}``), mapped onto the same rotations and weights. With
+        ``strict`` (the default) every key and shape is checked first, so a checkpoint that
+        does not fit raises and changes nothing."""
+        if any(key.startswith(_PACKAGE_KEYS) for key in state_dict):
+            state_dict = self._from_package(state_dict, strict)
+        if strict:
+            _check_fits(self, state_dict)
+        return super().load_state_dict(state_dict, strict, assign)
+
+    def _from_package(self, state: Mapping[str, Any], strict: bool) -> dict[str, Any]:
+        """The package's keys mapped onto this model's (checked when ``strict``)."""
+        own = self.state_dict()
+        k = self.num_tasks
+        mapped: dict[str, Any] = {}
+        if self.rotations is not None:
+            for ours, theirs in (("rotations.skew_params", "parametrizations.rotation_{}.original"),
+                                 ("rotations.base", "parametrizations.rotation_{}.0.base")):
+                names = [theirs.format(i) for i in range(k)]
+                if all(n in state for n in names):
+                    mapped[ours] = _stacked([state[n] for n in names], own[ours], names)
+        if self._method == "rotogradnorm" and all(f"weight_.{i}" in state for i in range(k)):
+            mapped["method_parameters.0"] = _stacked([state[f"weight_.{i}"] for i in range(k)],
+                                                     own["method_parameters.0"], [f"weight_.{i}" for i in range(k)])
+        known = _package_keys(self)
+        unexpected = sorted(key for key in state if key not in known)
+        missing = sorted(key for key in known if key not in state)
+        if strict and (unexpected or missing):
+            raise RuntimeError(f"Error(s) in loading a rotograd 0.1.6 state_dict into {type(self).__name__} "
+                               f"({k} tasks): missing keys {missing}, unexpected keys {unexpected}; save the "
+                               "checkpoint from the same rotograd class with the same number of tasks")
+        return {**{key: value for key, value in state.items() if not key.startswith(_PACKAGE_KEYS)}, **mapped}
 
     def model_parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
         yield from self.backbone.parameters(recurse=recurse)
@@ -202,3 +248,37 @@ class RotoGradNorm(RotateOnly):
     def weight(self) -> list[Tensor]:
         """The task weights ``w_k`` (positive, summing to ``K``)."""
         return list(self._optimizer.method.task_weights().unbind(0))
+
+
+def _package_keys(model: VanillaMTL) -> list[str]:
+    """The keys of the package's ``state_dict`` for a model like ``model``."""
+    keys = []
+    if model.rotations is not None:
+        keys += [f"parametrizations.rotation_{i}.{part}" for i in range(model.num_tasks)
+                 for part in ("original", "0.base")]
+    if model._method == "rotogradnorm":
+        keys += [f"weight_.{i}" for i in range(model.num_tasks)]
+    return keys
+
+
+def _stacked(values: Sequence[Tensor], like: Tensor, names: Sequence[str]) -> Tensor:
+    """The package's per-task tensors stacked into ours (checked against ``like``'s shape)."""
+    bad = [f"{n} {tuple(v.shape)}" for n, v in zip(names, values) if tuple(v.shape) != tuple(like.shape[1:])]
+    if bad:
+        raise RuntimeError(f"size mismatch loading a rotograd 0.1.6 state_dict: {', '.join(bad)}, expected shape "
+                           f"{tuple(like.shape[1:])} each; build the model with the checkpoint's rotation_shape")
+    return torch.stack([v.to(like.dtype) for v in values])
+
+
+def _check_fits(model: nn.Module, state: Mapping[str, Any]) -> None:
+    """Raises, before anything is copied, when ``state`` lacks a key of ``model``, has one
+    more, or a tensor of another shape (``nn.Module.load_state_dict`` copies what fits
+    before it raises)."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)}, model {tuple(v.shape)}" for k, v in own.items()
+              if k in state and isinstance(state[k], Tensor) and state[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        raise RuntimeError(f"Error(s) in loading state_dict for {type(model).__name__}: missing keys {missing}, "
+                           f"unexpected keys {unexpected}, shape mismatches {shapes}; nothing was loaded")

@@ -127,7 +127,7 @@ def test_missing_scikit_learn_names_the_install(monkeypatch):
 @pytest.fixture
 def broken_methods():
     @gs.methods.register("_test_nan_after_2")
-    class NanAfter2(gs.methods.Method):
+    class NanAfter2(gs.methods.GramWeighting):
         def __init__(self):
             self.calls = 0
 
@@ -136,12 +136,12 @@ def broken_methods():
             return torch.ones_like(losses) * (1.0 if self.calls <= 2 else float("nan"))
 
     @gs.methods.register("_test_raises")
-    class Raises(gs.methods.Method):
+    class Raises(gs.methods.GramWeighting):
         def weights(self, gram, losses):
             raise RuntimeError("solver exploded")
 
     @gs.methods.register("_test_live_weights")
-    class LiveWeights(gs.methods.Method):
+    class LiveWeights(gs.methods.GramWeighting):
         """Returns the same tensor every step and changes it in place after the step."""
 
         def bind(self, num_tasks, **kwargs):

@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import argparse
 import ast
+import importlib
+import os
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from .. import data, methods as registry
 from .runner import LEVELS, OPTIMIZER_OPTIONS, prepare
@@ -26,7 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(per-task metrics, Δm%, time per step) and write CSV, JSON and PNG "
                                    "plots to --out.")
     p.add_argument("--benchmark", default=data.DEFAULT,
-                   help=f"one of: {', '.join(data.available())} (default: {data.DEFAULT})")
+                   help=f"one of: {', '.join(data.available())} (default: {data.DEFAULT}), or your own as "
+                        "package.module:Name (a benchmark object, or a class or function building one)")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                   help="import MODULE first, e.g. one that registers your own methods with "
+                        "@gs.methods.register (repeatable; looked up on sys.path and in the current directory)")
     p.add_argument("--methods", help="comma-separated method names (default: every registered method)")
     p.add_argument("--seeds", help="comma-separated training seeds (default: the benchmark's, 0,1,2)")
     p.add_argument("--epochs", type=int, help="epochs per run (default: the benchmark's)")
@@ -49,11 +56,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m gradsurgery`` and the ``gradsurgery`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.list:
-        print(listing())
-        return 0
     try:
-        plan, out = _plan(args)
+        with _cwd_on_path():
+            import_modules(args.imports)
+            if args.list:
+                print(listing())
+                return 0
+            plan, out = _plan(args)
     except (UsageError, ValueError, TypeError, ImportError, OSError) as err:
         print(f"gradsurgery compare: error: {err}", file=sys.stderr)
         return 2
@@ -87,6 +96,30 @@ def _plan(args: argparse.Namespace):
     plan = prepare(args.benchmark, methods, seeds=seeds, epochs=args.epochs, baseline=args.baseline,
                    method_options=options, level=args.level)
     return plan, out
+
+
+def import_modules(names: Sequence[str]) -> None:
+    """Imports the ``--import`` modules (which register methods, benchmarks' code, ...)."""
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            raise UsageError(f"--import {name}: cannot import it ({err}); give an importable module name "
+                             "(installed, on PYTHONPATH, or a .py file's name in the current directory)") from err
+
+
+@contextmanager
+def _cwd_on_path() -> Iterator[None]:
+    """The current directory on ``sys.path`` while user code is imported (``python -m``
+    puts it there; the ``gradsurgery`` console script does not)."""
+    added = "" not in sys.path and os.getcwd() not in sys.path
+    if added:
+        sys.path.insert(0, os.getcwd())
+    try:
+        yield
+    finally:
+        if added:
+            sys.path.remove(os.getcwd())
 
 
 def _split(text: str) -> list[str]:

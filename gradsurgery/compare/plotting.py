@@ -1,26 +1,15 @@
-"""PNG figures of a :class:`~gradsurgery.compare.Results` (matplotlib, imported here only).
-
-Figures are drawn on :class:`matplotlib.figure.Figure` objects and saved directly, so the
-caller's pyplot state and backend are never touched.
-"""
+"""PNG figures of a :class:`~gradsurgery.compare.Results` (matplotlib, imported only when
+drawing; the figure helpers are :mod:`gradsurgery.data.report`'s)."""
 from __future__ import annotations
 
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+from ..data.report import figure, grid, require_matplotlib, save
+
 if TYPE_CHECKING:
     from .results import Results
-
-PLOT_INSTALL = "pip install 'gradsurgery[plot]'  (or: pip install matplotlib)"
-
-
-def require_matplotlib() -> None:
-    """Raises an ``ImportError`` naming the install command when matplotlib is missing."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise ImportError(f"plots need matplotlib: {PLOT_INSTALL}") from None
 
 
 def plot_all(results: "Results", out_dir: Path) -> list[Path]:
@@ -40,23 +29,6 @@ def plot_all(results: "Results", out_dir: Path) -> list[Path]:
 
 
 # -- helpers ------------------------------------------------------------------------------
-def _figure(rows: int = 1, cols: int = 1, size: tuple[float, float] = (6.0, 4.0), **kwargs: Any):
-    from matplotlib.figure import Figure
-    fig = Figure(figsize=(size[0] * cols, size[1] * rows), layout="constrained")
-    axes = fig.subplots(rows, cols, squeeze=False, **kwargs)
-    return fig, axes
-
-
-def _save(fig: Any, path: Path) -> Path:
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    return path
-
-
-def _grid(n: int, max_cols: int = 4) -> tuple[int, int]:
-    cols = min(n, max_cols)
-    return math.ceil(n / cols), cols
-
-
 def _styles(methods: Sequence[str]) -> dict[str, dict[str, Any]]:
     """One colour (and, past 10 methods, a second line style) per method, stable across figures."""
     from matplotlib import colormaps
@@ -128,8 +100,8 @@ def plot_metric_curves(results: "Results", path: Path) -> Path:
     finished seeds)."""
     import numpy as np
     styles = _line_styles(results)
-    rows, cols = _grid(len(results.tasks))
-    fig, axes = _figure(rows, cols, size=(4.2, 3.2))
+    rows, cols = grid(len(results.tasks))
+    fig, axes = figure(rows, cols, size=(4.2, 3.2))
     for k, (task, metric, up) in enumerate(zip(results.tasks, results.metrics, results.higher_is_better)):
         ax = axes.flat[k]
         for m in sorted(results.methods, key=lambda m: "label" not in styles[m]):  # grey lines first
@@ -145,14 +117,14 @@ def plot_metric_curves(results: "Results", path: Path) -> Path:
         ax.set_visible(False)
     _legend_right(fig, axes.flat[0])
     fig.suptitle(f"{results.benchmark}: held-out metrics during training (mean over seeds)")
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def plot_delta_m(results: "Results", path: Path) -> Path:
     """Δm% per method (bars: mean over seeds; whiskers: std; dots: the seeds)."""
     rows = results.summary()[::-1]  # best on top
     styles = _styles(results.methods)
-    fig, axes = _figure(size=(7.0, 0.45 * len(rows) + 1.6))
+    fig, axes = figure(size=(7.0, 0.45 * len(rows) + 1.6))
     ax = axes[0, 0]
     for i, row in enumerate(rows):
         m = row["method"]
@@ -170,7 +142,7 @@ def plot_delta_m(results: "Results", path: Path) -> Path:
     ax.set_xlabel(f"Δm% against {results.baseline!r} (positive is better)")
     ax.set_title(f"{results.benchmark}: Δm% (bars: mean, whiskers: std, dots: seeds)")
     ax.grid(axis="x", alpha=0.3)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def plot_cosines(results: "Results", path: Path) -> Path | None:
@@ -181,7 +153,7 @@ def plot_cosines(results: "Results", path: Path) -> Path | None:
     if not series:
         return None
     styles = _line_styles(results)
-    fig, axes = _figure(size=(7.5, 4.0))
+    fig, axes = figure(size=(7.5, 4.0))
     ax = axes[0, 0]
     for m in sorted(series, key=lambda m: "label" not in styles[m]):  # grey lines first
         y = series[m]
@@ -194,7 +166,7 @@ def plot_cosines(results: "Results", path: Path) -> Path | None:
     ax.set_title(f"{results.benchmark}: cosine between task gradients dL_k/dz (smoothed){note}", fontsize="medium")
     ax.grid(alpha=0.3)
     _legend_right(fig, ax)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def plot_task_weights(results: "Results", path: Path) -> Path | None:
@@ -204,8 +176,8 @@ def plot_task_weights(results: "Results", path: Path) -> Path | None:
     series = _per_step(results, lambda r: r.weights)
     if not series:
         return None
-    rows, cols = _grid(len(series))
-    fig, axes = _figure(rows, cols, size=(3.6, 2.6), sharex=True)
+    rows, cols = grid(len(series))
+    fig, axes = figure(rows, cols, size=(3.6, 2.6), sharex=True)
     for ax, (m, y) in zip(axes.flat, series.items()):
         y = _smooth(y, max(1, len(y) // 25))
         for k, task in enumerate(results.tasks):
@@ -221,56 +193,4 @@ def plot_task_weights(results: "Results", path: Path) -> Path | None:
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside right center", fontsize="small", title="task")
     fig.suptitle(f"{results.benchmark}: task weights chosen by each method (smoothed, mean over seeds)")
-    return _save(fig, path)
-
-
-def plot_toy_trajectories(results: "Results", path: Path) -> Path:
-    """The toy problem: each method's trajectories from every starting point over the
-    contours of ``L_1 + L_2``, with the Pareto set (black). End markers: a star where the
-    run reached the Pareto set (its ``outcome["reached"]``), a hollow square where it did
-    not, an X where it stopped (diverged or failed); the panel title counts the runs that
-    reached it (stopped ones included: their last point is where they stopped)."""
-    import numpy as np
-    import torch
-    from ..data.toy import BOX, objectives, pareto_curve
-
-    axis = torch.linspace(*BOX, 150, dtype=torch.float64)
-    xx, yy = torch.meshgrid(axis, axis, indexing="xy")
-    total = objectives(torch.stack([xx, yy], -1)).sum(-1).numpy()
-    front = pareto_curve().numpy()
-    rows, cols = _grid(len(results.methods))
-    fig, axes = _figure(rows, cols, size=(3.4, 3.2), sharex=True, sharey=True)
-    from matplotlib import colormaps
-    seed_colors = colormaps["tab10"]
-    for ax, m in zip(axes.flat, results.methods):
-        ax.contourf(xx.numpy(), yy.numpy(), np.log1p(total), levels=20, cmap="Greys", alpha=0.6)
-        ax.plot(front[:, 0], front[:, 1], "-", color="black", linewidth=2)
-        for i, r in enumerate(results.runs_of(m)):
-            if not r.track:
-                continue
-            t = np.asarray(r.track)
-            c = seed_colors(i % 10)
-            ax.plot(t[:, 0], t[:, 1], color=c, linewidth=1.2)
-            ax.plot(t[0, 0], t[0, 1], "o", color=c, markersize=4)
-            if not r.ok:  # the run stopped (diverged or failed) there
-                ax.plot(t[-1, 0], t[-1, 1], "X", color=c, markersize=9, markeredgecolor="black", markeredgewidth=0.5)
-            elif r.outcome.get("reached"):
-                ax.plot(t[-1, 0], t[-1, 1], "*", color=c, markersize=11, markeredgecolor="black", markeredgewidth=0.5)
-            else:
-                ax.plot(t[-1, 0], t[-1, 1], "s", markerfacecolor="white", markeredgecolor=c, markersize=7,
-                        markeredgewidth=2)
-        runs = results.runs_of(m)
-        hits = results.outcome_count(m, "reached")
-        title = f"{m} ({hits}/{len(runs)} reached)" if any("reached" in r.outcome for r in runs) else m
-        ax.set_title(title, fontsize="medium")
-        ax.set_xlim(*BOX)
-        ax.set_ylim(*BOX)
-    for ax in axes.flat[len(results.methods):]:
-        ax.set_visible(False)
-    for ax in axes[-1]:
-        ax.set_xlabel("x1")
-    for ax in axes[:, 0]:
-        ax.set_ylabel("x2")
-    fig.suptitle("toy: trajectories over contours of log(1 + L1 + L2); black: Pareto set\n"
-                 "o start, * end on the Pareto set, □ end elsewhere, X stopped (diverged or failed)")
-    return _save(fig, path)
+    return save(fig, path)

@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..data.report import format_table
+
 #: Reference method of the time-per-step ratio.
 TIME_REFERENCE = "mean"
 
@@ -257,20 +259,6 @@ class Results:
         matplotlib (``pip install 'gradsurgery[plot]'``)."""
         from .plotting import plot_all
         return plot_all(self, Path(out_dir))
-
-
-def format_table(header: Sequence[str], body: Sequence[Sequence[str]], fmt: str) -> str:
-    """``header`` and rows of cells as a markdown table (first column left, the others
-    centred) or as text (first column left-aligned, the others right-aligned, between
-    rules); no trailing newline."""
-    if fmt == "markdown":
-        lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + [":-:"] * (len(header) - 1)) + "|"]
-        return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in body])
-    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-    fmt_row = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
-                                      for i, (c, w) in enumerate(zip(cells, widths)))
-    rule = "-" * len(fmt_row(header))
-    return "\n".join([rule, fmt_row(header), rule, *map(fmt_row, body), rule])
 
 
 def _pm(mean: float, std: float | None, spec: str = ".4g", signed: bool = False) -> str:

@@ -1,6 +1,8 @@
 """The training loop behind :func:`compare`: every method x seed on one benchmark."""
 from __future__ import annotations
 
+import importlib
+import inspect
 import math
 import sys
 import time
@@ -17,8 +19,10 @@ from ..optimizer import MultiTaskOptimizer
 from .results import TIME_REFERENCE, Results, Run
 
 #: Options every method takes (they go to :class:`MultiTaskOptimizer`, not the method);
-#: ``level`` here overrides :func:`compare`'s ``level`` for one method.
-OPTIMIZER_OPTIONS = ("method_lr", "level")
+#: ``level`` here overrides :func:`compare`'s ``level`` for one method; ``rep_size``,
+#: ``rotation_shape`` and ``post_shape`` shape the rotations of rotation methods (e.g. the
+#: channels of a feature map: ``rotation_shape=C, post_shape=(H, W)``).
+OPTIMIZER_OPTIONS = ("method_lr", "level", "rep_size", "rotation_shape", "post_shape")
 #: Where the methods decide (:class:`MultiTaskOptimizer`'s ``level``).
 LEVELS = ("rep", "params")
 _PROTOCOL = ("tasks", "metrics", "higher_is_better", "rep_size", "build", "optimizer",
@@ -48,7 +52,9 @@ class Plan:
                 torch.set_num_threads(bench.threads)
             # one untimed epoch first, so that the first method timed does not pay the warm-up
             first = self.methods[0]
-            train_one(bench, first, self.seeds[0], 1, self.options[first], tqdm(disable=True), self.level)
+            with warnings.catch_warnings():  # a failure warns once, in the timed run
+                warnings.simplefilter("ignore")
+                train_one(bench, first, self.seeds[0], 1, self.options[first], tqdm(disable=True), self.level)
             total = len(self.methods) * len(self.seeds) * self.epochs
             with tqdm(total=total, disable=not progress, unit="epoch", dynamic_ncols=True) as bar, \
                     warnings.catch_warnings():
@@ -96,8 +102,10 @@ def compare(benchmark: Any = data.DEFAULT, methods: Sequence[str] | None = None,
         results.plot("compare-out")
 
     Args:
-        benchmark: a bundled benchmark's name (:func:`gradsurgery.data.available`) or your
-            own benchmark object (protocol in :mod:`gradsurgery.data.base`).
+        benchmark: a bundled benchmark's name (:func:`gradsurgery.data.available`), your
+            own benchmark object (protocol in :mod:`gradsurgery.data.base`), or
+            ``"package.module:Name"`` naming one (a class or function is called without
+            arguments).
         methods: registered method names; ``None``: every registered method, built-in or
             your own. ``baseline`` and ``"mean"`` (the time reference) are always run.
         seeds: training seeds (model initialisation, batch order); ``None``: the
@@ -105,7 +113,9 @@ def compare(benchmark: Any = data.DEFAULT, methods: Sequence[str] | None = None,
         epochs: ``None``: the benchmark's default.
         baseline: the method Δm% is measured against.
         method_options: ``{method: {option: value}}``, e.g. ``{"gradnorm": {"alpha": 0.5}}``;
-            ``method_lr`` and ``level`` are accepted for every method.
+            ``method_lr``, ``level``, ``rep_size``, ``rotation_shape`` and ``post_shape``
+            are accepted for every method (e.g. ``{"rotograd": {"rotation_shape": 64,
+            "post_shape": (8, 8)}}`` rotates the 64 channels of an ``8 x 8`` feature map).
         level: ``"rep"`` (default) or ``"params"``: where every method decides, from the
             task gradients w.r.t. the shared representation or w.r.t. the shared parameters
             (the papers' setting; :class:`~gradsurgery.MultiTaskOptimizer`'s ``level``).
@@ -113,9 +123,11 @@ def compare(benchmark: Any = data.DEFAULT, methods: Sequence[str] | None = None,
             ``method_options={"rotograd": {"level": "rep"}}`` or leave them out.
         progress: show a tqdm progress bar (method, seed, epoch, running loss).
 
-    Everything is validated before training starts (:func:`prepare`). A run whose loss or
-    metric becomes non-finite is recorded as ``"diverged"``, one whose method raises as
-    ``"failed"`` (with a warning); the other runs still finish.
+    Everything that can be checked without data is validated before training starts
+    (:func:`prepare`). A run whose loss or metric becomes non-finite is recorded as
+    ``"diverged"``; one that raises anywhere (building the optimizer, ``fork``,
+    ``backward``, ``step``, evaluation: e.g. a ``rotation_shape`` that does not fit the
+    representation) as ``"failed"``, with a warning; the other runs still finish.
     """
     return prepare(benchmark, methods, seeds=seeds, epochs=epochs, baseline=baseline,
                    method_options=method_options, level=level).run(progress)
@@ -126,18 +138,26 @@ def train_one(bench: Any, method: str, seed: int, epochs: int, options: Mapping[
     """One run: seeds torch, builds the model and the optimizer (at ``level``, unless the
     method's ``options`` say otherwise), trains ``epochs`` epochs (timing the training
     steps), evaluates after each epoch, records ``opt.stats``, and at the end the
-    benchmark's ``outcome(backbone, heads)`` when it has one."""
+    benchmark's ``outcome(backbone, heads)`` when it has one. Whatever raises while the
+    method runs (building the optimizer, ``fork``, ``backward``, ``step``, evaluation)
+    ends the run as ``"failed"`` (``"diverged"`` when a loss or parameter is not finite)."""
     torch.manual_seed(seed)
     backbone, heads = bench.build(seed)
     heads = list(heads)
     modules = nn.ModuleList([backbone, *heads])
     base = bench.optimizer(list(modules.parameters()))  # shared parameters counted once
-    options = {"method_lr": getattr(bench, "method_lr", None), "level": level, **options}
-    opt = MultiTaskOptimizer(base, method, num_tasks=len(heads), rep_size=bench.rep_size, **options)
+    options = {**optimizer_defaults(bench, level, options), **options}
+    run = Run(method=method, seed=seed, level=options["level"])
+    try:
+        opt = MultiTaskOptimizer(base, method, num_tasks=len(heads), **options)
+    except Exception as err:  # noqa: BLE001 - a method's failure is recorded, not fatal
+        _stop(run, err, None, modules.parameters())
+        epochs_run = 0
+    else:
+        epochs_run = epochs
     shuffle = torch.Generator().manual_seed(seed)
     track = getattr(bench, "track", None)
     outcome = getattr(bench, "outcome", None)
-    run = Run(method=method, seed=seed, level=options["level"])
     cosines: list[Tensor] = []
     weights: list[Tensor] = []
     tracked: list[Tensor] = []
@@ -147,30 +167,31 @@ def train_one(bench: Any, method: str, seed: int, epochs: int, options: Mapping[
     def predict(x: Tensor) -> list[Tensor]:
         return [head(view) for head, view in zip(heads, opt.fork(backbone(x)))]
 
-    for epoch in range(epochs):
+    for epoch in range(epochs_run):
         bar.set_description(f"{method} seed={seed} epoch={epoch + 1}/{epochs}", refresh=False)
         modules.train()
         loss_sum = torch.zeros(len(heads), dtype=torch.float64)
         steps = 0
         start = clock()
-        for x, targets in bench.train_batches(shuffle):
-            opt.zero_grad()
-            views = opt.fork(backbone(x))
-            losses = bench.losses([head(v) for head, v in zip(heads, views)], targets)
-            values = torch.stack([loss.detach().reshape(()) for loss in losses]).double()
-            try:
+        values = None
+        try:
+            for x, targets in bench.train_batches(shuffle):
+                values = None
+                opt.zero_grad()
+                views = opt.fork(backbone(x))
+                losses = bench.losses([head(v) for head, v in zip(heads, views)], targets)
+                values = torch.stack([loss.detach().reshape(()) for loss in losses]).double()
                 opt.backward(losses)
                 _record(opt.stats, len(heads), cosines, weights)  # what this step decided
                 opt.step()
-            except Exception as err:  # noqa: BLE001 - a method's failure is recorded, not fatal
-                _stop(run, err, values, modules.parameters())
-                break
-            loss_sum += values
-            steps += 1
-            if run.steps + steps == 1:  # restart the clock after the very first step
-                start = clock()
-            if track is not None:
-                tracked.append(track(backbone))
+                loss_sum += values
+                steps += 1
+                if run.steps + steps == 1:  # restart the clock after the very first step
+                    start = clock()
+                if track is not None:
+                    tracked.append(track(backbone))
+        except Exception as err:  # noqa: BLE001 - a method's failure is recorded, not fatal
+            _stop(run, err, values, modules.parameters())
         _sync(loss_sum)
         elapsed += clock() - start
         run.steps += steps
@@ -179,8 +200,12 @@ def train_one(bench: Any, method: str, seed: int, epochs: int, options: Mapping[
         mean_loss = (loss_sum / max(steps, 1)).tolist()
         run.train_losses.append(mean_loss)
         modules.eval()
-        with torch.no_grad():
-            metrics = [float(m) for m in bench.evaluate(predict)]
+        try:
+            with torch.no_grad():
+                metrics = [float(m) for m in bench.evaluate(predict)]
+        except Exception as err:  # noqa: BLE001 - e.g. a rotation that does not fit the test batch
+            _stop(run, err, None, modules.parameters())
+            break
         run.curves.append(metrics)
         bar.update(1)
         bar.set_postfix(loss=f"{sum(mean_loss):.4g}", refresh=False)
@@ -192,7 +217,9 @@ def train_one(bench: Any, method: str, seed: int, epochs: int, options: Mapping[
     else:
         bar.update(epochs - len(run.curves))
     run.step_time = elapsed / (run.steps - 1) if run.steps > 1 else math.nan
-    run.cosine = torch.stack(cosines).tolist() if cosines else []
+    cosine = torch.stack(cosines) if cosines else None
+    # a method that does not look at the gradients reports NaN cosines: not recorded
+    run.cosine = cosine.tolist() if cosine is not None and not bool(cosine.isnan().all()) else []
     run.weights = torch.stack(weights).tolist() if weights else []
     run.track = torch.stack(tracked).tolist() if tracked else []
     if outcome is not None:
@@ -200,23 +227,36 @@ def train_one(bench: Any, method: str, seed: int, epochs: int, options: Mapping[
     return run
 
 
+def optimizer_defaults(bench: Any, level: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """What :class:`MultiTaskOptimizer` gets unless the method's ``options`` say otherwise:
+    the benchmark's ``method_lr`` and ``rep_size`` (not with ``rotation_shape``, which
+    replaces it) and the comparison's ``level``."""
+    defaults = {"method_lr": getattr(bench, "method_lr", None), "level": level}
+    if "rotation_shape" not in options:
+        defaults["rep_size"] = bench.rep_size
+    return defaults
+
+
 def _write_above_bar(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
     tqdm.write(f"{category.__name__}: {message}", file=sys.stderr)
 
 
 def _record(stats: Mapping[str, Tensor], k: int, cosines: list[Tensor], weights: list[Tensor]) -> None:
-    """Appends the step's mean pairwise cosine and the method's coefficients (a copy: the
-    stats tensor may alias the method's parameter, which the step then changes)."""
+    """Appends the step's mean pairwise cosine (NaN when the method did not measure it) and
+    the method's coefficients (a copy: the stats tensor may alias the method's parameter,
+    which the step then changes)."""
     if "cosines" in stats and k > 1:
         cosines.append(_mean_pairwise(stats["cosines"]))
     if stats.get("weights") is not None and stats["weights"].shape == (k,):
         weights.append(stats["weights"].clone())
 
 
-def _stop(run: Run, err: Exception, values: Tensor, params: Iterable[Tensor]) -> None:
-    """Records why a run stopped: ``diverged`` when a loss or a parameter is non-finite,
-    otherwise ``failed`` (with a warning): the method raised on finite input."""
-    finite = bool(torch.isfinite(values).all()) and all(bool(torch.isfinite(p).all()) for p in params)
+def _stop(run: Run, err: Exception, values: Tensor | None, params: Iterable[Tensor]) -> None:
+    """Records why a run stopped: ``diverged`` when a loss (``values``, ``None`` when the
+    step failed before the losses) or a parameter is non-finite, otherwise ``failed``
+    (with a warning): the method raised on finite input."""
+    finite = ((values is None or bool(torch.isfinite(values).all()))
+              and all(bool(torch.isfinite(p).all()) for p in params))
     run.error = f"{type(err).__name__}: {err}"
     if not finite:
         run.status = "diverged"
@@ -248,7 +288,7 @@ def _sync(t: Tensor) -> None:
 # -- validation (all before any training) ------------------------------------------------
 def _resolve_benchmark(benchmark: Any) -> Any:
     if isinstance(benchmark, str):
-        return data.get(benchmark)
+        benchmark = load_benchmark(benchmark) if ":" in benchmark else data.get(benchmark)
     missing = [a for a in _PROTOCOL if not hasattr(benchmark, a)]
     if missing:
         raise TypeError(f"{benchmark!r} is neither a benchmark name ({', '.join(data.available())}) nor a "
@@ -261,6 +301,26 @@ def _resolve_benchmark(benchmark: Any) -> Any:
     return benchmark
 
 
+def load_benchmark(spec: str) -> Any:
+    """The benchmark ``"package.module:Name"`` names: ``Name`` from the imported module,
+    called without arguments when it is a class or a function."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"a benchmark given as a string is a bundled name ({', '.join(data.available())}) or "
+                         f"'package.module:Name', got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"cannot import module {module_name!r} for benchmark {spec!r} ({err}); it must be "
+                         "importable (installed, on PYTHONPATH, or in the current directory)") from err
+    try:
+        found = getattr(module, attr)
+    except AttributeError:
+        raise ValueError(f"module {module_name!r} has no attribute {attr!r} (benchmark {spec!r}); it has: "
+                         f"{', '.join(n for n in dir(module) if not n.startswith('_'))}") from None
+    return found() if inspect.isclass(found) or inspect.isfunction(found) else found
+
+
 def _resolve_methods(methods: Sequence[str] | None, baseline: str) -> list[str]:
     if isinstance(methods, str):
         raise TypeError(f"methods must be a list of names, got the string {methods!r}; "
@@ -269,7 +329,9 @@ def _resolve_methods(methods: Sequence[str] | None, baseline: str) -> list[str]:
     names = known if methods is None else list(methods)
     unknown = [n for n in [*names, baseline] if n not in known]
     if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; available methods: {', '.join(known)}")
+        raise ValueError(f"unknown method(s) {unknown}; available methods: {', '.join(known)}. A method of your "
+                         "own: register it with @gs.methods.register before comparing (command line: "
+                         "--import MODULE)")
     if not names:
         raise ValueError("methods is empty; pass method names or None for every registered method")
     return list(dict.fromkeys([baseline, TIME_REFERENCE, *names]))
@@ -309,8 +371,8 @@ def _resolve_options(method_options: Mapping[str, Mapping[str, Any]], names: lis
         dummy = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.0)
         rng = torch.get_rng_state()
         try:
-            MultiTaskOptimizer(dummy, name, num_tasks=len(bench.tasks), rep_size=bench.rep_size,
-                               **{"level": level, **opts})
+            MultiTaskOptimizer(dummy, name, num_tasks=len(bench.tasks),
+                               **{**optimizer_defaults(bench, level, opts), **opts})
         except (TypeError, ValueError) as err:
             if opts.get("level", level) == "params" and "level" in str(err):
                 rep_only.append((name, err))

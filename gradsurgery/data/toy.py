@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import Batch, Benchmark, Predict
+from .report import figure, format_table, grid, save
 
 #: Starting points (those of the Nash-MTL paper's figure).
 STARTS = ((-8.5, 7.5), (-8.5, -5.0), (9.0, 9.0), (-7.5, -0.5), (9.0, -1.0))
@@ -203,12 +204,10 @@ class Toy(Benchmark):
         caption = (f"End points after {results.epochs} epochs: ✓ within {PARETO_TOL} of the Pareto set "
                    "(counted in `reached`), ✗ not; a run that diverged or failed ends where it stopped "
                    "and says after how many steps.")
-        from ..compare.results import format_table
         return caption + ("\n\n" if fmt == "markdown" else "\n") + format_table(header, body, fmt) + "\n"
 
     def extra_plots(self, results: Any, out_dir: Path) -> list[Path]:
-        from ..compare.plotting import plot_toy_trajectories
-        return [plot_toy_trajectories(results, out_dir / "toy_trajectories.png")]
+        return [plot_trajectories(results, out_dir / "toy_trajectories.png")]
 
 
 def _endpoint_cell(run: Any) -> str:
@@ -217,3 +216,53 @@ def _endpoint_cell(run: Any) -> str:
     x1, x2 = run.outcome["end"]
     cell = f"{'✓' if run.outcome['reached'] else '✗'} ({x1:.2f}, {x2:.2f})"
     return cell if run.ok else f"{cell} {run.status} at step {run.steps + 1}"
+
+
+def plot_trajectories(results: Any, path: Path) -> Path:
+    """The toy problem: each method's trajectories from every starting point over the
+    contours of ``L_1 + L_2``, with the Pareto set (black). End markers: a star where the
+    run reached the Pareto set (its ``outcome["reached"]``), a hollow square where it did
+    not, an X where it stopped (diverged or failed); the panel title counts the runs that
+    reached it (stopped ones included: their last point is where they stopped)."""
+    import numpy as np
+    from matplotlib import colormaps
+
+    axis = torch.linspace(*BOX, 150, dtype=torch.float64)
+    xx, yy = torch.meshgrid(axis, axis, indexing="xy")
+    total = objectives(torch.stack([xx, yy], -1)).sum(-1).numpy()
+    front = pareto_curve().numpy()
+    rows, cols = grid(len(results.methods))
+    fig, axes = figure(rows, cols, size=(3.4, 3.2), sharex=True, sharey=True)
+    seed_colors = colormaps["tab10"]
+    for ax, m in zip(axes.flat, results.methods):
+        ax.contourf(xx.numpy(), yy.numpy(), np.log1p(total), levels=20, cmap="Greys", alpha=0.6)
+        ax.plot(front[:, 0], front[:, 1], "-", color="black", linewidth=2)
+        for i, r in enumerate(results.runs_of(m)):
+            if not r.track:
+                continue
+            t = np.asarray(r.track)
+            c = seed_colors(i % 10)
+            ax.plot(t[:, 0], t[:, 1], color=c, linewidth=1.2)
+            ax.plot(t[0, 0], t[0, 1], "o", color=c, markersize=4)
+            if not r.ok:  # the run stopped (diverged or failed) there
+                ax.plot(t[-1, 0], t[-1, 1], "X", color=c, markersize=9, markeredgecolor="black", markeredgewidth=0.5)
+            elif r.outcome.get("reached"):
+                ax.plot(t[-1, 0], t[-1, 1], "*", color=c, markersize=11, markeredgecolor="black", markeredgewidth=0.5)
+            else:
+                ax.plot(t[-1, 0], t[-1, 1], "s", markerfacecolor="white", markeredgecolor=c, markersize=7,
+                        markeredgewidth=2)
+        runs = results.runs_of(m)
+        hits = results.outcome_count(m, "reached")
+        title = f"{m} ({hits}/{len(runs)} reached)" if any("reached" in r.outcome for r in runs) else m
+        ax.set_title(title, fontsize="medium")
+        ax.set_xlim(*BOX)
+        ax.set_ylim(*BOX)
+    for ax in axes.flat[len(results.methods):]:
+        ax.set_visible(False)
+    for ax in axes[-1]:
+        ax.set_xlabel("x1")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("x2")
+    fig.suptitle("toy: trajectories over contours of log(1 + L1 + L2); black: Pareto set\n"
+                 "o start, * end on the Pareto set, □ end elsewhere, X stopped (diverged or failed)")
+    return save(fig, path)

@@ -284,23 +284,44 @@ def _cooperate(a: Tensor, b: Tensor) -> Tensor:
 
 
 class RotatedHead(nn.Module):
-    """``head(R_task z)``: a head as its task sees the representation (the rotation taken
-    at call time, without gradient; the identity without rotations), for evaluation and
-    export. ``nn.Sequential(backbone, RotatedHead(...))`` is the end-to-end predictor."""
+    """``head(R_task z)``: a head as its task sees the representation (the identity
+    without rotations), for evaluation and export; ``nn.Sequential(backbone,
+    RotatedHead(...))`` is the end-to-end predictor (``opt.task_model``).
 
-    def __init__(self, head: nn.Module, rotations: Rotations | None, task: int):
+    By default ``R_task`` is taken once, when the module is built, into the buffer
+    ``rotation`` (``m x m``): it is the predictor's own state, so ``state_dict`` carries
+    it, ``load_state_dict`` restores it (a predictor built without rotations refuses such
+    a checkpoint under strict loading), and ``forward`` is a fixed tensor program that
+    ``torch.export`` and ``torch.jit.trace`` take. Build it again after further training.
+    ``live=True`` instead reads the current ``R_task`` (no gradient) at every call and
+    holds no rotation of its own (the compat facade's heads).
+    """
+
+    def __init__(self, head: nn.Module, rotations: Rotations | None, task: int, *, live: bool = False):
         super().__init__()
-        self.head, self.task = head, task
+        self.head, self.task, self.live = head, task, bool(live)
         self._rotations = [rotations]  # a reference, not a submodule: its parameters stay the optimizer's
+        rotation = None
+        if rotations is not None and not self.live:
+            with torch.no_grad():
+                rotation = rotations.matrix(task)[0].detach().clone()
+        self.register_buffer("rotation", rotation)
 
     def forward(self, z: Tensor):
         rotations = self._rotations[0]
-        if rotations is not None:
+        if rotations is None:
+            return self.head(z)
+        if self.live:
             with torch.no_grad():
-                r = rotations.matrix(self.task).to(z.dtype)
-            lead, feat, post, _ = rotations.layout(z.shape)
-            z = rotations.rotate(z.reshape(lead, feat, post), r).view(z.shape)
-        return self.head(z)
+                r = rotations.matrix(self.task)[0]
+        else:
+            r = self.rotation
+        _, feat, post, _ = rotations.layout(z.shape)
+        rotated = rotations.rotate(z.reshape(-1, feat, post), r.unsqueeze(0).to(z.dtype))
+        return self.head(rotated.reshape_as(z))
+
+    def extra_repr(self) -> str:
+        return f"task={self.task}" + (", live=True" if self.live else "")
 
 
 def build(method, num_tasks: int, *, rotation: bool | None, rep_size: int | None,
