@@ -1,36 +1,96 @@
 """UPGrad: unconflicting projection of gradients (Quinton & Rey, "Jacobian Descent for
-Multi-Objective Optimization", 2024, arXiv 2406.16232).
+Multi-Objective Optimization", 2024, arXiv 2406.16232; the authors' code is torchjd,
+``aggregation/_upgrad.py``, ``UPGradWeighting``).
 
-Each task gradient is projected onto the dual cone of all task gradients,
-``C = {y : <g_k, y> >= 0 for all k}``, and the projections are averaged:
+Each task gradient, weighted by the preference ``u_i`` (``pref_vector``, default ``1/K``),
+is projected onto the dual cone of all task gradients,
+``C = {y : <g_k, y> >= 0 for all k}``, and the projections are added:
 
-.. math::  g = \\frac1K \\sum_i \\pi_C(g_i) = G^\\top w,\\qquad
-           w = \\frac1K \\sum_i v_i,\\quad v_i = \\arg\\min_{v \\ge e_i} v^\\top M v
+.. math::  g = \\sum_i \\pi_C(u_i g_i) = G^\\top w,\\qquad
+           w = \\sum_i v_i,\\quad v_i = \\arg\\min_{v \\ge u_i e_i} v^\\top M v
 
-(torchjd's scale: the *mean* of the projections). The projection is exact
-(:func:`gradsurgery.numerics.qp.project_dual_cone`, no regularisation of ``M``), so
-``<g_k, g> >= 0`` for every task to rounding: no task conflicts with the update.
-Permutation-equivariant and positively homogeneous (``w`` does not change with the scale
-of the gradients). No options.
+(torchjd's scale: with ``u = 1/K``, the *mean* of the projections). By default the
+projection is exact (:func:`gradsurgery.numerics.qp.project_dual_cone`, no regularisation of
+``M``), so ``<g_k, g> >= 0`` for every task to rounding. torchjd's default projector solves
+the same problem on ``M / tr(M) + reg_eps I`` (``M`` replaced by 0 when ``tr(M) < norm_eps``,
+both 1e-4 there): ``norm_eps=1e-4, reg_eps=1e-4`` reproduce it (the regulariser keeps its
+QP solver's matrix positive definite; ours needs none). Permutation-equivariant and
+positively homogeneous when ``norm_eps = reg_eps = 0``.
 
 Level: defined on any matrix of gradients; representation level by default,
 ``level="params"`` for the paper's Jacobian descent on the shared parameters.
 """
 from __future__ import annotations
 
+import math
+from typing import Sequence
+
 import torch
 from torch import Tensor
 
 from ..numerics.qp import project_dual_cone
-from .base import Method
+from .base import GramWeighting
 from .registry import register
 
 
 @register("upgrad")
-class UPGrad(Method):
-    """Mean of the task gradients' projections onto their dual cone."""
+class UPGrad(GramWeighting):
+    """Sum of the preference-weighted task gradients' projections onto their dual cone."""
+
+    subset_safe = True
+
+    def __init__(self, pref_vector: Sequence[float] | Tensor | None = None, norm_eps: float = 0.0,
+                 reg_eps: float = 0.0):
+        for name, value in (("norm_eps", norm_eps), ("reg_eps", reg_eps)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                raise ValueError(f"{name} must be a finite number >= 0 (torchjd's default is 1e-4), got {value!r}")
+        self.norm_eps, self.reg_eps = float(norm_eps), float(reg_eps)
+        self.pref_vector = None
+        if pref_vector is not None:
+            pref = torch.as_tensor(pref_vector, dtype=torch.float64).detach().clone()
+            if pref.dim() != 1 or not bool(torch.isfinite(pref).all()) or bool((pref < 0).any()):
+                raise ValueError("pref_vector must be one finite weight >= 0 per task, "
+                                 f"got {pref_vector!r}")
+            self.pref_vector = pref
+            self.subset_safe = False  # one preference per task: the tasks must all be there
+
+    def bind(self, num_tasks, *, device, dtype, generator):
+        super().bind(num_tasks, device=device, dtype=dtype, generator=generator)
+        if self.pref_vector is not None and self.pref_vector.numel() != num_tasks:
+            raise ValueError(f"pref_vector has {self.pref_vector.numel()} entries but num_tasks={num_tasks}")
+
+    def preferences(self, gram: Tensor) -> Tensor:
+        """``u``: ``pref_vector``, or ``1/K`` for the ``K`` tasks of ``gram``."""
+        k = gram.shape[0]
+        if self.pref_vector is None:
+            return torch.full((k,), 1.0 / k, dtype=gram.dtype, device=gram.device)
+        return self.pref_vector.to(gram.device, gram.dtype)
+
+    def regularized(self, gram: Tensor) -> Tensor:
+        """torchjd's ``M / tr(M) + reg_eps I`` (0 for ``tr(M) < norm_eps``); ``M`` itself
+        when both are 0."""
+        if self.norm_eps == 0 and self.reg_eps == 0:
+            return gram
+        trace = gram.diagonal().sum()
+        m = torch.where(trace < self.norm_eps, 0, gram / torch.where(trace > 0, trace, 1))
+        return m + self.reg_eps * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+
+    def project(self, gram: Tensor, u: Tensor) -> Tensor:
+        """``v = argmin_{v >= u} v^T M v`` for each row of ``u``, on the (regularised) Gram
+        scaled to a unit diagonal, ``M' = S^{-1} M S^{-1}``, ``S = diag(sqrt(M_kk))``, and
+        ``v = S^{-1} v'`` with ``v' = argmin_{v' >= S u} v'^T M' v'`` (the same problem): the
+        solver's tolerance then holds for every task's constraint, whatever its gradient's
+        norm (without it, with norms 1e-3..1e3 a small task's constraint was lost in
+        rounding and the result conflicted with it, cosine -0.9). A zero row keeps scale 1."""
+        m = self.regularized(gram)
+        diag = m.diagonal()
+        scale = torch.where(diag > 0, diag.clamp_min(0).sqrt(), 1)
+        v = project_dual_cone(m / (scale[:, None] * scale[None, :]), u * scale)
+        return v / scale
 
     def weights(self, gram: Tensor, losses: Tensor) -> Tensor:
-        k = gram.shape[0]
-        eye = torch.eye(k, dtype=gram.dtype, device=gram.device)
-        return project_dual_cone(gram, eye).mean(0)
+        return self.project(gram, torch.diag(self.preferences(gram))).sum(0)
+
+    def extra_repr(self) -> str:
+        pref = None if self.pref_vector is None else self.pref_vector.tolist()
+        return f"pref_vector={pref}, norm_eps={self.norm_eps}, reg_eps={self.reg_eps}"

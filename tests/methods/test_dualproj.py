@@ -48,12 +48,23 @@ def test_default_is_the_exact_projection(k, seed):
 @pytest.mark.parametrize("k,kind,seed", CASES)
 def test_exact_default_never_conflicts(k, kind, seed):
     """The exact projection (no regulariser) leaves no task in conflict with the update,
-    also for singular Grams, and stays within 1e-3 of torchjd's regularised answer."""
+    also for singular Grams and norms six orders of magnitude apart: ``<g_k, d>`` is
+    nonnegative up to the rounding of ``d = w^T G``, ``1e-12 ||g_k|| sum_i |w_i| ||g_i||``."""
     g = gradient_matrix(k, kind, seed)
-    d = ours(g)
-    scale = g.norm(dim=1).max()
-    assert (g @ d >= -1e-9 * scale * d.norm()).all()
-    assert (d - REFERENCE()(g)).norm() <= 2e-3 * k * scale
+    method = gs.methods.create(NAME)
+    method.bind(k, device=g.device, dtype=D, generator=torch.Generator().manual_seed(0))
+    w = method.weights(g @ g.T, torch.ones(k, dtype=D))
+    n = g.norm(dim=1)
+    assert ((g @ (w @ g)) >= -1e-12 * n * (w.abs() @ n)).all()
+
+
+@pytest.mark.parametrize("k,kind,seed", [c for c in CASES if c[1] != "scaled"])
+def test_exact_default_near_torchjd_default(k, kind, seed):
+    """The deviation measured: the exact answer is within ``2e-3 K`` (relative to the
+    largest gradient) of torchjd's regularised one, except for norms far apart, where
+    torchjd's ``1e-4 I`` on the trace-normalised Gram swamps the small tasks."""
+    g = gradient_matrix(k, kind, seed)
+    assert (ours(g) - REFERENCE()(g)).norm() <= 2e-3 * k * g.norm(dim=1).max()
 
 
 def test_pref_vector_matches_torchjd():
