@@ -37,7 +37,10 @@ from .registry import register
 
 def project_simplex(v: Tensor) -> Tensor:
     """Euclidean projection of ``v`` onto the probability simplex (sort, cumulative sum,
-    threshold ``theta``: ``max(v - theta, 0)`` sums to 1), without host reads."""
+    threshold ``theta``: ``max(v - theta, 0)`` sums to 1), without host reads. ``v`` is first
+    shifted so that its largest entry is 0 (the projection does not change): with entries of
+    1e18 the cumulative sums would otherwise lose the ``1`` of the constraint."""
+    v = v - v.max()
     u = torch.sort(v, descending=True).values
     excess = u.cumsum(0) - 1
     rank = torch.arange(1, v.shape[0] + 1, dtype=v.dtype, device=v.device)

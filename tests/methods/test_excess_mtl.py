@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 
 import pytest
+from hypothesis import given, settings, strategies as st
 import torch
 
 import gradsurgery as gs
@@ -203,3 +204,42 @@ def test_end_to_end_in_the_users_loop():
         for got, ref in zip([p.grad for p in model.heads.parameters()], want):
             torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-14)
         previous = w
+
+
+@st.composite
+def gradient_sequences(draw, shape_tail, steps=3, max_tasks=8):
+    """``steps`` task-gradient tensors ``K x *shape_tail`` of one sampled kind: normal,
+    rank-deficient across tasks, or with zero rows; scaled by ``10^[-10, 10]``."""
+    k = draw(st.integers(1, max_tasks))
+    kind = draw(st.sampled_from(["normal", "rank_deficient", "zero_rows"]))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    scale = 10.0 ** draw(st.integers(-10, 10))
+    seq = []
+    for _ in range(steps):
+        g = torch.randn(k, *shape_tail, generator=gen, dtype=D)
+        if kind == "rank_deficient" and k > 1:
+            g = torch.einsum("kr,r...->k...", torch.randn(k, 1, generator=gen, dtype=D), g[:1])
+        elif kind == "zero_rows":
+            g[torch.rand(k, generator=gen) < 0.4] = 0
+        seq.append(g * scale)
+    return seq
+
+
+PROPERTY = settings(max_examples=12, deadline=None)
+
+
+@PROPERTY
+@given(seq=gradient_sequences((3, 2)), seed=st.integers(0, 1000))
+def test_finite_weights_sum_to_k_and_permutation_equivariant(seq, seed):
+    """Finite on degenerate and extreme inputs, weights positive summing to K; permuting the
+    tasks permutes the weights (the update itself is permutation-invariant)."""
+    k = seq[0].shape[0]
+    method, outs = steps(seq, rep=True, robust_step_size=0.5)
+    w = method.state_dict()["weights"]
+    assert all(torch.isfinite(o).all() for o in outs) and (w >= 0).all()
+    assert abs(float(w.sum()) - k) <= 1e-12 * k
+    perm = torch.randperm(k, generator=torch.Generator().manual_seed(seed))
+    method_p, outs_p = steps([g[perm] for g in seq], rep=True, robust_step_size=0.5)
+    torch.testing.assert_close(method_p.state_dict()["weights"], w[perm], rtol=1e-9, atol=1e-12 * k)
+    size = max(float(g.abs().max()) for g in seq) * k
+    torch.testing.assert_close(outs_p[-1], outs[-1], rtol=0, atol=1e-9 * size + 1e-300)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 
 import pytest
+from hypothesis import given, settings, strategies as st
 import torch
 
 import gradsurgery as gs
@@ -146,3 +147,48 @@ def test_representation_level_in_the_users_loop_raises_with_the_fix():
     opt = gs.MultiTaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "moco", num_tasks=2)
     with pytest.raises(ValueError, match="level='params'"):
         wrapped_step(model, opt, x, ys)
+
+
+@st.composite
+def gradient_sequences(draw, shape_tail, steps=3, max_tasks=8):
+    """``steps`` task-gradient tensors ``K x *shape_tail`` of one sampled kind: normal,
+    rank-deficient across tasks, or with zero rows; scaled by ``10^[-10, 10]``."""
+    k = draw(st.integers(1, max_tasks))
+    kind = draw(st.sampled_from(["normal", "rank_deficient", "zero_rows"]))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    scale = 10.0 ** draw(st.integers(-10, 10))
+    seq = []
+    for _ in range(steps):
+        g = torch.randn(k, *shape_tail, generator=gen, dtype=D)
+        if kind == "rank_deficient" and k > 1:
+            g = torch.einsum("kr,r...->k...", torch.randn(k, 1, generator=gen, dtype=D), g[:1])
+        elif kind == "zero_rows":
+            g[torch.rand(k, generator=gen) < 0.4] = 0
+        seq.append(g * scale)
+    return seq
+
+
+PROPERTY = settings(max_examples=12, deadline=None)
+
+
+@PROPERTY
+@given(seq=gradient_sequences((6,)), seed=st.integers(0, 1000))
+def test_finite_permutation_equivariant_and_scale_free(seq, seed):
+    """Finite, lambda on the simplex; permuting the tasks permutes lambda; the update does
+    not depend on the gradients' scale (they are normalised to their losses), up to the
+    ``1e-8`` LibMTL adds to the norms."""
+    k = seq[0].shape[0]
+    losses = [losses_for(k, t) for t in range(len(seq))]
+    method, outs = steps(seq, losses)
+    lambd = method.state_dict()["lambda"]
+    assert all(torch.isfinite(o).all() for o in outs) and (lambd >= 0).all()
+    assert abs(float(lambd.sum()) - 1) <= 1e-12
+    perm = torch.randperm(k, generator=torch.Generator().manual_seed(seed))
+    method_p, outs_p = steps([g[perm] for g in seq], [l[perm] for l in losses])
+    torch.testing.assert_close(method_p.state_dict()["lambda"], lambd[perm], rtol=1e-9, atol=1e-12)
+    size = 5.05 * k  # |update| <= max loss (< 5.05) per task
+    torch.testing.assert_close(outs_p[-1], outs[-1], rtol=0, atol=1e-9 * size)
+    norms = [float(row.norm()) for g in seq for row in g if row.any()]
+    if norms and min(norms) > 1e-4:  # the 1e-8 moves the normalisation by < 1e-4 relative
+        _, outs_s = steps([g * 1024 for g in seq], losses)
+        torch.testing.assert_close(outs_s[-1], outs[-1], rtol=0, atol=1e-3 * size)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 
 import pytest
+from hypothesis import given, settings, strategies as st
 import torch
 
 import gradsurgery as gs
@@ -209,3 +210,40 @@ def test_end_to_end_in_the_users_loop(samples):
                                    rtol=1e-10, atol=1e-14)
         for got, want in zip([p.grad for p in model.heads.parameters()], head_grads_plain(model, xb, yb)):
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)
+
+
+@st.composite
+def gradient_sequences(draw, shape_tail, steps=3, max_tasks=8):
+    """``steps`` task-gradient tensors ``K x *shape_tail`` of one sampled kind: normal,
+    rank-deficient across tasks, or with zero rows; scaled by ``10^[-10, 10]``."""
+    k = draw(st.integers(1, max_tasks))
+    kind = draw(st.sampled_from(["normal", "rank_deficient", "zero_rows"]))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    scale = 10.0 ** draw(st.integers(-10, 10))
+    seq = []
+    for _ in range(steps):
+        g = torch.randn(k, *shape_tail, generator=gen, dtype=D)
+        if kind == "rank_deficient" and k > 1:
+            g = torch.einsum("kr,r...->k...", torch.randn(k, 1, generator=gen, dtype=D), g[:1])
+        elif kind == "zero_rows":
+            g[torch.rand(k, generator=gen) < 0.4] = 0
+        seq.append(g * scale)
+    return seq
+
+
+PROPERTY = settings(max_examples=12, deadline=None)
+
+
+@PROPERTY
+@given(seq=gradient_sequences((5, 2)), seed=st.integers(0, 1000), samples=st.sampled_from([2, 3]))
+def test_finite_on_the_simplex_and_permutation_equivariant(seq, seed, samples):
+    k = seq[0].shape[0]
+    method, outs = run(seq, gamma=0.5, samples=samples)
+    lambd = method.state_dict()["lambda"]
+    assert all(torch.isfinite(o).all() for o in outs) and (lambd >= 0).all()
+    assert abs(float(lambd.sum()) - 1) <= 1e-12
+    perm = torch.randperm(k, generator=torch.Generator().manual_seed(seed))
+    method_p, outs_p = run([g[perm] for g in seq], gamma=0.5, samples=samples)
+    # lambda moves by gamma * |G1 G2^T lambda|; compare on the scale of that step
+    step = 0.5 * max(float(g.abs().max()) ** 2 for g in seq) * 10 * k + 1e-300
+    torch.testing.assert_close(method_p.state_dict()["lambda"], lambd[perm], rtol=0, atol=1e-12 * max(step, 1))
