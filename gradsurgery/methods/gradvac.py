@@ -13,8 +13,12 @@ and, at every visit, ``phi_hat_ij <- (1 - beta) phi_hat_ij + beta phi`` (an EMA,
 Every ``g_i'`` is a combination of the task gradients, so it runs on the Gram, all ``K``
 tasks at once per position of their (independent) random orders, drawn from the method's
 generator. ``beta`` defaults to 0.5 (LibMTL's and torchjd's default; the paper tunes it,
-e.g. 1e-2). A pair where either gradient is zero is skipped (no cosine, no EMA update);
-``1 - phi_hat^2`` is floored at 1e-12.
+e.g. 1e-2). A pair where either gradient is zero is skipped (no cosine, no EMA update), and
+so is a ``g_i'`` that cancelled to rounding (its norm, from ``c^T M c``, below
+``4 sqrt(K eps)`` times ``sum_j |c_ij| ||g_j||``: its direction is noise); LibMTL's and
+torchjd's ``eps = 1e-8`` in the denominators would decay the target instead.
+``1 - phi_hat^2`` is floored at 1e-12. The visiting orders are PCGrad's draw
+(:func:`~gradsurgery.methods.pcgrad.visiting_keys`), one per optimizer step.
 
 Level: the paper applies it to parameter gradients (whole model or per layer); by default
 here to the representation's, ``level="params"`` for the whole-model parameter setting.
@@ -27,12 +31,13 @@ import torch
 from torch import Tensor
 
 from ..numerics.gram import small_matmul
-from .base import Method
+from .base import GramWeighting
+from .pcgrad import orders_from_keys, visiting_keys
 from .registry import register
 
 
 @register("gradvac")
-class GradVac(Method):
+class GradVac(GramWeighting):
     """Gradient vaccine: raise each pair's cosine towards its running target."""
 
     def __init__(self, beta: float = 0.5):
@@ -45,12 +50,21 @@ class GradVac(Method):
         super().bind(num_tasks, device=device, dtype=dtype, generator=generator)
         self.targets = torch.zeros(num_tasks, num_tasks, dtype=torch.float64, device=device)
 
+    _keys: Tensor | None = None
+
+    def prepare(self) -> None:
+        """Draws this optimizer step's visiting orders (PCGrad's draw, shared by the
+        micro-batches of one step) ahead of :meth:`weights`."""
+        self._keys = visiting_keys(self.num_tasks, self.generator)
+
     def weights(self, gram: Tensor, losses: Tensor) -> Tensor:
         k = gram.shape[0]
-        keys = torch.rand(k, k, generator=self.generator).to(gram.device, non_blocking=True)
-        keys.diagonal().fill_(2.0)  # task i visits itself last, where it is skipped
-        order = keys.argsort(dim=1)
+        if self._keys is None:  # called outside the optimizer, without prepare()
+            self._keys = visiting_keys(k, self.generator)
+        order = orders_from_keys(self._keys, gram.device)
         m = gram.to(torch.float64)
+        # ||g_i'|| from c^T M c keeps ~sqrt(eps) of its terms' size: below that, g_i' cancelled
+        floor = 4 * (k * torch.finfo(gram.dtype).eps) ** 0.5
         targets = self.targets.to(m.device)
         coefs = torch.eye(k, dtype=m.dtype, device=m.device)
         rows = torch.arange(k, device=m.device)
@@ -60,7 +74,7 @@ class GradVac(Method):
             dots = (coefs * m[:, j].T).sum(1)  # <g_i', g_j>
             norm_i = (small_matmul(coefs, m) * coefs).sum(1).clamp_min(0).sqrt()
             norm_j = norm_j_all[j]
-            defined = (norm_i > 0) & (norm_j > 0)
+            defined = (norm_i > floor * (coefs.abs() @ norm_j_all)) & (norm_j > 0)
             phi = torch.where(defined, dots / torch.where(defined, norm_i * norm_j, 1), 0).clamp(-1, 1)
             target = targets[rows, j]
             root_target = (1 - target.square()).clamp_min(1e-12).sqrt()
@@ -70,6 +84,9 @@ class GradVac(Method):
             targets[rows, j] = torch.where(defined, (1 - self.beta) * target + self.beta * phi, target)
         self.targets = targets
         return coefs.sum(0).to(gram.dtype)
+
+    def after_step(self) -> None:
+        self._keys = None  # one draw per optimizer step
 
     def state_dict(self) -> dict[str, Any]:
         return {"targets": self.targets.clone()}

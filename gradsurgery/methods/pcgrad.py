@@ -24,25 +24,29 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import Method
+from .base import GramWeighting
 from .registry import register
 
 
 @register("pcgrad")
-class PCGrad(Method):
+class PCGrad(GramWeighting):
     """Projecting conflicting gradients; see the module docstring for the math."""
 
     _keys: Tensor | None = None
 
     def prepare(self) -> None:
-        """Draws this step's sort keys (see :func:`visiting_keys`) ahead of :meth:`weights`,
-        which then traces into one graph under ``torch.compile``."""
+        """Draws this optimizer step's sort keys (see :func:`visiting_keys`) ahead of
+        :meth:`weights`, which then traces into one graph under ``torch.compile``; the
+        micro-batches of one step (gradient accumulation) share them."""
         self._keys = visiting_keys(self.num_tasks, self.generator)
 
     def weights(self, gram: Tensor, losses: Tensor) -> Tensor:
-        keys = visiting_keys(gram.shape[0], self.generator) if self._keys is None else self._keys
-        self._keys = None  # one draw per step
-        return project_conflicting(gram, orders_from_keys(keys, gram.device))
+        if self._keys is None:  # called outside the optimizer, without prepare()
+            self._keys = visiting_keys(gram.shape[0], self.generator)
+        return project_conflicting(gram, orders_from_keys(self._keys, gram.device))
+
+    def after_step(self) -> None:
+        self._keys = None  # one draw per optimizer step
 
 
 def visiting_keys(k: int, generator: torch.Generator | None) -> Tensor:

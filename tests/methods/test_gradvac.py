@@ -25,27 +25,31 @@ def libmtl_gradvac(steps: list[torch.Tensor], beta: float, seed: int) -> list[to
 
     Two documented departures, both gradsurgery's: LibMTL adds ``1e-8`` to both
     denominators (here 0: the paper's Eq. has none), and a pair where either gradient is
-    zero has no cosine, so it is skipped (LibMTL's ``rho = 0`` would decay ``rho_T``).
+    zero has no cosine, so it is skipped (LibMTL's ``rho = 0`` would decay ``rho_T``); so is
+    a ``pc_i`` cancelled to rounding (an opposed pair: ``pc_i = g_i - g_i``), i.e. with
+    ``||pc_i|| <= 4 sqrt(K eps) sum_j |c_ij| ||g_j||`` for ``pc_i = sum_j c_ij g_j``.
     The orders are the ones a generator seeded with ``seed`` draws (one ``K x K`` uniform
     draw per step, task ``i`` visits the others by increasing key), as gradsurgery does.
     """
     gen = torch.Generator().manual_seed(seed)
     k = steps[0].shape[0]
     target = torch.zeros(k, k, dtype=D)
+    floor = 4 * (k * torch.finfo(D).eps) ** 0.5
     out = []
     for g in steps:
         keys = torch.rand(k, k, generator=gen)
-        pc = g.clone()
+        pc, coefs, norms = g.clone(), torch.eye(k, dtype=D), g.norm(dim=1)
         for i in range(k):
             for j in sorted((j for j in range(k) if j != i), key=lambda j: float(keys[i, j])):
-                ni, nj = pc[i].norm(), g[j].norm()
-                if ni == 0 or nj == 0:
+                ni, nj = pc[i].norm(), norms[j]
+                if ni <= floor * (coefs[i].abs() @ norms) or nj == 0:
                     continue
                 rho = (pc[i] @ g[j] / (ni * nj)).clamp(-1, 1)
                 t = target[i, j]
                 if rho < t:
                     w = ni * (t * (1 - rho**2).sqrt() - rho * (1 - t**2).sqrt()) / (nj * (1 - t**2).sqrt())
                     pc[i] = pc[i] + w * g[j]
+                    coefs[i, j] += w
                 target[i, j] = (1 - beta) * t + beta * rho
         out.append(pc.sum(0))
     return out
@@ -55,15 +59,23 @@ def run_ours(steps: list[torch.Tensor], beta: float, seed: int) -> list[torch.Te
     k = steps[0].shape[0]
     method = gs.methods.create("gradvac", beta=beta)
     method.bind(k, device=torch.device("cpu"), dtype=D, generator=torch.Generator().manual_seed(seed))
-    return [method.weights(g @ g.T, torch.ones(k, dtype=D)) @ g for g in steps]
+    out = []
+    for g in steps:  # as the optimizer drives it: the draw, the decision, the step's end
+        method.prepare()
+        out.append(method.weights(g @ g.T, torch.ones(k, dtype=D)) @ g)
+        method.after_step()
+    return out
 
 
 @pytest.mark.parametrize("k,kind,seed", CASES)
 def test_equals_libmtl_update_over_steps(k, kind, seed):
     steps = [gradient_matrix(k, kind, seed + 10 * s) for s in range(STEPS)]
+    # norms from the Gram (c^T M c) keep ~sqrt(eps) relative accuracy where g_i' nearly
+    # cancels (opposed rows), and sqrt(1 - phi^2) is ill-conditioned at phi = -1: 8 sqrt(eps)
+    tol = 8 * torch.finfo(D).eps ** 0.5
     for ours, ref, g in zip(run_ours(steps, 0.5, seed), libmtl_gradvac(steps, 0.5, seed), steps):
         assert torch.isfinite(ours).all()
-        torch.testing.assert_close(ours, ref, rtol=0, atol=float(1e-9 * k * g.norm(dim=1).max()))
+        torch.testing.assert_close(ours, ref, rtol=0, atol=float(tol * k * g.norm(dim=1).max()))
 
 
 def test_targets_move_so_a_later_step_differs_from_pcgrad_like_first_step():
