@@ -9,11 +9,20 @@ Through its dual,
            \\qquad g_w = G^\\top w,\\qquad
            g = g_0 + \\frac{c\\,\\|g_0\\|}{\\|g_w^*\\|}\\, g_w^*
 
-so the coefficients are ``1/K + c ||g_0|| / ||g_w|| * w``. ``c`` (default 0.4, the paper's
-choice for its experiments) is used as given, **without** the original code's rescaling by
-``1 / (1 + c^2)`` (torchjd 0.18's scale). ``c = 0`` is the mean. When ``g_w^*`` vanishes
-(0 is in the convex hull of the gradients: a Pareto-stationary point) the coefficients are 0,
-as in torchjd.
+so the coefficients are ``1/K + c ||g_0|| / ||g_w|| * w``, then scaled as the authors' code
+(Cranial-XIX/CAGrad, ``nyuv2/utils.py``: ``cagrad`` and ``overwrite_grad``) scales them:
+
+.. math::  g_{\text{authors}} = \frac{K}{\rho}\,\Big(g_0 + \frac{c\,\|g_0\|}{\|g_w^*\|}\, g_w^*\Big),
+           \qquad \rho = 1,\ 1 + c^2,\ 1 + c \quad(\texttt{rescale} = 0, 1, 2)
+
+Options (the authors' defaults): ``c=0.4`` (their published runs, ``run.sh --alpha 0.4``; their
+argparse says 0.5); ``rescale=1`` (``g / (1 + c^2)``); ``reduction="sum"`` (the factor ``K``,
+"to match the sum loss"; ``"mean"`` drops it, as the copies in nash-mtl and LibMTL do).
+torchjd 0.18's CAGrad is ``rescale=0, reduction="mean"``. ``c = 0`` is the sum (the mean).
+When ``g_w^*`` vanishes (0 is in the convex hull of the gradients and the dual optimum, e.g. a
+zero task gradient from a batch without that task's labels) the authors' regularised
+``c' / (||g_w|| + 1e-8) g_w`` is 0 and the step is the mean gradient at their scale,
+``K / rho * g_0``: never a zero update while ``g_0 != 0``.
 
 Solved exactly in float64 on the Gram normalised to unit mean diagonal (the coefficients do
 not depend on the gradients' scale): on a support ``S`` the stationarity conditions give
@@ -35,23 +44,35 @@ from torch import Tensor
 
 from ..numerics.gram import normalized64, small_matmul
 from ..numerics.qp import masked_solve, min_norm_simplex, supports
-from .base import Method
+from .base import GramWeighting
 from .registry import register
 
+RESCALES = (0, 1, 2)
+REDUCTIONS = ("sum", "mean")
 #: Largest K for which every support is tried; above, the active-set search.
 ENUMERATION_MAX_TASKS = 12
 
 
 @register("cagrad")
-class CAGrad(Method):
+class CAGrad(GramWeighting):
     """Conflict-averse gradient: the best worst-case direction near the mean gradient."""
 
-    def __init__(self, c: float = 0.4, iterations: int = 500):
+    subset_safe = True
+
+    def __init__(self, c: float = 0.4, rescale: int = 1, reduction: str = "sum", iterations: int = 500):
         if not c >= 0:
             raise ValueError(f"c must be >= 0, got {c!r}")
+        if isinstance(rescale, bool) or rescale not in RESCALES:
+            raise ValueError(f"rescale must be 0 (none), 1 (divide by 1 + c^2, the authors') or 2 (divide by 1 + c), "
+                             f"got {rescale!r}")
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be 'sum' (the authors' x K, matching sum(losses)) or 'mean', "
+                             f"got {reduction!r}")
         if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
             raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
         self.c = float(c)
+        self.rescale = rescale
+        self.reduction = reduction
         self.iterations = iterations
 
     def weights(self, gram: Tensor, losses: Tensor) -> Tensor:
@@ -69,14 +90,19 @@ class CAGrad(Method):
         feasible = (cands >= -1e-12).all(-1) & torch.isfinite(cands).all(-1)
         best = torch.where(feasible, objective, torch.inf).argmin().reshape(1)
         w = cands.index_select(0, best)[0].clamp_min(0)  # no host read (unlike cands[best])
-        w = w / w.sum()
+        w = _polish(m, a, s, w / w.sum())
         norm_w = (w @ m @ w).clamp_min(0).sqrt()
-        moving = norm_w > 1e-8
-        coefs = torch.where(moving, mean + s / torch.where(moving, norm_w, 1) * w, 0)
-        return coefs.to(gram.dtype)
+        moving = norm_w > 1e-8  # else g_w = 0: the authors' c' / (||g_w|| + 1e-8) g_w is 0
+        coefs = mean + torch.where(moving, s / torch.where(moving, norm_w, 1), 0) * w
+        return (coefs * self._scale(k)).to(gram.dtype)
+
+    def _scale(self, k: int) -> float:
+        """The authors' factor: ``K`` (``reduction="sum"``) over ``1``, ``1 + c^2`` or ``1 + c``."""
+        rho = (1.0, 1 + self.c**2, 1 + self.c)[self.rescale]
+        return (k if self.reduction == "sum" else 1) / rho
 
     def extra_repr(self) -> str:
-        return f"c={self.c}"
+        return f"c={self.c}, rescale={self.rescale}, reduction={self.reduction!r}"
 
 
 def _support_solutions(m: Tensor, a: Tensor, s: Tensor, masks: Tensor) -> Tensor:
@@ -93,6 +119,30 @@ def _support_solutions(m: Tensor, a: Tensor, s: Tensor, masks: Tensor) -> Tensor
     nu = (big_b + root) / torch.where(valid, big_a, 1)
     w = (nu[:, None] * p - q) / torch.where(valid, root, 1)[:, None]
     return torch.where(valid[:, None], w, torch.nan)
+
+
+def _polish(m: Tensor, a: Tensor, s: Tensor, w: Tensor, steps: int = 2) -> Tensor:
+    """Newton steps on the stationarity conditions ``a + s M w / ||g_w|| = nu 1`` over the
+    support of ``w`` (the closed form loses ~``cond(M_SS)^2 eps`` to cancellation; Newton's
+    residual is evaluated directly, so it ends near ``cond(M_SS) eps``). A step that leaves
+    the simplex or is not finite is not taken; nothing moves where ``g_w = 0``."""
+    k = m.shape[0]
+    support = w > 0
+    both = support[:, None] & support[None, :]
+    eye = torch.eye(k, dtype=m.dtype, device=m.device)
+    border = torch.where(support, 1.0, 0.0).to(m.dtype)
+    for _ in range(steps):
+        mw = m @ w
+        n = (w @ mw).clamp_min(1e-300).sqrt()
+        grad = torch.where(support, a + s * mw / n, 0)
+        hess = torch.where(both, s * (m / n - torch.outer(mw, mw) / n**3), eye)
+        system = torch.cat([torch.cat([hess, border[:, None]], 1), torch.cat([border, border.new_zeros(1)])[None]])
+        rhs = torch.cat([-grad, grad.new_zeros(1)])
+        step = torch.linalg.solve_ex(system, rhs)[0][:k]
+        trial = w + torch.where(support, step, 0)
+        ok = torch.isfinite(trial).all() & (trial >= 0).all() & (n > 1e-8)
+        w = torch.where(ok, trial, w)
+    return w
 
 
 def _exponentiated_gradient(m: Tensor, a: Tensor, s: Tensor, iterations: int) -> Tensor:

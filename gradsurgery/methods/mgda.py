@@ -14,6 +14,10 @@ support is enumerated for ``K <= 8``, Wolfe's active-set algorithm runs above, s
 result meets the KKT conditions ``<g_k, d> >= ||d||^2`` (equality on the support) to
 rounding (residuals below 1e-12 relative to ``max ||g_k||^2`` in the tests, K up to 32).
 No host reads. Representation level by default, as in MGDA-UB.
+
+``weight_heads=True`` is the authors' backward (``train_multi_task.py`` backpropagates
+``sum_t lambda_t L_t``): each head then receives ``lambda_k dL_k``; by default each head gets
+its own unweighted loss gradient (the project's rule for gradient methods).
 """
 from __future__ import annotations
 
@@ -22,20 +26,26 @@ from torch import Tensor
 
 from ..numerics.gram import norms, scale_gram
 from ..numerics.qp import min_norm_simplex
-from .base import Method
+from .base import GramWeighting
 from .registry import register
 
 NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 
 
 @register("mgda")
-class MGDA(Method):
+class MGDA(GramWeighting):
     """Min-norm point of the convex hull of the task gradients."""
 
-    def __init__(self, normalization: str = "none"):
+    subset_safe = True
+
+    def __init__(self, normalization: str = "none", weight_heads: bool = False):
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+        if not isinstance(weight_heads, bool):
+            raise ValueError(f"weight_heads must be True (heads get lambda_k dL_k, the authors' code) or False, "
+                             f"got {weight_heads!r}")
         self.normalization = normalization
+        self.weights_heads = weight_heads
 
     def weights(self, gram: Tensor, losses: Tensor) -> Tensor:
         if self.normalization == "none":
@@ -49,4 +59,4 @@ class MGDA(Method):
         return min_norm_simplex(scale_gram(gram, inv))
 
     def extra_repr(self) -> str:
-        return f"normalization={self.normalization!r}"
+        return f"normalization={self.normalization!r}, weight_heads={self.weights_heads}"
