@@ -26,6 +26,7 @@ coordinate, so their inner products would all be 0.) Level: the representation o
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -78,11 +79,11 @@ class MoDo(ElementWise):
     """Projected-gradient task weights from a doubly sampled Gram."""
 
     def __init__(self, gamma: float = 0.1, rho: float = 0.1, samples: int = 2):
-        if not gamma > 0:
-            raise ValueError(f"gamma (the step size of lambda) must be > 0, got {gamma!r}")
-        if not rho >= 0:
-            raise ValueError(f"rho (the l2 regularisation of lambda) must be >= 0, got {rho!r}")
-        if samples not in (2, 3) or isinstance(samples, bool):
+        if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma > 0):
+            raise ValueError(f"gamma (the step size of lambda) must be a finite number > 0, got {gamma!r}")
+        if not (isinstance(rho, (int, float)) and math.isfinite(rho) and rho >= 0):
+            raise ValueError(f"rho (the l2 regularisation of lambda) must be a finite number >= 0, got {rho!r}")
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples not in (2, 3):
             raise ValueError(f"samples must be 2 (the authors' code: update with the whole batch) or 3 "
                              f"(LibMTL: update with a third part), got {samples!r}")
         self.gamma = float(gamma)

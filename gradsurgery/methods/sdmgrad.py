@@ -8,8 +8,8 @@ steps, ``w_0 = 1/K``) take ``n_iter`` steps of projected SGD with momentum on
 ``1/2 ||G^T (w + lambda w~)||^2``, whose gradient is estimated from two **independent**
 samples, and a third one makes the update:
 
-.. math::  A = \\frac{\\xi_1 \\xi_2^\\top}{s^2},\\quad
-           s = \\operatorname{mean}_k \\sqrt{\\max(A_{kk}, 0) + 10^{-4}},\\qquad
+.. math::  M = \\xi_1 \\xi_2^\\top,\\quad A = M / s^2,\\quad
+           s = \\operatorname{mean}_k \\sqrt{\\max(M_{kk}, 0) + 10^{-4}},\\qquad
            v \\leftarrow \\mu v + A (w + \\lambda \\tilde w),\\quad
            w \\leftarrow \\Pi_\\Delta(w - \\eta v)
 
@@ -19,9 +19,11 @@ samples, and a third one makes the update:
 as the official code (OptMN-Lab/sdmgrad, ``methods/weight_methods.py``, ``SDMGrad``) does:
 ``lr`` (``eta``) 10, ``momentum`` (``mu``) 0.5 with a fresh buffer every step, ``n_iter`` 20,
 ``lambda_`` 0.3 (its NYU-v2 runs), ``K x`` (the sum loss's scale, ``reduction="sum"``;
-``"mean"`` is LibMTL's and torchjd's), the gradient clipped to ``max_norm=1`` (``None``: off).
-The diagonal is clamped at 0 before the square root (LibMTL's guard; the official
-``sqrt(A_kk + 1e-4)`` is nan when two samples disagree).
+``"mean"`` is LibMTL's and torchjd's), the gradient clipped to ``max_norm=1`` (``None``: off;
+``||g||`` is the norm of the batch-summed update, the gradient of a bias on ``z``, as the
+official code clips the shared parameters' gradient). The diagonal is clamped at 0 before the
+square root (LibMTL's guard; the official ``sqrt(M_kk + 1e-4)`` is nan when two samples
+disagree, ``M_kk < -1e-4``).
 
 **Three independent samples from one batch**: the batch is split into three contiguous
 parts ``zeta, xi_1, xi_2`` (:func:`gradsurgery.methods.modo.batch_parts`, see
@@ -30,6 +32,7 @@ mean loss), the heads their whole batch's loss gradient. Level: the representati
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import torch
@@ -47,20 +50,20 @@ class SDMGrad(ElementWise):
     def __init__(self, lambda_: float = 0.3, n_iter: int = 20, lr: float = 10.0, momentum: float = 0.5,
                  pref_vector: Sequence[float] | Tensor | None = None, max_norm: float | None = 1.0,
                  reduction: str = "sum"):
-        if not lambda_ >= 0:
-            raise ValueError(f"lambda_ must be >= 0, got {lambda_!r}")
+        if not (isinstance(lambda_, (int, float)) and math.isfinite(lambda_) and lambda_ >= 0):
+            raise ValueError(f"lambda_ must be a finite number >= 0, got {lambda_!r}")
         if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
             raise ValueError(f"n_iter must be an integer >= 1, got {n_iter!r}")
-        if not lr > 0:
-            raise ValueError(f"lr (the inner SGD's step) must be > 0, got {lr!r}")
+        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+            raise ValueError(f"lr (the inner SGD's step) must be a finite number > 0, got {lr!r}")
         if not 0 <= momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
-        if max_norm is not None and not max_norm > 0:
+        if max_norm is not None and not (isinstance(max_norm, (int, float)) and max_norm > 0):
             raise ValueError(f"max_norm must be > 0 or None (no clipping), got {max_norm!r}")
         if reduction not in ("sum", "mean"):
             raise ValueError(f"reduction must be 'sum' (the official x K) or 'mean', got {reduction!r}")
         if pref_vector is not None:
-            pref_vector = torch.as_tensor(pref_vector, dtype=torch.float64)
+            pref_vector = torch.as_tensor(pref_vector, dtype=torch.float64).clone()
             if pref_vector.dim() != 1 or not torch.isfinite(pref_vector).all():
                 raise ValueError(f"pref_vector must be a finite vector of K weights, got {pref_vector.tolist()!r}")
         self.lambda_ = float(lambda_)
