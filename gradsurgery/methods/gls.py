@@ -1,0 +1,37 @@
+"""GLS: geometric loss strategy (Chennupati et al., "MultiNet++: Multi-Stream Feature
+Aggregation and Geometric Loss Strategy for Multi-Task Learning", CVPR Workshops 2019).
+
+The objective is the geometric mean of the losses, ``L = (prod_k L_k)^(1/K)``, as in
+LibMTL's ``GLS.backward``; its gradient weights task ``k`` by
+
+.. math::  w_k = \\frac{\\partial L}{\\partial L_k} = \\frac{(\\prod_j L_j)^{1/K}}{K\\,L_k}
+           = \\frac{1}{K}\\exp\\Big(\\frac1K\\sum_j \\log L_j - \\log L_k\\Big)
+
+(computed in log space, so a product of many small or large losses neither underflows nor
+overflows). The losses are weighted -- heads and backbone alike -- and no Gram is computed.
+The losses must be positive: the geometric mean of a zero loss has an infinite gradient
+and that of a negative one is undefined, so a non-positive loss raises a ``ValueError``
+(a host read of its own: GLS is not sync-free).
+No options. Level: loss weighting, the same at either level.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import LossWeighting
+from .registry import register
+
+
+@register("gls")
+class GLS(LossWeighting):
+    """Weights of the geometric mean of the losses, ``(prod L)^(1/K) / (K L_k)``."""
+
+    subset_safe = True
+
+    def loss_weights(self, losses: Tensor) -> Tensor:
+        if not bool((losses > 0).all()):
+            raise ValueError(f"GLS needs positive losses (the geometric mean of a zero or negative loss has "
+                             f"no finite gradient), got {losses.tolist()}; shift or rescale the losses")
+        log = losses.log()
+        return torch.exp(log.mean() - log) / losses.numel()

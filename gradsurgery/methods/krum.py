@@ -1,0 +1,73 @@
+"""Krum and Multi-Krum (Blanchard et al., "Machine Learning with Adversaries: Byzantine
+Tolerant Gradient Descent", NeurIPS 2017; torchjd's ``Krum``).
+
+With ``f = n_byzantine`` tasks that may be adversarial, each task ``i`` is scored by its
+distances to its ``K - f - 2`` nearest other task gradients,
+
+.. math::  s(i) = \\sum_{i \\to j} \\|g_i - g_j\\|^2,\\qquad
+           \\|g_i - g_j\\|^2 = M_{ii} + M_{jj} - 2 M_{ij}
+
+and the update is the mean of the ``n_selected`` task gradients of lowest score (Krum:
+``n_selected = 1``; Multi-Krum above): ``c_k = 1 / n_selected`` on those, 0 elsewhere. The
+distances are read off the Gram (float64). ``squared=True`` (default) is the paper's
+score; ``squared=False`` sums the distances themselves, as torchjd 0.18 does. Ties go to
+the lowest task index. Needs ``K >= n_byzantine + 3`` and ``K >= n_selected`` (checked
+when the method is bound). Defaults: ``n_byzantine=0`` (torchjd has no default),
+``n_selected=1``. Scale-invariant: ``c`` does not change when every gradient is scaled by
+the same factor. Level: any matrix of gradients; representation level by default.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import GramWeighting
+from .registry import register
+
+
+@register("krum")
+class Krum(GramWeighting):
+    """Mean of the ``n_selected`` task gradients closest to their ``K - f - 2`` neighbours."""
+
+    subset_safe = True
+
+    def __init__(self, n_byzantine: int = 0, n_selected: int = 1, squared: bool = True):
+        if isinstance(n_byzantine, bool) or not isinstance(n_byzantine, int) or n_byzantine < 0:
+            raise ValueError(f"n_byzantine must be an integer >= 0, got {n_byzantine!r}")
+        if isinstance(n_selected, bool) or not isinstance(n_selected, int) or n_selected < 1:
+            raise ValueError(f"n_selected must be an integer >= 1, got {n_selected!r}")
+        if not isinstance(squared, bool):
+            raise ValueError(f"squared must be True (the paper's squared distances) or False (torchjd's), "
+                             f"got {squared!r}")
+        self.n_byzantine = n_byzantine
+        self.n_selected = n_selected
+        self.squared = squared
+
+    def bind(self, num_tasks, *, device, dtype, generator):
+        self._check(num_tasks)
+        super().bind(num_tasks, device=device, dtype=dtype, generator=generator)
+
+    def _check(self, num_tasks: int) -> None:
+        if num_tasks < self.n_byzantine + 3:
+            raise ValueError(f"Krum with n_byzantine={self.n_byzantine} needs at least {self.n_byzantine + 3} "
+                             f"tasks (n_byzantine + 3), got {num_tasks}; lower n_byzantine")
+        if num_tasks < self.n_selected:
+            raise ValueError(f"n_selected={self.n_selected} exceeds the number of tasks ({num_tasks})")
+
+    def weights(self, gram: Tensor, losses: Tensor) -> Tensor:
+        k = gram.shape[0]
+        self._check(k)  # a step with absent tasks sees fewer
+        m = gram.to(torch.float64)
+        sq = m.diagonal()
+        distances = (sq[:, None] + sq[None, :] - 2 * m).clamp_min(0)
+        if not self.squared:
+            distances = distances.sqrt()
+        # column 0 of each sorted row is a zero distance (the task itself, or a duplicate)
+        nearest = distances.sort(1).values[:, 1:k - self.n_byzantine - 1]
+        scores = nearest.sum(1)
+        chosen = scores.sort(stable=True).indices[:self.n_selected]
+        c = torch.zeros(k, dtype=gram.dtype, device=gram.device)
+        return c.index_fill(0, chosen, 1.0 / self.n_selected)
+
+    def extra_repr(self) -> str:
+        return f"n_byzantine={self.n_byzantine}, n_selected={self.n_selected}, squared={self.squared}"

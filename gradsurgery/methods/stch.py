@@ -1,0 +1,92 @@
+"""STCH: smooth Tchebycheff scalarisation (Lin et al., "Smooth Tchebycheff Scalarization
+for Multi-Objective Optimization", ICML 2024; official code Xi-L/STCH,
+``STCH_MTL/LibMTL/weighting/STCH.py``, the same as LibMTL's ``STCH.py``).
+
+After a warm-up, the objective is the smooth maximum of the log losses relative to a nadir
+point ``z`` (the mean losses of the last warm-up epoch):
+
+.. math::  \\mathcal L = K \\mu \\log \\sum_k \\exp(l_k / \\mu),\\qquad
+           l_k = \\log(L_k / z_k + 10^{-20})
+
+so the losses are weighted by ``w_k = dL/dL_k = K softmax(l / mu)_k / (L_k + 10^{-20} z_k)``.
+During the warm-up (epochs ``0 .. warmup_epoch``, counted by
+:meth:`gradsurgery.MultiTaskOptimizer.end_epoch`) the objective is ``sum_k log(L_k + 1e-20)``,
+``w_k = 1 / (L_k + 1e-20)``; during epoch ``warmup_epoch`` the losses of every step are
+averaged into ``z``, fixed when that epoch ends. Defaults are the authors' (``mu = 1.0``,
+``warmup_epoch = 4``, their config and runs). The losses are weighted -- heads and backbone
+alike, as the official code backpropagates the whole objective -- and no Gram is computed.
+
+Call ``opt.end_epoch()`` once per epoch, after its steps: without it STCH stays in its
+warm-up. The losses must be positive (their logarithms are taken): a non-positive loss raises
+a ``ValueError`` (a host read of its own). State (``state_dict``): the epoch, the running sum
+and count of the nadir epoch's losses, the nadir point. Level: loss weighting, the same at
+either level.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .base import LossWeighting
+from .registry import register
+
+#: The official code's guard inside the logarithms.
+TINY = 1e-20
+
+
+@register("stch")
+class STCH(LossWeighting):
+    """Smooth Tchebycheff weights of the log losses relative to a warm-up nadir point."""
+
+    def __init__(self, mu: float = 1.0, warmup_epoch: int = 4):
+        if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not 0 < mu < float("inf"):
+            raise ValueError(f"mu must be a finite number > 0 (the smoothing), got {mu!r}")
+        if isinstance(warmup_epoch, bool) or not isinstance(warmup_epoch, int) or warmup_epoch < 0:
+            raise ValueError(f"warmup_epoch must be an integer >= 0 (the epoch whose mean losses are the "
+                             f"nadir point), got {warmup_epoch!r}")
+        self.mu = float(mu)
+        self.warmup_epoch = warmup_epoch
+
+    def bind(self, num_tasks, *, device, dtype, generator):
+        super().bind(num_tasks, device=device, dtype=dtype, generator=generator)
+        self.epoch = 0
+        self.loss_sum = torch.zeros(num_tasks, dtype=torch.float64, device=device)
+        self.count = 0
+        self.nadir: Tensor | None = None
+
+    def loss_weights(self, losses: Tensor) -> Tensor:
+        if not bool((losses > 0).all()):
+            raise ValueError(f"STCH needs positive losses (it takes their logarithms), got {losses.tolist()}")
+        if self.nadir is None:
+            return 1 / (losses + TINY)
+        z = self.nadir.to(losses.dtype)
+        l = torch.log(losses / z + TINY)
+        return self.num_tasks * torch.softmax(l / self.mu, 0) / (losses + TINY * z)
+
+    def update(self, losses: Tensor) -> None:
+        if self.epoch == self.warmup_epoch:
+            self.loss_sum = self.loss_sum + losses.to(self.loss_sum.dtype)
+            self.count += 1
+
+    def end_epoch(self) -> None:
+        if self.epoch == self.warmup_epoch:
+            if self.count == 0:
+                raise RuntimeError(f"STCH saw no step during epoch {self.warmup_epoch}, whose mean losses set "
+                                   "its nadir point; call opt.end_epoch() once per epoch, after its steps")
+            self.nadir = self.loss_sum / self.count
+        self.epoch += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "loss_sum": self.loss_sum.clone(), "count": self.count,
+                "nadir": None if self.nadir is None else self.nadir.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = int(state["epoch"])
+        self.loss_sum = state["loss_sum"].to(self.loss_sum).clone()
+        self.count = int(state["count"])
+        self.nadir = None if state["nadir"] is None else state["nadir"].to(self.loss_sum).clone()
+
+    def extra_repr(self) -> str:
+        return f"mu={self.mu}, warmup_epoch={self.warmup_epoch}"
