@@ -14,7 +14,8 @@ and the rest of the code stays as it is::
     optim_model.step(); optim_rotograd.step()
 
 The classes keep the package's constructor signatures (``rotation_shape``, ``alpha``,
-``post_shape``, ``normalize_losses``, ``burn_in_period``; plus ``rotation_init``) and
+``post_shape``, ``normalize_losses``, ``burn_in_period``; plus ``rotation_init`` and
+``rotation_param``) and
 attributes (``backbone``, ``heads``, ``num_tasks``, ``model[i]``, ``len(model)``,
 ``backward(losses, backbone_loss=None)``, ``coop()``, ``mtl_parameters()``,
 ``model_parameters()``). As in the package, ``parameters()`` are only the method's own
@@ -59,7 +60,7 @@ class VanillaMTL(nn.Module):
         self._setup(backbone, heads, rotation_shape=None, options={})
 
     def _setup(self, backbone: nn.Module, heads: Sequence[nn.Module], *, rotation_shape, options: dict[str, Any],
-               post_shape=(), rotation_init: str | Tensor = "random") -> None:
+               post_shape=(), rotation_init: str | Tensor = "random", rotation_param: str = "expm") -> None:
         heads = list(heads)
         params = [*backbone.parameters(), *(p for h in heads for p in h.parameters())]
         # holds the model's parameters for the pipeline; never stepped (the user's optimizers step)
@@ -69,7 +70,8 @@ class VanillaMTL(nn.Module):
             size = math.prod((rotation_shape,) if isinstance(rotation_shape, int) else rotation_shape)
             rotation_init = haar(len(heads), size, dtype=torch.get_default_dtype())
         rotation = {} if rotation_shape is None else {
-            "rotation_shape": rotation_shape, "post_shape": post_shape, "rotation_init": rotation_init}
+            "rotation_shape": rotation_shape, "post_shape": post_shape, "rotation_init": rotation_init,
+            "rotation_param": rotation_param}
         # the pipeline seeds its own generator from torch's; the package draws nothing more,
         # so neither do we: the global stream after construction is the package's
         with torch.random.fork_rng(devices=[]):
@@ -193,13 +195,14 @@ class RotateOnly(VanillaMTL):
 
     def __init__(self, backbone: nn.Module, heads: Sequence[nn.Module], rotation_shape: int | Sequence[int],
                  *args, post_shape: Sequence[int] = (), normalize_losses: bool = False,
-                 burn_in_period: int = 20, rotation_init: str | Tensor = "random"):
+                 burn_in_period: int = 20, rotation_init: str | Tensor = "random", rotation_param: str = "expm"):
         if args:
             raise TypeError(f"{type(self).__name__} takes 3 positional arguments (backbone, heads, rotation_shape); "
                             f"pass the others by keyword, got extra {args!r}")
         nn.Module.__init__(self)
         self._setup(backbone, heads, rotation_shape=rotation_shape, post_shape=post_shape,
-                    rotation_init=rotation_init, options=self._options(normalize_losses, burn_in_period))
+                    rotation_init=rotation_init, rotation_param=rotation_param,
+                    options=self._options(normalize_losses, burn_in_period))
 
     def _options(self, normalize_losses: bool, burn_in_period: int) -> dict[str, Any]:
         return {"normalize_losses": normalize_losses, "burn_in_period": burn_in_period}
@@ -229,13 +232,14 @@ class RotoGradNorm(RotateOnly):
 
     def __init__(self, backbone: nn.Module, heads: Sequence[nn.Module], rotation_shape: int | Sequence[int],
                  *args, alpha: float | None = None, post_shape: Sequence[int] = (),
-                 normalize_losses: bool = False, burn_in_period: int = 20, rotation_init: str | Tensor = "random"):
+                 normalize_losses: bool = False, burn_in_period: int = 20, rotation_init: str | Tensor = "random",
+                 rotation_param: str = "expm"):
         if alpha is None:
             raise TypeError("RotoGradNorm needs alpha, GradNorm's asymmetry (e.g. alpha=1.0), as in rotograd")
         self._alpha = alpha
         super().__init__(backbone, heads, rotation_shape, *args, post_shape=post_shape,
                          normalize_losses=normalize_losses, burn_in_period=burn_in_period,
-                         rotation_init=rotation_init)
+                         rotation_init=rotation_init, rotation_param=rotation_param)
 
     def _options(self, normalize_losses: bool, burn_in_period: int) -> dict[str, Any]:
         return {**super()._options(normalize_losses, burn_in_period), "alpha": self._alpha}

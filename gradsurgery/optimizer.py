@@ -44,6 +44,10 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
             channels of a feature map at every position).
         rotation_init: ``"random"`` (Haar, torch's generator, as rotograd/geotorch),
             ``"identity"`` or a ``(K, m, m)`` tensor of orthogonal matrices.
+        rotation_param: ``R_k = B_k f(skew(A_k))`` with ``f`` = ``"expm"`` (default: the
+            exponential, geotorch's and rotograd's), ``"cayley"`` (``(I - X/2)^{-1} (I + X/2)``:
+            one inverse per rotation, whatever the size of ``A``; see docs/benchmarks.md for
+            when it is faster) or a function of the skew-symmetric ``K x m x m`` stack.
         coop: RotoGrad's cooperative mode from the start (see :meth:`coop`).
         method_lr: learning rate of the method's own parameters (their own param group);
             default: the first group's lr. Accepted, and ignored, for methods without
@@ -86,6 +90,7 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
                  check_finite: bool = True, distributed_exact: bool = True, process_group=None,
                  rotation: bool | None = None, rotation_shape: int | Sequence[int] | None = None,
                  post_shape: int | Sequence[int] = (), rotation_init: str | Tensor = "random",
+                 rotation_param: str | Callable[[Tensor], Tensor] = "expm",
                  coop: bool = False, level: str = "rep", shared_params: Iterable[Tensor] | None = None,
                  **method_options: Any):
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -127,7 +132,7 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         self.rotations = rot.build(
             self.method, num_tasks, rotation=rotation, rep_size=rep_size, rotation_shape=rotation_shape,
             post_shape=post_shape, init=rotation_init, coop=coop, level=level,
-            dtype=dtype, device=first.device)
+            dtype=dtype, device=first.device, param=rotation_param)
         self.generator = torch.Generator()
         self.generator.manual_seed(int(torch.randint(0, 2**62, ())))
         self.method.bind(num_tasks, device=first.device, dtype=dtype, generator=self.generator)
