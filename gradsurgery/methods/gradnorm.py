@@ -16,9 +16,14 @@ at the first step. ``alpha`` (default 1.5) sets how strongly slow tasks are push
 Losses are expected positive, as in the paper; a task whose initial loss is 0 counts as
 training at the average rate (``r_k = 1``), so no NaN can appear.
 
-Level: the paper uses the gradient norms at the last shared layer's weights; here, by
-default, the norms of the gradients w.r.t. the shared representation. Heads get their
-own, unweighted loss gradients.
+Level: the paper measures the norms at the last shared layer's weights ``W``; that is
+``MultiTaskOptimizer(..., level="params", shared_params=[W])`` (the Gram, hence the norms,
+of the task gradients w.r.t. ``W``). By default the norms are those of the gradients
+w.r.t. the shared representation ``z`` (no layer to choose, no Jacobian). Heads get their
+own, unweighted loss gradients (gradsurgery's contract for gradient methods; the paper's
+``sum_k w_k L_k`` also weights them). There is no authors' code; LibMTL's
+re-implementation parametrises ``w = K softmax(v)`` and skips the first epoch (weights 1,
+``L(0)`` the epoch-0 mean): LibMTL's choices, not the paper's, so not the defaults here.
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from ..numerics.gram import norms
-from .base import Method
+from .base import GramWeighting
 from .registry import register
 
 #: Smallest weight kept after a step (weights must stay positive).
@@ -36,7 +41,7 @@ MIN_WEIGHT = 1e-6
 
 
 @register("gradnorm")
-class GradNorm(Method):
+class GradNorm(GramWeighting):
     """Learnable task weights balancing the task gradients' norms (see module docstring)."""
 
     def __init__(self, alpha: float = 1.5):

