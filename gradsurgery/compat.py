@@ -161,6 +161,11 @@ class VanillaMTL(nn.Module):
 
     def _from_package(self, state: Mapping[str, Any], strict: bool) -> dict[str, Any]:
         """The package's keys mapped onto this model's (checked when ``strict``)."""
+        param = getattr(self.rotations, "param", "expm")
+        if self.rotations is not None and param != "expm":
+            raise ValueError(f"a rotograd 0.1.6 checkpoint holds rotations base @ expm(skew(A)) (geotorch's "
+                             f"triv='expm'), but this model uses rotation_param={param!r}; build it with "
+                             "rotation_param='expm' (the default) to load the checkpoint")
         own = self.state_dict()
         k = self.num_tasks
         mapped: dict[str, Any] = {}

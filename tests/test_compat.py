@@ -100,6 +100,9 @@ def test_bad_package_checkpoint_changes_nothing():
     three, _ = build(rotograd, "RotoGradNorm", seed=0)  # a RotoGradNorm checkpoint has weights too
     with pytest.raises(RuntimeError, match="weight_"):
         ours.load_state_dict(three.state_dict())
+    ours.rotations.param = "cayley"  # what rotation_param="cayley" builds: A means another rotation
+    with pytest.raises(ValueError, match="rotation_param='expm'"):
+        ours.load_state_dict(state)
     for k, v in ours.state_dict().items():
         assert torch.equal(v, before[k]), k
 
