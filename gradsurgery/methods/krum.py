@@ -59,7 +59,7 @@ class Krum(GramWeighting):
         self._check(k)  # a step with absent tasks sees fewer
         m = gram.to(torch.float64)
         sq = m.diagonal()
-        distances = (sq[:, None] + sq[None, :] - 2 * m).clamp_min(0)
+        distances = (sq[:, None] + sq[None, :] - (m + m.T)).clamp_min(0)  # exactly symmetric: ties stay ties
         if not self.squared:
             distances = distances.sqrt()
         # column 0 of each sorted row is a zero distance (the task itself, or a duplicate)
