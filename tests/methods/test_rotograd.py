@@ -161,7 +161,7 @@ def test_same_steps_as_rotograd_package(name, options, kind, size, with_backbone
 
 # -- the compat facade -------------------------------------------------------------------
 def load_migration_example():
-    path = Path(__file__).resolve().parent.parent / "examples" / "rotograd_migration.py"
+    path = Path(__file__).resolve().parents[2] / "examples" / "rotograd_migration.py"
     spec = importlib.util.spec_from_file_location("rotograd_migration_example", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
