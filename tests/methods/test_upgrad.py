@@ -79,3 +79,12 @@ def test_bad_options_raise(bad):
     with pytest.raises(ValueError):
         method = gs.methods.create(NAME, **bad)
         method.bind(2, device=torch.device("cpu"), dtype=D, generator=torch.Generator())
+
+
+@pytest.mark.parametrize("k,n", [(8, 12), (12, 30)])
+def test_above_the_enumeration_limit_equals_torchjd(k, n):
+    """More tasks than the exact enumeration covers (the active-set path), full-rank rows."""
+    g = torch.randn(k, n, generator=torch.Generator().manual_seed(k), dtype=D)
+    g[1] = -0.7 * g[0] + 0.3 * g[1]
+    torch.testing.assert_close(ours(g), REFERENCE(projector=exact_projector())(g),
+                               rtol=0, atol=float(1e-6 * g.norm(dim=1).max()))
