@@ -2,7 +2,7 @@
 by the package loads as it is, and constructing a model draws exactly what the package
 draws from torch's global generator (so "same seed, same run" holds for what follows:
 data shuffling, dropout, ...). Runs with geotorch 0.3 as it is and with newer geotorch
-through ``conftest.py``'s alias, as ``tests/test_rotograd_reference.py`` does."""
+through ``conftest.py``'s alias, as ``tests/methods/test_rotograd.py`` does."""
 from __future__ import annotations
 
 import pytest
