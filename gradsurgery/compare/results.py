@@ -58,7 +58,8 @@ class Run:
     """One training run: ``method`` trained with ``seed``.
 
     ``status`` is ``"ok"``, ``"diverged"`` (a non-finite loss or metric; ``error`` says
-    where) or ``"failed"`` (the method raised; ``error`` holds the message). ``curves``
+    where) or ``"failed"`` (something raised while the method ran: building the optimizer,
+    ``fork``, ``backward``, ``step`` or evaluation; ``error`` holds the message). ``curves``
     holds the held-out metrics after every epoch (``epochs x K``), ``train_losses`` the
     mean training losses of every epoch; ``cosine`` (mean pairwise cosine of the task
     gradients), ``weights`` (the method's coefficients) and ``track`` (the benchmark's
