@@ -108,3 +108,25 @@ def test_bad_options_raise():
     for bad in ({"beta": 1.5}, {"beta_sigma": -1.0}, {"eps": -1.0}):
         with pytest.raises(ValueError):
             gs.methods.create("db_mtl", **bad)
+
+
+@pytest.mark.parametrize("level", ["params", "rep"])
+def test_resume_continues_bit_for_bit(level):
+    import io
+
+    def run(stop_at=None):
+        model, x, _ = make(3, seed=8)
+        opt = gs.MultiTaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), "db_mtl", num_tasks=3, level=level)
+        for t, ys in enumerate(batches_for(3, 8, steps=5)):
+            if t == stop_at:
+                buf = io.BytesIO()
+                torch.save(opt.state_dict(), buf)
+                buf.seek(0)
+                opt = gs.MultiTaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), "db_mtl", num_tasks=3,
+                                            level=level)
+                opt.load_state_dict(torch.load(buf, weights_only=True))
+            wrapped_step(model, opt, x, ys)
+        return list(model.parameters())
+
+    for a, b in zip(run(), run(stop_at=3)):
+        assert torch.equal(a, b)
