@@ -105,8 +105,10 @@ class PCD(GramWeighting):
         rhs = torch.where(active, b, 0).unsqueeze(-1)
         mu = masked_solve(ms, active, rhs).squeeze(-1)
         slack = small_matmul(mu, ms) - b
-        tol = 1e-9 * ms.diagonal().abs().amax().clamp_min(torch.finfo(mn.dtype).tiny) * (1 + mu.abs().amax(-1))
-        kkt = ((mu >= -tol[:, None]) & (slack >= -tol[:, None]) & (~active | (slack.abs() <= tol[:, None]))).all(-1)
+        # torchjd's tolerance; an inconsistent singular face (infeasible constraints) gets a
+        # huge ridge solution whose active constraints then miss equality by far more
+        tol = 1e-9 * ms.diagonal().abs().amax().clamp_min(torch.finfo(mn.dtype).tiny)
+        kkt = ((mu >= -tol) & (slack >= -tol) & (~active | (slack.abs() <= tol))).all(-1)
         objective = 0.5 * (small_matmul(mu, ms) * mu).sum(-1) - mu @ b
         best = torch.where(kkt, objective, torch.inf).argmin()
         return torch.where(kkt.any(), mu[best].clamp_min(0), 0)
