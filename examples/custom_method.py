@@ -18,7 +18,7 @@ QUICK = os.environ.get("GRADSURGERY_QUICK") == "1"  # smoke-test size (used by t
 
 
 @gs.methods.register("equal_norm")
-class EqualNorm(gs.methods.Method):
+class EqualNorm(gs.methods.GramWeighting):
     """Rescales every task gradient to the mean norm: ``c_k = mean_j ||g_j|| / ||g_k||``,
     so that no task dominates the shared update by its scale alone."""
 

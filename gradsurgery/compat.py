@@ -121,7 +121,7 @@ class VanillaMTL(nn.Module):
         rep, extra = (out[0], list(out[1:])) if isinstance(out, (list, tuple)) else (out, [])
         if self.training and torch.is_grad_enabled():
             self.rep = rep
-            self._optimizer._fork = None  # a new forward replaces an unfinished one, as in the package
+            self._optimizer._path = None  # a new forward replaces an unfinished one, as in the package
             outs = [h(v) for h, v in zip(self._heads, self._optimizer.fork(rep))]
         else:  # evaluation: rotated views, no gradient to the rotations, nothing recorded
             outs = [h(rep) for h in self.heads]

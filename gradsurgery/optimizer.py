@@ -7,12 +7,11 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
-from .pipeline import params_level
-from .pipeline import rotation as rot
-from .pipeline import stages as pipeline
-from .scale import amp, distributed
+from .methods import ElementWise, LossWeighting, Method, available, create, get, kind_of
 from .numerics.gram import compute_dtype, cosines, norms
-from .methods import Method, create
+from .pipeline import graph, paths, stages
+from .pipeline import rotation as rot
+from .scale import amp, distributed
 
 
 class MultiTaskOptimizer(torch.optim.Optimizer):
@@ -71,16 +70,24 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
             ``torch.distributed``.
         shared_params: the shared parameters for ``level="params"``; default: the wrapped
             optimizer's parameters that ``z`` depends on, found at every ``fork``.
+        weight_ema: smooth the method's weights over steps (CR-MOGM, Zhou et al. 2022):
+            ``lambda_t = a lambda_{t-1} + (1 - a) lambdahat_t``, ``lambda_1 = lambdahat_1``,
+            for any Gram-weighting or loss-weighting method (``a`` in ``[0, 1)``; ``None``:
+            off). ``stats["weights"]`` shows the smoothed weights; ``state_dict`` holds them.
         **method_options: options of the method (e.g. ``alpha`` for ``gradnorm``).
 
     Attributes:
         method: the :class:`~gradsurgery.methods.Method` in use.
         rotations: the :class:`gradsurgery.pipeline.rotation.Rotations` (``None`` without).
         stats: what the last ``backward`` saw and decided (detached tensors):
-            ``losses``, ``weights`` (each unweighted task gradient's coefficient in what
-            the backbone received: the method's ``c`` times its loss weights, so ``1/K``
-            for ``mean``) and, for methods that look at gradients, ``grad_norms`` and
-            ``cosines``; with rotations, ``rotation_losses`` (the alignment losses).
+            the same keys for every method: ``losses``, ``weights`` (each unweighted task
+            gradient's coefficient in what the backbone received: the method's ``c`` times
+            its loss weights, so ``1/K`` for ``mean``; ``None`` for element-wise methods:
+            NaN), ``grad_norms`` and ``cosines`` (NaN for loss-weighting methods, which never
+            form the task gradients), ``present`` (which tasks had a loss); with rotations,
+            ``rotation_losses`` (the alignment losses). Absent tasks read NaN. Under
+            gradient accumulation (several ``backward`` per ``step``) every entry is the
+            mean over the step's micro-batches, and ``micro_batches`` counts them.
         distributed: the :class:`gradsurgery.scale.distributed.Sync` in use (``None`` when
             single-process); its ``bytes_last_step`` counts what the last step all-reduced.
     """
@@ -92,7 +99,7 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
                  post_shape: int | Sequence[int] = (), rotation_init: str | Tensor = "random",
                  rotation_param: str | Callable[[Tensor], Tensor] = "expm",
                  coop: bool = False, level: str = "rep", shared_params: Iterable[Tensor] | None = None,
-                 **method_options: Any):
+                 weight_ema: float | None = None, **method_options: Any):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, MultiTaskOptimizer):
@@ -115,13 +122,22 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         self.rep_size = rep_size
         self.check_finite = bool(check_finite)
         self.method = create(method, **method_options)
+        self.kind = kind_of(self.method)
+        if weight_ema is not None and (isinstance(weight_ema, bool) or not isinstance(weight_ema, (int, float))
+                                       or not 0 <= weight_ema < 1):
+            raise ValueError(f"weight_ema must be a number in [0, 1) (the weight of the previous weights), "
+                             f"got {weight_ema!r}")
+        if weight_ema is not None and self.kind is ElementWise:
+            raise ValueError(f"weight_ema smooths a method's weights, but {self.method!r} combines the task "
+                             "gradients element by element and has none; drop weight_ema")
+        self.weight_ema = None if weight_ema is None else float(weight_ema)
         self.distributed_exact = bool(distributed_exact)
         group = distributed.active_group(process_group)
         if group is not None and self.distributed_exact and not distributed.is_exact(self.method):
             raise ValueError(f"{self.method!r} combines the task gradients element-wise, so it cannot "
                              "decide from the global batch under torch.distributed; pass "
                              "distributed_exact=False for per-rank surgery")
-        self.distributed = None if group is None else distributed.Sync(group, self.distributed_exact)
+        self.distributed = distributed.NoSync() if group is None else distributed.Sync(group, self.distributed_exact)
         if group is not None and level == "params":
             raise ValueError("level='params' does not run under torch.distributed yet (the parameter-level "
                              "Gram of the global batch needs the whole K x P Jacobian all-reduced); use "
@@ -138,14 +154,19 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         self.method.bind(num_tasks, device=first.device, dtype=dtype, generator=self.generator)
         own = self._own_params()
         if own:
-            group: dict[str, Any] = {"params": own, "lr": optimizer.param_groups[0]["lr"]
+            group: dict[str, Any] = {"params": own, "name": "method", "lr": optimizer.param_groups[0]["lr"]
                                      if method_lr is None else method_lr}
             if "weight_decay" in optimizer.defaults:
                 group["weight_decay"] = 0.0  # never decay rotations or task weights
             optimizer.add_param_group(group)
         self._method_params = {id(p) for p in own}
 
-        self._fork: pipeline.Fork | None = None
+        self._path: paths.StackedPath | paths.ParamsPath | None = None
+        self._checked_graph = False  # the first backward walks the graphs (graph.check_readers)
+        self._head_tasks: dict[int, int] = {}  # id(head parameter) -> its task, from that walk
+        self._prepared = False  # prepare() ran for this optimizer step
+        self._micro_batches = 0  # backward calls since the last step
+        self._ema: Tensor | None = None  # weight_ema's running weights
         self.stats: dict[str, Tensor] = {}
         for name in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
                      "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
@@ -179,36 +200,43 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         self.optimizer.defaults = value
 
     # -- the training step --------------------------------------------------------------
-    def fork(self, z: Tensor) -> list[Tensor]:
+    def fork(self, z: Tensor | Sequence[Tensor]) -> list:
         """Returns ``num_tasks`` views of the shared representation ``z`` (leading batch
         dimension, any float dtype), one for each task's head.
+
+        ``z`` may be a tuple or list of shared tensors (skip connections, several scales):
+        then each task gets a tuple of views, and the surgery sees one task gradient over
+        all of them (the Gram is the sum of the per-tensor Grams). Rotations act on the
+        first tensor.
 
         Under ``torch.no_grad()`` the views are returned without recording anything (for
         evaluation); otherwise the next call must be :meth:`backward`.
         """
-        if not isinstance(z, Tensor) or not z.is_floating_point() or z.dim() < 1:
-            raise TypeError("fork(z) takes the backbone's output: a floating-point tensor with a "
-                            f"leading batch dimension, got {_describe(z)}")
+        single = isinstance(z, Tensor)
+        shared = [z] if single else list(z) if isinstance(z, (tuple, list)) else None
+        if not shared or not all(isinstance(t, Tensor) and t.is_floating_point() and t.dim() >= 1 for t in shared):
+            raise TypeError("fork(z) takes the backbone's output: a floating-point tensor with a leading batch "
+                            f"dimension, or a tuple/list of such tensors; got {_describe(z)}")
         if not torch.is_grad_enabled():
-            return [z] * self.num_tasks if self.rotations is None else rot.views(self.rotations, z, self.num_tasks)
-        if self._fork is not None:
+            if self.rotations is None:
+                return [z if single else tuple(shared)] * self.num_tasks
+            rotated = rot.views(self.rotations, shared[0], self.num_tasks)
+            return rotated if single else [(r, *shared[1:]) for r in rotated]
+        if self._path is not None:
             raise RuntimeError("fork() was called twice without backward(); call "
                                "backward(losses) for the previous fork, or zero_grad() to discard it")
-        if not z.requires_grad:
+        if not all(t.requires_grad for t in shared):
             raise ValueError("fork(z): z does not require grad, so the backbone cannot be trained "
                              "through it; pass the backbone's output (or wrap evaluation in torch.no_grad())")
-        self._shared = self._shared_for(z) if self.level == "params" else []
-        # a loss-only method in float32/64 gets g = sum_k g_k added up as in plain backward (no K x N G)
-        summed = self.method.loss_only and not self.method.needs_gram and z.dtype == compute_dtype(z.dtype)
-        self._fork = (pipeline.fork(z, self.num_tasks, summed) if self.rotations is None
-                      else rot.fork(self.rotations, z, self.num_tasks))
-        return self._fork.views
+        self._path = self._new_path(shared, single)
+        return self._path.views
 
-    def backward(self, losses: Sequence[Tensor], *, backbone_loss: Tensor | None = None,
+    def backward(self, losses: Sequence[Tensor | None], *, backbone_loss: Tensor | None = None,
                  scaler: torch.amp.GradScaler | None = None) -> None:
         """Backpropagates the task ``losses`` (``num_tasks`` scalars, task ``k``'s loss
-        computed from the ``k``-th view of :meth:`fork`) with the method's surgery on the
-        shared representation, then once through the backbone.
+        computed from the ``k``-th view of :meth:`fork`; ``None`` for a task absent from
+        this batch) with the method's surgery on the shared representation, then once
+        through the backbone.
 
         ``backbone_loss`` (e.g. a regulariser of the shared parameters) adds its gradient
         to the shared parameters unchanged, in the same backbone pass.
@@ -218,103 +246,56 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         ``scaler`` (a ``torch.amp.GradScaler``): the backward passes run on the scaled
         losses, the method decides from the unscaled gradients (float32 or wider; the
         scale never changes a decision) and its parameters get their gradients at the
-        scaled size, like the rest (see :mod:`gradsurgery.scale.amp`). A non-finite value then
-        means overflow: the method is not consulted (its state stays untouched) and NaN
-        gradients reach the parameters, so ``scaler.step(opt)`` skips the step. This
-        needs the one host read whatever ``check_finite`` (``scaler.step`` reads anyway).
+        scaled size, like the rest (see :mod:`gradsurgery.scale.amp`). A non-finite value
+        then means overflow: the method is not consulted (its state stays untouched) and
+        NaN gradients reach the parameters, so ``scaler.step(opt)`` skips the step.
         Loop: ``opt.backward(losses, scaler=scaler); scaler.step(opt); scaler.update()``.
 
         Under ``torch.distributed`` the step needs one all-reduce (see
         :mod:`gradsurgery.scale.distributed`), so every rank must call ``backward`` every step.
         """
-        fork = self._fork
-        if fork is None:
-            raise RuntimeError("backward() was called without fork(); call views = opt.fork(z) on the "
-                               "backbone's output and compute the task losses from those views")
-        stacked = self._validate(losses, backbone_loss)
+        path = self._pending_path()
+        stacked, present = self._validate(losses, backbone_loss)
         values = stacked.detach().to(compute_dtype(stacked.dtype))
-        method = self.method
+        scaling = amp.Scaling.of(scaler, path.shared[0].device)
         sync = self._sync_for_step()
-        exact = sync is not None and sync.exact
-        # methods that may weight the losses by their values see the global ones
-        early = exact and type(method).loss_weights is not Method.loss_weights
-        if early:
-            values = sync.losses(values)
-        loss_scale = amp.loss_scale(scaler, fork.z.device)
-        scale = method.loss_weights(values)
-        # one expression whatever K; each loss's gradient is exactly its weight, as in sum(w_k L_k)
-        objective = stacked.sum() if scale is None else (stacked * scale.to(losses[0].dtype)).sum()
-        if loss_scale is not None:
-            objective = objective * loss_scale
-            backbone_loss = None if backbone_loss is None else backbone_loss * loss_scale
+        values = sync.losses(values) if self._decides_from_losses(sync) else values
+        loss_weights = self._loss_weights(values)
+        objective = stacked.sum() if loss_weights is None else (stacked * loss_weights.to(stacked.dtype)).sum()
         params = self._head_params()
-        grads, param_grads = pipeline.task_gradients(objective, fork, params)
-        rotated_grads = None
-        if self.rotations is not None:  # the heads read R_k z: bring the gradients back to z's space
-            rotated_grads, grads = grads, rot.unrotate(self.rotations, fork, grads)
-        jac = None
-        if self.level == "params" and params_level.needs_jacobian(method):  # J = G dz/dtheta, batched
-            jac = params_level.jacobian(fork.z, self._shared, grads,
-                                        retain_graph=backbone_loss is not None or loss_scale is not None)
-            gram = jac.gram() if method.needs_gram else None
-        else:
-            gram = pipeline.gram(grads) if method.needs_gram or rotated_grads is not None else None
-        if gram is not None and loss_scale is not None:
-            gram = amp.unscale_gram(gram, loss_scale)
-        checked = self.check_finite or loss_scale is not None
-        flag = (self._finite_flag(values, grads, gram, param_grads, backbone_loss) if checked
-                else values.new_zeros(()))
-        if sync is not None:
-            total, reduced, flag, param_grads = sync.reduce(
-                gram if exact else None, values if exact and not early else None, flag, param_grads)
-            gram = gram if total is None else total
-            values = values if reduced is None else reduced
+        head_grads = path.task_gradients(scaling.apply(objective), params)
+        gram = scaling.unscale_gram(self._gram(path, backbone_loss is not None or scaling.active))
+        checked = self.check_finite or scaling.active
+        flag = self._finite_flag(values, path, gram, head_grads, backbone_loss) if checked else values.new_zeros(())
+        total, reduced, flag, head_grads = sync.reduce(  # one all-reduce (identity when single-process)
+            gram if sync.exact else None, values if sync.exact and not self._decides_from_losses(sync) else None,
+            flag, head_grads)
+        gram, values = gram if total is None else total, values if reduced is None else reduced
         if checked and not bool(torch.isfinite(flag)):  # the one host read
-            if loss_scale is None:
-                self._raise_nonfinite(values, pipeline.task_rows(fork, grads), backbone_loss)
-            self._skip_overflow(fork, params, param_grads, backbone_loss, values)
-            return
+            if not scaling.active:
+                self._raise_nonfinite(values, path, backbone_loss)
+            return self._skip_overflow(path, params, head_grads, scaling.apply(backbone_loss), values)
         # -- accepted: from here on the step changes state ------------------------------
-        self._fork = None
-        fork.task_grads.clear()  # kept only to name a non-finite task
-        with amp.method_grads_scaled(self._own_params(), loss_scale):
-            method.prepare()  # the step's random draws, outside weights (which compiles whole)
-            combined = method.combine(grads, values) if jac is None and not fork.summed else None
-            if jac is not None:  # parameter level: c^T J goes straight into the shared .grad
-                coefficients = params_level.apply(method, jac, gram, values)
-            elif fork.summed:  # loss_only: c is ones (weights runs for its state), g = grads
-                coefficients, combined = method.weights(gram, values), grads
-            elif combined is None:
-                coefficients = method.weights(gram, values)
-                combined = pipeline.combine(coefficients, grads)
-            else:
-                coefficients = None
-                combined = combined.view(grads.shape[1:]).to(grads.dtype)
-            if backbone_loss is not None:
-                raw = backbone_loss.detach() if loss_scale is None else backbone_loss.detach() / loss_scale
-                weight = method.backbone_loss_weight(raw)
-                backbone_loss = backbone_loss if weight is None else backbone_loss * weight.to(backbone_loss.dtype)
-            # the rotations first: their exponential's graph and the K task gradients are
-            # freed before the backbone's backward (lower peak memory)
-            alignment = (None if rotated_grads is None else
-                         rot.align(self.rotations, fork, grads, rotated_grads, gram, loss_scale, sync))
-            del grads, rotated_grads
-            if jac is None:
-                pipeline.shared_backward(fork.z, combined, backbone_loss)
-            elif backbone_loss is not None:
-                torch.autograd.backward(backbone_loss)
-        pipeline.accumulate(params, param_grads)
-        if coefficients is not None and scale is not None:  # weights of the unweighted task gradients
-            coefficients = coefficients * scale.to(coefficients.dtype)
-        self._record_stats(values, gram, coefficients)
-        if alignment is not None:
-            self.stats["rotation_losses"] = alignment
+        self._path = None
+        with scaling.method_grads(self._own_params()):
+            coefficients, combined = self._decide(path, gram, values, present, loss_weights)
+            backbone_loss = scaling.apply(self._weighted_backbone_loss(backbone_loss))
+            alignment = path.align(gram, scaling.scale, sync) if isinstance(path, paths.RotatedPath) else None
+            path.shared_backward(combined, backbone_loss)
+        stages.accumulate(params, head_grads, self._head_scales(params, coefficients))
+        self._record_stats(values, gram, coefficients, present, alignment)
 
     def step(self, closure: Callable[[], float] | None = None):
         """Steps the wrapped optimizer (which also holds the method's parameters)."""
         loss = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
         self.method.after_step()
+        self._prepared, self._micro_batches = False, 0
         return loss
+
+    def end_epoch(self) -> None:
+        """Marks the end of an epoch: methods whose weights follow epoch-level statistics
+        (DWA's loss ratios) update them here; the others ignore it, so one loop serves all."""
+        self.method.end_epoch()
 
     def observe(self, losses: Sequence[Tensor | float]) -> None:
         """Hands the method the ``num_tasks`` task losses measured *after* ``step()``
@@ -336,7 +317,7 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zeroes every gradient of the wrapped optimizer and discards a pending fork."""
         self.optimizer.zero_grad(set_to_none=set_to_none)
-        self._fork = None
+        self._path = None
 
     # -- rotations ----------------------------------------------------------------------
     def coop(self, value: bool = True) -> "MultiTaskOptimizer":
@@ -360,7 +341,7 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         """The wrapped optimizer's state, the method's parameters and state, and the random
         generator: a resumed run continues bit for bit."""
         return {"optimizer": self.optimizer.state_dict(), "method": self.method.state_dict(),
-                "generator": self.generator.get_state(), "num_tasks": self.num_tasks,
+                "generator": self.generator.get_state(), "num_tasks": self.num_tasks, "weight_ema": self._ema,
                 "rotation": None if self.rotations is None else
                 {"coop": self.rotations.coop, **{k: v.clone() for k, v in self.rotations.state_dict().items()}}}
 
@@ -378,7 +359,8 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
             saved = dict(state_dict["rotation"])
             self.rotations.coop = saved.pop("coop")
             self.rotations.load_state_dict(saved)
-        self._fork = None
+        self._ema = state_dict.get("weight_ema")
+        self._path = None
 
     def __repr__(self) -> str:
         return (f"MultiTaskOptimizer(method={self.method!r}, num_tasks={self.num_tasks},\n"
@@ -391,53 +373,169 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         return [p for g in self.param_groups for p in g["params"]
                 if p.requires_grad and id(p) not in self._method_params]
 
-    def _shared_for(self, z: Tensor) -> list[Tensor]:
+    def _shared_for(self, shared: list[Tensor]) -> list[Tensor]:
         """The shared parameters of ``level="params"``: ``shared_params``, or the wrapped
-        optimizer's parameters that ``z`` depends on."""
+        optimizer's parameters the shared tensors depend on."""
         if self.shared_params is not None:
             return self.shared_params
-        found = params_level.shared_parameters(z, self._head_params())
+        found = graph.shared_parameters(shared, self._head_params())
         if not found:
             raise ValueError("level='params' found no shared parameter: z depends on none of the wrapped "
                              "optimizer's parameters. Put the backbone's parameters in the optimizer, or "
                              "pass shared_params=backbone.parameters()")
         return found
 
-    def _validate(self, losses: Sequence[Tensor], backbone_loss: Tensor | None) -> Tensor:
-        """Checks the losses' count, shapes and graph; returns them stacked into one
-        ``K``-vector, still in the graph."""
+    def _new_path(self, shared: list[Tensor], single: bool):
+        """The path this step takes, by the method's kind (see :mod:`gradsurgery.pipeline.paths`)."""
+        k = self.num_tasks
+        if self.rotations is not None:
+            return paths.RotatedPath(self.rotations, shared, k, single)
+        if self.kind is LossWeighting:  # g = sum_k w_k g_k added up as plain backward (float32/64)
+            exact_sum = all(t.dtype == compute_dtype(t.dtype) for t in shared)
+            return (paths.SummedPath if exact_sum else paths.StackedPath)(shared, k, single)
+        inner = paths.StackedPath(shared, k, single)
+        return paths.ParamsPath(inner, self._shared_for(shared)) if self.level == "params" else inner
+
+    def _pending_path(self):
+        if self._path is None:
+            raise RuntimeError("backward() was called without fork(); call views = opt.fork(z) on the "
+                               "backbone's output and compute the task losses from those views")
+        return self._path
+
+    def _validate(self, losses: Sequence[Tensor | None], backbone_loss: Tensor | None
+                  ) -> tuple[Tensor, list[bool] | None]:
+        """Checks the losses' count, shapes and graphs; returns the present ones stacked
+        into one vector, still in the graph, and which tasks are present (``None``: all)."""
         if isinstance(losses, Tensor) or not isinstance(losses, Sequence):
             raise TypeError(f"backward(losses) takes a list of {self.num_tasks} scalar losses, got {_describe(losses)}")
         if len(losses) != self.num_tasks:
             raise ValueError(f"backward() got {len(losses)} losses but num_tasks={self.num_tasks}; "
                              "pass one scalar loss per task, in the order of fork()'s views")
         for k, loss in enumerate(losses):
+            if loss is None:
+                continue
             if not isinstance(loss, Tensor) or loss.numel() != 1:
-                raise ValueError(f"loss of task {k} must be a scalar tensor, got {_describe(loss)}; "
-                                 "reduce it first (e.g. .mean())")
+                raise ValueError(f"loss of task {k} must be a scalar tensor (or None for a task absent from the "
+                                 f"batch), got {_describe(loss)}; reduce it first (e.g. .mean())")
             if not loss.requires_grad:
                 raise ValueError(f"loss of task {k} does not require grad: compute it from the {k}-th view "
                                  "returned by fork() (not under torch.no_grad())")
         if backbone_loss is not None and (not isinstance(backbone_loss, Tensor) or backbone_loss.numel() != 1):
             raise ValueError(f"backbone_loss must be a scalar tensor, got {_describe(backbone_loss)}")
-        return torch.stack(losses if all(loss.dim() == 0 for loss in losses)
-                           else [loss.reshape(()) for loss in losses])
+        present = [loss is not None for loss in losses]
+        if not all(present):
+            self._check_absent(present)
+        if not self._checked_graph:
+            self._head_tasks = graph.check_readers(losses, self._path, self._path.shared)
+            self._checked_graph = True
+        given = [loss for loss in losses if loss is not None]
+        stacked = torch.stack(given if all(loss.dim() == 0 for loss in given) else [loss.reshape(()) for loss in given])
+        return stacked, None if all(present) else present
 
-    def _finite_flag(self, values: Tensor, grads: Tensor, gram: Tensor | None,
-                     param_grads: list[Tensor | None], backbone_loss: Tensor | None) -> Tensor:
+    def _check_absent(self, present: list[bool]) -> None:
+        """Absent tasks need a method that can decide over any subset of the tasks."""
+        if not any(present):
+            raise ValueError("backward() got None for every task; skip the batch instead (nothing was changed)")
+        reasons = []
+        if not self.method.subset_safe:
+            reasons.append(f"{self.method!r} keeps per-task state, so it cannot decide over a subset of the tasks "
+                           f"(methods that can: {', '.join(_subset_methods())})")
+        if self.rotations is not None:
+            reasons.append("rotations align every task's gradient")
+        if self.distributed.world_size > 1:
+            reasons.append("under torch.distributed the ranks' absent tasks differ")
+        if self.weight_ema is not None:
+            reasons.append("weight_ema smooths the weights of every task")
+        if reasons:
+            raise ValueError("backward() got None for absent task(s) "
+                             f"{[k for k, p in enumerate(present) if not p]}, but " + "; ".join(reasons)
+                             + ". Nothing was changed; skip such batches, or pick a method that supports them.")
+
+    def _decides_from_losses(self, sync) -> bool:
+        """Whether the method's loss weights may depend on the losses, so that under exact
+        distributed surgery the global losses are needed before the task backward."""
+        return sync.exact and type(self.method).loss_weights is not Method.loss_weights
+
+    def _loss_weights(self, values: Tensor) -> Tensor | None:
+        """The weights the losses are multiplied by (pure; ``weight_ema`` previews its
+        smoothing for loss-weighting methods, committed in :meth:`_decide`)."""
+        weights = self.method.loss_weights(values)
+        if self.weight_ema is not None and self.kind is LossWeighting:
+            weights = self._smoothed(torch.ones_like(values) if weights is None else weights)
+        return weights
+
+    def _smoothed(self, weights: Tensor) -> Tensor:
+        """``a lambda_{t-1} + (1 - a) lambdahat_t`` (``lambdahat_1`` at the first step)."""
+        if self._ema is None:
+            return weights
+        return self.weight_ema * self._ema.to(weights) + (1 - self.weight_ema) * weights
+
+    def _gram(self, path, retain: bool) -> Tensor | None:
+        """The Gram the method decides from (and the stats report), when it needs one."""
+        if isinstance(path, paths.ParamsPath):
+            path.build_jacobian(retain_graph=retain)
+        if path.summed or (self.kind is LossWeighting and not isinstance(path, paths.RotatedPath)):
+            return None
+        return path.gram()
+
+    def _decide(self, path, gram: Tensor | None, values: Tensor, present: list[bool] | None,
+                loss_weights: Tensor | None) -> tuple[Tensor | None, list[Tensor] | None]:
+        """The method's decision, by kind: the coefficients of the unweighted task
+        gradients (``None`` for element-wise methods) and the combined gradient of each
+        shared tensor (``None`` at the parameter level, written to ``.grad`` already)."""
+        method, k = self.method, self.num_tasks
+        if not self._prepared:  # the optimizer step's random draws, shared by its micro-batches
+            method.prepare()
+            self._prepared = True
+        index = None if present is None else torch.tensor(present).nonzero().flatten().to(values.device)
+        if self.kind is ElementWise:
+            return None, path.combine_elements(method, values, index)
+        if self.kind is LossWeighting:
+            method.update(values)
+            if self.weight_ema is not None:
+                self._ema = loss_weights.detach().clone()
+            c = torch.ones_like(values)
+        else:
+            c = method.weights(gram if index is None else gram[index][:, index], values)
+            if self.weight_ema is not None:
+                c = self._smoothed(c)
+                self._ema = c.detach().clone()
+        full = c if index is None else c.new_zeros(k).index_copy(0, index, c)
+        combined = path.combine(full)
+        if loss_weights is not None:
+            scale = loss_weights.to(c.dtype)
+            full = full * (scale if index is None else scale.new_ones(k).index_copy(0, index, scale))
+        return full, combined
+
+    def _weighted_backbone_loss(self, backbone_loss: Tensor | None) -> Tensor | None:
+        if backbone_loss is None:
+            return None
+        weight = self.method.backbone_loss_weight(backbone_loss.detach())
+        return backbone_loss if weight is None else backbone_loss * weight.to(backbone_loss.dtype)
+
+    def _head_scales(self, params: list[Tensor], coefficients: Tensor | None) -> list[Tensor | None] | None:
+        """With ``method.weights_heads``: head ``k``'s gradient times ``c_k``."""
+        if not self.method.weights_heads or coefficients is None:
+            return None
+        if any(self._head_tasks.get(id(p)) == -1 for p in params):
+            raise ValueError(f"{self.method!r} weights each head by its task's coefficient, but some parameter "
+                             "is read by several tasks' losses; give each task its own head")
+        return [None if (t := self._head_tasks.get(id(p))) is None else coefficients[t] for p in params]
+
+    def _finite_flag(self, values: Tensor, path, gram: Tensor | None,
+                     head_grads: list[Tensor | None], backbone_loss: Tensor | None) -> Tensor:
         """A 0-d tensor: 0 when the losses, the task gradients, the heads' gradients and
         ``backbone_loss`` are all finite, NaN otherwise (no host read; under
         ``torch.distributed`` it is summed across ranks with the Gram)."""
-        checks = [values]
-        checks.append(gram.diagonal() if gram is not None else grads.reshape(grads.shape[0], -1).sum(1))
-        present = [g for g in param_grads if g is not None]
+        checks = [values, path.probe(gram).to(values.dtype)]
+        present = [g for g in head_grads if g is not None]
         if present:
             checks.append(torch.stack(torch._foreach_norm(present)).to(values.dtype))
         if backbone_loss is not None:
             checks.append(backbone_loss.detach().reshape(1).to(values.dtype))
         return (torch.cat(checks) * 0).sum()
 
-    def _raise_nonfinite(self, values: Tensor, grads: Tensor, backbone_loss: Tensor | None) -> None:
+    def _raise_nonfinite(self, values: Tensor, path, backbone_loss: Tensor | None) -> None:
         """Names what was not finite (a second look, after the one read said so)."""
         bad_loss = (~torch.isfinite(values)).nonzero().flatten().tolist()
         if bad_loss:
@@ -445,23 +543,22 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
                              "nothing was changed: skip this batch or lower the learning rate")
         if backbone_loss is not None and not torch.isfinite(backbone_loss).all():
             raise ValueError("backbone_loss is not finite; nothing was changed")
-        flat = grads.reshape(grads.shape[0], -1)
-        bad_task = (~torch.isfinite(flat).all(1)).nonzero().flatten().tolist()
+        bad_task = (~torch.isfinite(path.rows()).all(1)).nonzero().flatten().tolist()
         where = f"task(s) {bad_task}" if bad_task else "the heads' parameters"
-        if self.distributed is not None and not bad_task:
+        if self.distributed.world_size > 1 and not bad_task:
             where = "the heads' parameters or on another rank"
         raise FloatingPointError(f"non-finite gradient in {where} although the losses are finite; "
                                  "nothing was changed (use a GradScaler for mixed precision)")
 
-    def _skip_overflow(self, fork: pipeline.Fork, params: list[Tensor], param_grads: list[Tensor | None],
+    def _skip_overflow(self, path, params: list[Tensor], head_grads: list[Tensor | None],
                        backbone_loss: Tensor | None, values: Tensor) -> None:
         """Overflow under a GradScaler: the method is not consulted, so its state (RNG,
         counters, initial losses, parameters) stays as it was; NaN goes through the
         backbone (under DDP its all-reduce runs on every rank as usual) and into the
         method's parameters' gradients, so ``scaler.step`` skips the step."""
-        self._fork = None
-        pipeline.shared_backward(fork.z, torch.full_like(fork.z, float("nan")), backbone_loss)
-        pipeline.accumulate(params, param_grads)
+        self._path = None
+        path.nan_backward(backbone_loss)
+        stages.accumulate(params, head_grads)
         amp.mark_overflow(self._own_params())
         self.stats = {"losses": values, "overflow": torch.ones((), dtype=torch.bool)}
 
@@ -469,25 +566,45 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         """The method's parameters and the rotations' (the group stepped at ``method_lr``)."""
         return self.method.parameters() + ([self.rotations.skew_params] if self.rotations is not None else [])
 
-    def _sync_for_step(self) -> distributed.Sync | None:
+    def _sync_for_step(self) -> distributed.Sync | distributed.NoSync:
         """The distributed context, after the first step's check that the ranks agree."""
         sync = self.distributed
-        if sync is None:
-            if self.distributed_exact and distributed.active_group() is not None:
-                raise RuntimeError("torch.distributed was initialised after this MultiTaskOptimizer was "
-                                   "built; build it after init_process_group (or pass process_group=)")
-            return None
+        if isinstance(sync, distributed.NoSync) and self.distributed_exact and distributed.active_group() is not None:
+            raise RuntimeError("torch.distributed was initialised after this MultiTaskOptimizer was "
+                               "built; build it after init_process_group (or pass process_group=)")
         sync.begin_step(self.num_tasks, self.method)
         return sync
 
-    def _record_stats(self, values: Tensor, gram: Tensor | None, coefficients: Tensor | None) -> None:
-        stats = {"losses": values}
-        if coefficients is not None:
-            stats["weights"] = coefficients.detach().clone()  # never an alias of a live parameter
-        if gram is not None:
-            stats["grad_norms"] = norms(gram)
-            stats["cosines"] = cosines(gram)
+    def _record_stats(self, values: Tensor, gram: Tensor | None, coefficients: Tensor | None,
+                      present: list[bool] | None, alignment: Tensor | None) -> None:
+        """:attr:`stats` of this ``backward``, the same keys for every method (NaN for what
+        was not measured or absent); averaged over the micro-batches of one step."""
+        k = self.num_tasks
+        nan = values.new_full((k,), float("nan"))
+        mask = None if present is None else torch.tensor(present, device=values.device)
+        stats = {"losses": values if mask is None else nan.masked_scatter(mask, values),
+                 "weights": nan if coefficients is None else coefficients.detach().to(values.dtype).clone(),
+                 "grad_norms": nan if gram is None else norms(gram).to(values.dtype),
+                 "cosines": nan[:, None].expand(k, k).clone() if gram is None else cosines(gram).to(values.dtype),
+                 "present": torch.ones(k, dtype=torch.bool, device=values.device) if mask is None else mask}
+        if mask is not None:
+            absent = ~mask
+            stats["grad_norms"] = stats["grad_norms"].masked_fill(absent, float("nan"))
+            stats["cosines"] = stats["cosines"].masked_fill(absent[:, None] | absent[None, :], float("nan"))
+        if alignment is not None:
+            stats["rotation_losses"] = alignment
+        n = self._micro_batches
+        if n and self.stats.keys() == stats.keys() and "overflow" not in self.stats:
+            stats = {key: (value | self.stats[key]) if value.dtype == torch.bool
+                     else (self.stats[key] * n + value) / (n + 1) for key, value in stats.items()}
+        self._micro_batches = n + 1
+        stats["micro_batches"] = torch.tensor(self._micro_batches)
         self.stats = stats
+
+
+def _subset_methods() -> list[str]:
+    """Names of the registered methods that accept absent tasks."""
+    return [name for name in available() if get(name).subset_safe]
 
 
 def _describe(x: Any) -> str:

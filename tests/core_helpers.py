@@ -92,7 +92,7 @@ def snapshot(model: nn.Module, opt: gs.MultiTaskOptimizer) -> dict:
     buf = io.BytesIO()
     torch.save(opt.state_dict(), buf)
     return {"params": params, "grads": grads, "state": buf.getvalue(),
-            "method": copy.deepcopy(opt.method.state_dict()), "fork": opt._fork}
+            "method": copy.deepcopy(opt.method.state_dict()), "fork": opt._path}
 
 
 def assert_same(a: dict, b: dict) -> None:

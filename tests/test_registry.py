@@ -23,7 +23,7 @@ def test_builtins_available_and_created():
         assert isinstance(method, gs.methods.get(name))
         assert isinstance(method, gs.methods.Method)
     assert gs.methods.options("gradnorm") == ["alpha"]
-    assert gs.methods.options("mgda") == ["normalization"]
+    assert gs.methods.options("mgda") == ["normalization", "weight_heads"]
     assert gs.methods.options("pcgrad") == []
 
 
@@ -44,13 +44,15 @@ def test_unknown_name_lists_available():
 
 
 def test_register_rejects_bad_use():
-    with pytest.raises(TypeError, match="subclasses of gradsurgery.methods.Method"):
+    with pytest.raises(TypeError, match="GramWeighting, LossWeighting or ElementWise"):
         gs.methods.register("not_a_method")(object)
+    with pytest.raises(TypeError, match="GramWeighting, LossWeighting or ElementWise"):
+        gs.methods.register("bare_method")(type("Bare", (gs.methods.Method,), {}))
     with pytest.raises(ValueError, match="non-empty string"):
         gs.methods.register("")
     with pytest.raises(ValueError, match="already registered"):
         @gs.methods.register("pcgrad")
-        class Impostor(gs.methods.Method):
+        class Impostor(gs.methods.GramWeighting):
             pass
 
 
@@ -59,7 +61,7 @@ def test_user_method_end_to_end():
     norms (every task contributes a unit-norm gradient). It is listed, created by name,
     and the backbone receives sum_k g_k / ||g_k||."""
     @gs.methods.register("test_unit_norm")
-    class UnitNorm(gs.methods.Method):
+    class UnitNorm(gs.methods.GramWeighting):
         def weights(self, gram, losses):
             return gram.diagonal().rsqrt()
 
@@ -86,10 +88,10 @@ def test_user_method_end_to_end():
 
 def test_method_without_weights_says_so():
     @gs.methods.register("test_incomplete")
-    class Incomplete(gs.methods.Method):
+    class Incomplete(gs.methods.GramWeighting):
         pass
 
     model, x, ys = make(2)
     opt = gs.MultiTaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "test_incomplete", num_tasks=2)
-    with pytest.raises(NotImplementedError, match="neither weights"):
+    with pytest.raises(NotImplementedError, match=r"must implement weights\(gram, losses\)"):
         opt.backward(model.losses(opt.fork(model.rep(x)), ys))

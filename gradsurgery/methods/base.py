@@ -1,32 +1,35 @@
-"""The interface every method implements.
+"""The interface every method implements, as three kinds (as torchjd's weightings).
 
 A method decides how the ``K`` per-task gradients ``G`` (a ``K x N`` matrix, one row per
-task) are combined into the one gradient that goes back through the shared backbone:
+task) are combined into the one gradient ``g`` that goes back through the shared backbone.
+Its kind says what it decides from, and so which pipeline path runs:
 
-.. math::  g = c^\\top G,\\qquad c = \\texttt{weights}(G G^\\top, L)
+* :class:`LossWeighting` -- from the losses alone: ``g = sum_k w_k g_k`` with
+  ``w = loss_weights(L)``. The pipeline never forms ``G`` (the heads' gradients are added up
+  as in plain ``sum(L).backward()``) nor a Gram. ``sum``, ``mean``, UW, DWA, RLW, FAMO.
+* :class:`GramWeighting` -- from the ``K x K`` Gram ``M = G G^T`` and the losses:
+  ``g = c^T G`` with ``c = weights(M, L)``. PCGrad, MGDA, CAGrad, Nash-MTL, UPGrad, ...
+* :class:`ElementWise` -- from the raw elements: ``g = combine(G, L, z)`` (the shared
+  representation's values ``z`` too). GradDrop, DB-MTL.
 
-Most methods only need the ``K x K`` Gram matrix ``M = G G^T`` and the losses ``L``; they
-override :meth:`Method.weights`. A method that needs the raw elements (e.g. GradDrop)
-overrides :meth:`Method.combine` instead. Methods that only weight the losses (``sum``,
-``mean``, uncertainty weighting, ...) set ``needs_gram = False`` and return their loss
-weights from :meth:`Method.loss_weights`; the pipeline then skips the Gram entirely (and,
-with ``loss_only = True``, the ``K x N`` matrix ``G`` too).
+Any kind may learn parameters (:meth:`Method.parameters`: UW's log-variances, GradNorm's
+weights); they join the wrapped optimizer in a param group named ``"method"``.
 
 Lifecycle, driven by :class:`gradsurgery.MultiTaskOptimizer`:
 
 1. ``bind(num_tasks, device=..., dtype=..., generator=...)`` once: creates parameters.
-2. every step, after the input was validated:
-   ``loss_weights(losses)`` (pure: must not change any state), then
-   ``weights(gram, losses)`` or ``combine(grads, losses)`` (may update state: counters,
-   initial losses, RNG draws, gradients of the method's own parameters),
-3. ``after_step()`` after the wrapped optimizer stepped (e.g. renormalise weights),
-4. ``observe(losses)`` when the user passes the losses measured after the step
-   (:meth:`gradsurgery.MultiTaskOptimizer.observe`; FAMO learns from them).
+2. every ``backward``, after the input was validated: ``loss_weights(losses)`` (pure: it
+   must not change any state, it runs before validation ends), ``prepare()`` (the step's
+   random draws), then the kind's decision: ``update`` / ``weights`` / ``combine`` (may
+   update state: counters, initial losses, gradients of the method's own parameters).
+3. ``after_step()`` after the wrapped optimizer stepped (e.g. renormalise weights).
+4. ``observe(losses)`` when the user passes the losses measured after the step (FAMO),
+   ``end_epoch()`` when the user marks the end of an epoch (DWA).
 
 At ``level="params"`` the same ``weights`` receive the Gram of the task gradients w.r.t.
-the shared parameters, and ``combine`` the flat ``K x P`` Jacobian. A learnable loss
-weighting needs no autograd hook: ``weights`` writes the exact gradient of its parameters'
-objective into their ``.grad`` (see ``uw.py`` and ``gradnorm.py``).
+the shared parameters, and ``combine`` the flat ``K x P`` Jacobian (with ``rep=None``).
+A learnable weighting needs no autograd hook: it writes the exact gradient of its
+parameters' objective into their ``.grad`` (see ``uw.py`` and ``gradnorm.py``).
 """
 from __future__ import annotations
 
@@ -37,33 +40,29 @@ from torch import Tensor, nn
 
 
 class Method:
-    """Base class of a gradient-combination method.
-
-    Subclasses set the class attributes that describe them and implement
-    :meth:`weights` (or :meth:`combine`). Options are keyword arguments of ``__init__``
-    and are validated there (a ``ValueError`` names the bad value).
+    """Base class of every method: the lifecycle, parameters and state. Subclass one of
+    the kinds (:class:`LossWeighting`, :class:`GramWeighting`, :class:`ElementWise`).
+    Options are keyword arguments of ``__init__``, validated there (a ``ValueError``
+    names the bad value).
 
     Attributes:
-        needs_gram: ``False`` for methods that only weight losses; the pipeline then
-            computes no Gram and ``weights`` receives ``gram=None``.
-        loss_only: ``True`` for methods that only weight losses *and* whose ``weights``
-            always returns ones (it is still called, for its side effects), so that
-            ``g = sum_k g_k`` of the loss-weighted task gradients. The pipeline then adds
-            the heads' gradients up as plain ``sum(L).backward()`` does (bit for bit) and
-            never forms the ``K x N`` matrix ``G``.
-            Implies ``needs_gram = False``; a subclass returning other coefficients sets
-            it back to ``False``.
         rotation: whether the method learns per-task rotations of the representation by
             default (the RotoGrad family). Any method can be composed with rotations
             through ``MultiTaskOptimizer(..., rotation=True)``.
+        subset_safe: the method can decide over any subset of the tasks (it keeps no
+            per-task state), so ``backward`` accepts ``None`` for a task absent from the
+            batch: the method then sees the present tasks only, as if only they existed.
+        weights_heads: the heads receive ``c_k dL_k`` (the method's coefficient times
+            their loss gradient) instead of ``dL_k``, as the official code of some
+            methods does (an option of those methods); ``False`` by default.
         num_tasks: set by :meth:`bind`.
         generator: the method's own random generator, set by :meth:`bind`; draw every
             random number from it so that runs are reproducible and resumable.
     """
 
-    needs_gram: ClassVar[bool] = True
-    loss_only: ClassVar[bool] = False
     rotation: ClassVar[bool] = False
+    subset_safe: ClassVar[bool] = False
+    weights_heads: bool = False
 
     num_tasks: int
     generator: torch.Generator | None = None
@@ -74,9 +73,10 @@ class Method:
         self.num_tasks = num_tasks
         self.generator = generator
 
-    # -- per-step decisions -------------------------------------------------------------
+    # -- per-step hooks -----------------------------------------------------------------
     def loss_weights(self, losses: Tensor) -> Tensor | None:
-        """Per-task weights the heads' losses are multiplied by (``None``: all ones).
+        """Per-task weights the losses are multiplied by (``None``: all ones): what the
+        heads receive and, for a :class:`LossWeighting`, what ``g`` is made of.
 
         Must be pure: it is called before the step is validated, so it may read the
         method's state but must not change it.
@@ -84,31 +84,14 @@ class Method:
         return None
 
     def prepare(self) -> None:
-        """Called once per accepted step, just before :meth:`weights` (or :meth:`combine`):
-        draw the step's random numbers here, from :attr:`generator`, so that ``weights``
-        stays a tensor program ``torch.compile`` traces whole (Dynamo cannot trace a
-        ``torch.Generator``). ``weights`` called without it must still work (PCGrad then
-        draws in ``weights``)."""
-
-    def weights(self, gram: Tensor | None, losses: Tensor) -> Tensor:
-        """Returns the ``K`` coefficients ``c`` of the combined gradient ``g = c^T G``.
-
-        Args:
-            gram: the ``K x K`` Gram matrix ``G G^T`` of the (loss-weighted) task
-                gradients, in float32 or wider; ``None`` when ``needs_gram`` is False.
-            losses: the ``K`` detached task losses (unweighted), same dtype as ``gram``.
-        """
-        raise NotImplementedError(f"{type(self).__name__} implements neither weights() nor combine()")
-
-    def combine(self, grads: Tensor, losses: Tensor) -> Tensor | None:
-        """Escape hatch for element-wise methods: returns the combined gradient (``N``)
-        from the ``K x N`` task gradients, or ``None`` to use ``weights`` (the default)."""
-        return None
+        """Called once per accepted step, just before the decision: draw the step's random
+        numbers here, from :attr:`generator`, so that ``weights`` stays a tensor program
+        ``torch.compile`` traces whole (Dynamo cannot trace a ``torch.Generator``)."""
 
     def backbone_loss_weight(self, value: Tensor) -> Tensor | None:
         """Weight of ``backward``'s ``backbone_loss`` (``None``: 1), given its detached
-        ``value``. Called once per accepted step that has a backbone loss, after
-        :meth:`weights`; may update state (e.g. record an initial value)."""
+        ``value``. Called once per accepted step that has a backbone loss, after the
+        decision; may update state (e.g. record an initial value)."""
         return None
 
     def after_step(self) -> None:
@@ -118,6 +101,10 @@ class Method:
         """Receives the ``K`` detached task losses measured *after* a step, through
         :meth:`gradsurgery.MultiTaskOptimizer.observe` (FAMO learns from them). Methods
         that do not need them ignore the call, so a loop over methods stays uniform."""
+
+    def end_epoch(self) -> None:
+        """Called by :meth:`gradsurgery.MultiTaskOptimizer.end_epoch` when the user marks
+        the end of an epoch (DWA's loss ratios are per epoch); ignored by default."""
 
     # -- parameters and state -----------------------------------------------------------
     def parameters(self) -> list[nn.Parameter]:
@@ -136,3 +123,59 @@ class Method:
 
     def extra_repr(self) -> str:
         return ""
+
+
+class LossWeighting(Method):
+    """A method that only weights the losses: ``g = sum_k w_k g_k``, ``w`` from
+    :meth:`~Method.loss_weights` (``None``: ones). The heads get ``w_k dL_k`` too, so the
+    step equals ``sum_k w_k L_k`` backpropagated plainly; no ``K x N`` matrix is formed."""
+
+    def update(self, losses: Tensor) -> None:
+        """Commits the step's state (history, counters, the gradient of learnable
+        weights), once per accepted ``backward``; ``losses`` are the ``K`` detached
+        values (unweighted)."""
+
+
+class GramWeighting(Method):
+    """A method that decides from the Gram: ``g = c^T G`` with ``c = weights(M, L)``."""
+
+    def weights(self, gram: Tensor, losses: Tensor) -> Tensor:
+        """Returns the ``K`` coefficients ``c`` of the combined gradient ``g = c^T G``.
+
+        Args:
+            gram: the ``K x K`` Gram matrix ``G G^T`` of the (loss-weighted) task
+                gradients, in float32 or wider.
+            losses: the ``K`` detached task losses (unweighted), same dtype as ``gram``.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement weights(gram, losses)")
+
+
+class ElementWise(Method):
+    """A method that needs the task gradients' elements: ``g = combine(G, L, z)``. It
+    cannot decide from the global batch under ``torch.distributed`` (per-rank surgery)."""
+
+    def combine(self, grads: Tensor, losses: Tensor, rep: Tensor | None) -> Tensor:
+        """Returns the combined gradient, shaped like one task's gradient.
+
+        Args:
+            grads: the ``K x ...`` task gradients (``K x z.shape`` at the representation
+                level, the flat ``K x P`` Jacobian at the parameter level).
+            losses: the ``K`` detached task losses (float32 or wider).
+            rep: the shared representation's detached values ``z`` (shaped like
+                ``grads[k]``); ``None`` at the parameter level.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement combine(grads, losses, rep)")
+
+
+#: The kinds, in the order :func:`kind_of` checks them.
+KINDS = (LossWeighting, GramWeighting, ElementWise)
+
+
+def kind_of(method: Method) -> type[Method]:
+    """The kind ``method`` is (one of :data:`KINDS`); a ``TypeError`` for a bare :class:`Method`."""
+    for kind in KINDS:
+        if isinstance(method, kind):
+            return kind
+    raise TypeError(f"{type(method).__name__} subclasses Method directly; subclass one of its kinds: "
+                    "gradsurgery.methods.GramWeighting (weights(gram, losses)), LossWeighting "
+                    "(loss_weights(losses)) or ElementWise (combine(grads, losses, rep))")

@@ -8,26 +8,21 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import Method
+from .base import LossWeighting
 from .registry import register
 
 
 @register("sum")
-class Sum(Method):
+class Sum(LossWeighting):
     """``g = sum_k g_k``; heads get their own loss gradients. Equals ``sum(L).backward()``."""
 
-    needs_gram = False
-    loss_only = True
-
-    def weights(self, gram: Tensor | None, losses: Tensor) -> Tensor:
-        return torch.ones_like(losses)
+    subset_safe = True
 
 
 @register("mean")
 class Mean(Sum):
     """``g = (1/K) sum_k g_k``; heads get ``1/K`` of their loss gradients, so the step
-    equals ``(sum(L) / K).backward()``. The task gradients the pipeline sees are already
-    weighted by ``1/K``, hence the unit combination coefficients."""
+    equals ``(sum(L) / K).backward()``."""
 
     def loss_weights(self, losses: Tensor) -> Tensor:
-        return torch.full_like(losses, 1.0 / self.num_tasks)
+        return torch.full_like(losses, 1.0 / losses.numel())  # the present tasks

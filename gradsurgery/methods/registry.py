@@ -4,7 +4,7 @@ from __future__ import annotations
 import inspect
 from typing import Callable, TypeVar
 
-from .base import Method
+from .base import KINDS, Method
 
 M = TypeVar("M", bound=type[Method])
 
@@ -17,7 +17,7 @@ def register(name: str) -> Callable[[M], M]:
     Example::
 
         @gs.methods.register("equal_norm")
-        class EqualNorm(gs.methods.Method):
+        class EqualNorm(gs.methods.GramWeighting):
             def weights(self, gram, losses):
                 return 1 / gram.diagonal().sqrt().clamp_min(1e-12)
     """
@@ -25,8 +25,9 @@ def register(name: str) -> Callable[[M], M]:
         raise ValueError(f"a method name must be a non-empty string, got {name!r}")
 
     def decorator(cls: M) -> M:
-        if not (isinstance(cls, type) and issubclass(cls, Method)):
-            raise TypeError(f"register({name!r}) decorates subclasses of gradsurgery.methods.Method, got {cls!r}")
+        if not (isinstance(cls, type) and issubclass(cls, KINDS)):
+            raise TypeError(f"register({name!r}) decorates a method class: a subclass of gradsurgery.methods."
+                            f"GramWeighting, LossWeighting or ElementWise, got {cls!r}")
         existing = _REGISTRY.get(name)
         if existing is not None and existing.__qualname__ != cls.__qualname__:
             raise ValueError(f"a method named {name!r} is already registered ({existing.__qualname__}); "

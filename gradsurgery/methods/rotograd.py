@@ -40,19 +40,18 @@ import torch
 from torch import Tensor, nn
 
 from ..numerics.gram import norms
-from .base import Method
+from .base import GramWeighting, LossWeighting, Method
 from .registry import register
 
 #: Floor of gradient norms and of the sum of convergence ratios (rotograd 0.1.6).
 EPS = 1e-15
 
 
-@register("rotate_only")
-class RotateOnly(Method):
-    """Rotations alone: ``g = sum_k g_k``; see the module docstring."""
+class _LossNormalization(Method):
+    """What the three share: RotoGrad's optional loss normalisation by the initial losses
+    ``L(t0)`` (retaken at ``burn_in_period``), and the step counter."""
 
     rotation = True
-    needs_gram = False
 
     def __init__(self, normalize_losses: bool = False, burn_in_period: int = 20):
         if isinstance(burn_in_period, bool) or not isinstance(burn_in_period, int) or burn_in_period < 0:
@@ -91,10 +90,6 @@ class RotateOnly(Method):
             self.initial_backbone_loss = value.detach().clone()
         return 1 / self.initial_backbone_loss
 
-    def weights(self, gram: Tensor | None, losses: Tensor) -> Tensor:
-        self._advance(losses)
-        return torch.ones_like(losses)
-
     def state_dict(self) -> dict[str, Any]:
         return {"steps": self.steps, "initial_losses": self.initial_losses,
                 "initial_backbone_loss": self.initial_backbone_loss, "refresh_backbone": self.refresh_backbone}
@@ -109,11 +104,17 @@ class RotateOnly(Method):
         return f"normalize_losses={self.normalize_losses}, burn_in_period={self.burn_in_period}"
 
 
-@register("rotograd")
-class RotoGrad(RotateOnly):
-    """Rotations + magnitudes homogenised by relative convergence; see the module docstring."""
+@register("rotate_only")
+class RotateOnly(_LossNormalization, LossWeighting):
+    """Rotations alone: ``g = sum_k g_k``; see the module docstring."""
 
-    needs_gram = True
+    def update(self, losses: Tensor) -> None:
+        self._advance(losses)
+
+
+@register("rotograd")
+class RotoGrad(_LossNormalization, GramWeighting):
+    """Rotations + magnitudes homogenised by relative convergence; see the module docstring."""
 
     def __init__(self, normalize_losses: bool = False, burn_in_period: int = 20):
         super().__init__(normalize_losses, burn_in_period)
@@ -138,10 +139,8 @@ class RotoGrad(RotateOnly):
 
 
 @register("rotogradnorm")
-class RotoGradNorm(RotateOnly):
+class RotoGradNorm(_LossNormalization, GramWeighting):
     """Rotations + GradNorm's learnable magnitudes; see the module docstring."""
-
-    needs_gram = True
 
     def __init__(self, alpha: float = 1.5, normalize_losses: bool = False, burn_in_period: int = 20):
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0:

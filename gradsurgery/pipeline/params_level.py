@@ -29,38 +29,12 @@ the representation-level one (``z.backward(c^T G)``), which is the same gradient
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import Tensor
 
 from ..numerics.gram import compute_dtype
-from ..methods import Method
-
-
-def shared_parameters(z: Tensor, candidates: list[Tensor]) -> list[Tensor]:
-    """The ``candidates`` that ``z`` depends on: those whose gradient accumulators are
-    reached by walking ``z``'s autograd graph (no backward pass runs), in ``candidates``'
-    order."""
-    wanted = {id(p) for p in candidates}
-    found: set[int] = set()
-    seen = set()
-    stack = [z.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        variable = getattr(node, "variable", None)
-        if variable is not None and id(variable) in wanted:
-            found.add(id(variable))
-        stack.extend(child for child, _ in node.next_functions)
-    return [p for p in candidates if id(p) in found]
-
-
-def needs_jacobian(method: Method) -> bool:
-    """Whether ``method`` looks at gradients (Gram or element-wise): only then does the
-    parameter level need ``J``."""
-    return method.needs_gram or type(method).combine is not Method.combine
 
 
 @dataclass
@@ -103,27 +77,15 @@ class Jacobian:
         self.blocks = []
 
 
-def jacobian(z: Tensor, params: list[Tensor], grads: Tensor, *, retain_graph: bool) -> Jacobian:
+def jacobian(shared: Sequence[Tensor], params: list[Tensor], grads: Sequence[Tensor], *,
+             retain_graph: bool) -> Jacobian:
     """``J = G dz/dtheta`` by one batched vector-Jacobian product through the backbone
-    (``grads``: the ``K x z.shape`` representation gradients). Parameters ``z`` does not
-    reach through a differentiable path get zero blocks."""
-    blocks = torch.autograd.grad(z, params, grads.to(z.dtype), is_grads_batched=True,
-                                 retain_graph=retain_graph, allow_unused=True)
-    k = grads.shape[0]
+    (``grads``: the ``K x t.shape`` representation gradients of each shared tensor ``t``).
+    Parameters the shared tensors do not reach through a differentiable path get zero
+    blocks."""
+    blocks = torch.autograd.grad(list(shared), params, [g.to(t.dtype) for g, t in zip(grads, shared)],
+                                 is_grads_batched=True, retain_graph=retain_graph, allow_unused=True)
+    k = grads[0].shape[0]
     blocks = [b if b is not None else torch.zeros(k, *p.shape, dtype=p.dtype, device=p.device)
               for b, p in zip(blocks, params)]
     return Jacobian(params=list(params), blocks=list(blocks))
-
-
-def apply(method: Method, jac: Jacobian, gram: Tensor | None, losses: Tensor) -> Tensor | None:
-    """The method's decision on ``J`` written to the shared parameters' ``.grad``:
-    ``combine(J_flat)`` for element-wise methods, else ``c^T J`` with ``c = weights(M, L)``.
-    Returns ``c`` (``None`` for element-wise methods)."""
-    if type(method).combine is not Method.combine:
-        combined = method.combine(jac.flat(), losses)
-        if combined is not None:
-            jac.accumulate(combined=combined.reshape(-1))
-            return None
-    coefficients = method.weights(gram, losses)
-    jac.accumulate(coefficients=coefficients)
-    return coefficients

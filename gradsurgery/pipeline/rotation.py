@@ -8,7 +8,7 @@ the ``K`` tasks)::
 
 ``B_k`` is fixed (the initial rotation: Haar-random, the identity or given), ``A_k`` starts
 at zero and is what the optimizer trains. ``R_k`` is evaluated once per step, in
-:func:`fork`, and reused by the backward.
+``fork`` (:class:`gradsurgery.pipeline.paths.RotatedPath`), and reused by the backward.
 
 **Where the time goes** (CPU, 8 x 256 x 256, 2 threads): the exponential and its
 derivative. :func:`expm` evaluates a Taylor polynomial with scaling and squaring whose
@@ -49,12 +49,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from . import stages as pipeline
+from . import stages
 from ..numerics.cayley import cayley
 from ..numerics.expm import expm, skew
 from ..numerics.gram import compute_dtype
@@ -203,15 +202,6 @@ class Rotations(nn.Module):
                 f"post_shape={self.post_shape}, coop={self.coop}, param={self.param!r}")
 
 
-@dataclass
-class RotatedFork(pipeline.Fork):
-    """A fork whose views are rotated: ``leaf`` holds ``R_k z`` (``K x z.shape``), so the
-    task backward gives the rotated-space gradients."""
-
-    rotation: Tensor | None = None  #: ``R`` (``K x m x m``), still in the graph to ``A``
-    scale: float = 1.0  #: reduction factor of the alignment loss
-
-
 def views(rotations: Rotations, z: Tensor, num_tasks: int) -> list[Tensor]:
     """The rotated views ``R_k z`` for evaluation: nothing is recorded for a backward and
     no gradient reaches the rotations (``z``'s graph is kept when grad is enabled)."""
@@ -221,21 +211,11 @@ def views(rotations: Rotations, z: Tensor, num_tasks: int) -> list[Tensor]:
     return list(rotations.rotate(z.reshape(lead, feat, post), r).view(num_tasks, *z.shape).unbind(0))
 
 
-def fork(rotations: Rotations, z: Tensor, num_tasks: int) -> RotatedFork:
-    """Rotated views ``R_k z`` of a detached alias of ``z``, recorded for the backward.
-    ``R`` is evaluated here, once, and kept in the graph to ``A`` for :func:`align`."""
-    lead, feat, post, scale = rotations.layout(z.shape)
-    r = rotations.matrices()
-    with torch.no_grad():
-        leaf = rotations.rotate(z.detach().reshape(lead, feat, post), r.to(z.dtype))
-    leaf = leaf.view(num_tasks, *z.shape).requires_grad_()
-    return RotatedFork(z=z, leaf=leaf, views=list(leaf.unbind(0)), rotation=r, scale=scale)
-
-
-def unrotate(rotations: Rotations, fork: RotatedFork, rotated_grads: Tensor) -> Tensor:
-    """Original-space gradients ``G_k = R_k^T H_k`` from the rotated-space ``H``."""
+def unrotate(rotations: Rotations, rotation: Tensor, rotated_grads: Tensor) -> Tensor:
+    """Original-space gradients ``G_k = R_k^T H_k`` from the rotated-space ``H``
+    (``rotation``: ``R``, ``K x m x m``)."""
     k, shape = rotated_grads.shape[0], rotated_grads.shape
-    r = fork.rotation.detach().to(rotated_grads.dtype)
+    r = rotation.detach().to(rotated_grads.dtype)
     flat = rotated_grads.reshape(k, *_lfp(rotations, shape[1:]))
     return rotations.rotate(flat, r.transpose(-2, -1)).view(shape)
 
@@ -245,13 +225,16 @@ def _lfp(rotations: Rotations, shape: Sequence[int]) -> tuple[int, int, int]:
     return lead, feat, post
 
 
-def align(rotations: Rotations, fork: RotatedFork, grads: Tensor, rotated_grads: Tensor,
-          gram: Tensor, loss_scale: Tensor | None = None, sync=None) -> Tensor:
+def align(rotations: Rotations, rotation: Tensor, scale: float, z: Tensor, grads: Tensor,
+          rotated_grads: Tensor, gram: Tensor, loss_scale: Tensor | None = None, sync=None) -> Tensor:
     """Trains the rotations: writes the gradient of every task's alignment loss (plus, in
     cooperative mode, of the task losses) to ``A``'s ``.grad`` in one backward through the
     exponentials. Returns the ``K`` alignment losses (detached).
 
     Args:
+        rotation: ``R`` (``K x m x m``), still in the graph to the rotations' parameters.
+        scale: the alignment loss's reduction factor (:meth:`Rotations.layout`).
+        z: the rotated shared tensor.
         grads: ``G``, original-space task gradients (``K x z.shape``).
         rotated_grads: ``H``, rotated-space task gradients.
         gram: ``G G^T`` (float32 or wider), unscaled.
@@ -265,26 +248,26 @@ def align(rotations: Rotations, fork: RotatedFork, grads: Tensor, rotated_grads:
     norms = gram.diagonal().clamp_min(0).sqrt()
     mean_norm = gram.sum().clamp_min(0).sqrt() / k
     coefficients = torch.where(norms > 0, mean_norm / (k * torch.where(norms > 0, norms, 1)), 0)
-    reference = pipeline.combine(coefficients, grads).reshape(lfp)
+    reference = stages.combine(coefficients, grads).reshape(lfp)
     h = rotated_grads.reshape(k, *lfp)
     if loss_scale is not None:  # decide on the unscaled gradients
         reference, h = reference / loss_scale.to(reference.dtype), h / loss_scale.to(h.dtype)
-    r = fork.rotation.detach().to(grads.dtype)
+    r = rotation.detach().to(grads.dtype)
     diff = rotations.rotate(reference, r) - h
-    losses = fork.scale * diff.pow(2).sum(dim=(1, 2, 3))
+    losses = scale * diff.pow(2).sum(dim=(1, 2, 3))
     m = rotations.size
-    grad_r = (2 * fork.scale) * torch.einsum("klip,ljp->kij", diff[..., :m, :], reference[..., :m, :])
+    grad_r = (2 * scale) * torch.einsum("klip,ljp->kij", diff[..., :m, :], reference[..., :m, :])
     task_r = None
     if rotations.coop:
-        z = fork.z.detach().reshape(lfp)
-        task_r = torch.einsum("klip,ljp->kij", h[..., :m, :], z[..., :m, :])
+        flat_z = z.detach().reshape(lfp)
+        task_r = torch.einsum("klip,ljp->kij", h[..., :m, :], flat_z[..., :m, :])
     if sync is not None:  # does the loss average over the batch dim? (see Rotations.layout)
         n_rot, n_post = len(rotations.rotation_shape), len(rotations.post_shape)
-        averaged = fork.z.dim() - n_rot - n_post > (0 if n_post else 1)
+        averaged = z.dim() - n_rot - n_post > (0 if n_post else 1)
         grad_r, task_r, losses = sync.rotation_terms(grad_r, task_r, losses, averaged)
     if task_r is not None:
         grad_r = _cooperate(task_r, grad_r)
-    torch.autograd.backward(fork.rotation, grad_r.to(fork.rotation.dtype))
+    torch.autograd.backward(rotation, grad_r.to(rotation.dtype))
     return losses.detach()
 
 

@@ -18,6 +18,37 @@ import torch
 from torch import Tensor
 
 
+class Scaling:
+    """The loss scale of one ``backward`` under a ``GradScaler`` (``scale``: a 0-d tensor),
+    or none (``scale=None``: every method is the identity, so the pipeline has no
+    ``is None`` branches)."""
+
+    def __init__(self, scale: Tensor | None):
+        self.scale = scale
+
+    @classmethod
+    def of(cls, scaler, device: torch.device) -> "Scaling":
+        return cls(loss_scale(scaler, device))
+
+    @property
+    def active(self) -> bool:
+        return self.scale is not None
+
+    def apply(self, t: Tensor | None) -> Tensor | None:
+        """``t`` times the scale (the losses the backward passes run on)."""
+        return t if self.scale is None or t is None else t * self.scale
+
+    def unscale(self, t: Tensor) -> Tensor:
+        return t if self.scale is None else t / self.scale.to(t.dtype)
+
+    def unscale_gram(self, gram: Tensor | None) -> Tensor | None:
+        return gram if self.scale is None or gram is None else unscale_gram(gram, self.scale)
+
+    def method_grads(self, params: list[Tensor]):
+        """See :func:`method_grads_scaled`."""
+        return method_grads_scaled(params, self.scale)
+
+
 def loss_scale(scaler, device: torch.device) -> Tensor | None:
     """The scaler's current scale as a 0-d float32 tensor on ``device`` (no host read), or
     ``None`` without a scaler or with a disabled one."""

@@ -52,7 +52,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..methods import Method
+from ..methods import ElementWise, Method
 
 
 def active_group(process_group=None):
@@ -66,9 +66,9 @@ def active_group(process_group=None):
 
 
 def is_exact(method: Method) -> bool:
-    """Whether ``method`` decides from the Gram and the losses alone (no element-wise
-    ``combine``), so that its distributed step can equal the single-process one."""
-    return type(method).combine is Method.combine
+    """Whether ``method`` decides from the Gram and the losses alone (not element-wise),
+    so that its distributed step can equal the single-process one."""
+    return not isinstance(method, ElementWise)
 
 
 def average_gradients(params: Iterable[Tensor], process_group=None) -> None:
@@ -97,6 +97,26 @@ def _by_dtype_and_device(tensors: list[Tensor]) -> dict[tuple, list[Tensor]]:
     for t in tensors:
         out.setdefault((t.dtype, t.device), []).append(t)
     return out
+
+
+class NoSync:
+    """Single-process training: every collective is the identity (the no-op default of
+    :class:`Sync`, so the pipeline has no ``is None`` branches)."""
+
+    exact = False
+    world_size = 1
+
+    def begin_step(self, num_tasks: int, method: Method) -> None:
+        pass
+
+    def losses(self, values: Tensor) -> Tensor:
+        return values
+
+    def reduce(self, gram, values, flag, head_grads):
+        return gram, values, flag, head_grads
+
+    def rotation_terms(self, alignment, task, losses, batch_averaged):
+        return alignment, task, losses
 
 
 class Sync:

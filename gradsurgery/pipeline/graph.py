@@ -1,0 +1,69 @@
+"""Walks of autograd graphs (no backward pass runs): which parameters the shared tensors
+depend on, and which views each task's loss reads (a misuse check)."""
+from __future__ import annotations
+
+from typing import Callable, Iterator, Sequence
+
+from torch import Tensor
+
+
+def _walk(roots: Sequence, stop: Callable[[object, int], bool] = lambda node, nr: False) -> Iterator[tuple[object, int]]:
+    """Every edge ``(node, nr)`` reachable from the ``roots`` (autograd nodes), each node
+    expanded once; an edge for which ``stop`` is true is yielded but not followed."""
+    seen: set[int] = set()
+    stack = [(root, 0) for root in roots if root is not None]
+    while stack:
+        node, nr = stack.pop()
+        yield node, nr
+        if stop(node, nr) or id(node) in seen:
+            continue
+        seen.add(id(node))
+        stack.extend((child, i) for child, i in node.next_functions if child is not None)
+
+
+def shared_parameters(shared: Sequence[Tensor], candidates: list[Tensor]) -> list[Tensor]:
+    """The ``candidates`` the ``shared`` tensors depend on (their gradient accumulators
+    are reached by walking the graph), in ``candidates``' order."""
+    wanted = {id(p) for p in candidates}
+    found = {id(v) for node, _ in _walk([t.grad_fn for t in shared])
+             if (v := getattr(node, "variable", None)) is not None and id(v) in wanted}
+    return [p for p in candidates if id(p) in found]
+
+
+def check_readers(losses: Sequence[Tensor | None], path, shared: Sequence[Tensor]) -> dict[int, int]:
+    """Raises when a task's loss does not read its own view (e.g. every loss computed from
+    ``views[0]``), or reads the backbone other than through the views (``z`` itself, or a
+    tensor of the backbone that was not forked, such as a skip connection's features).
+    Reading another task's view is not refused: heads fused into one autograd node (a
+    compiled or batched head module) legitimately reach every view.
+
+    ``path.reader(node, nr)`` names the ``(task, tensor)`` of a view edge. Run on the
+    first ``backward`` of an optimizer (the graphs of later steps have the same shape):
+    it walks the heads' graphs and, once, the backbone's. Returns ``{id(parameter): task}``
+    for the parameters each loss reaches (its head's)."""
+    backbone = {id(node) for node, _ in _walk([t.grad_fn for t in shared])  # its operations, not its
+                if not hasattr(node, "variable")}                             # leaves (tied weights)
+    fix = ("compute task k's loss from the k-th item fork() returned only; a head that also reads "
+           "other features of the backbone (skip connections, several scales) needs them forked "
+           "too: a, b = ...; views = opt.fork((a, b)), and head k reads views[k] = (a_k, b_k)")
+    owners: dict[int, int] = {}
+    for task, loss in enumerate(losses):
+        if loss is None:
+            continue
+        read, outside = set(), False
+        for node, nr in _walk([loss.grad_fn], stop=lambda node, nr: path.reader(node, nr) is not None
+                              or id(node) in backbone):
+            hit = path.reader(node, nr)
+            if hit is not None:
+                read.add(hit[0])
+            elif id(node) in backbone:
+                outside = True
+            elif (variable := getattr(node, "variable", None)) is not None:
+                owners[id(variable)] = -1 if owners.get(id(variable), task) != task else task
+        if outside:
+            raise ValueError(f"the loss of task {task} reads the backbone's output directly, not only through "
+                             f"its view from fork(); nothing was changed. Fix: {fix}")
+        if task not in read:
+            raise ValueError(f"the loss of task {task} does not read its view from fork(); nothing was changed. "
+                             f"Fix: {fix}")
+    return owners

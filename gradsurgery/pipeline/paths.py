@@ -1,0 +1,248 @@
+"""The paths from the forked views to the shared backward, one small class each, all with
+the same stages (see :mod:`.stages` for the functions they are made of):
+
+* :class:`SummedPath` -- loss weighting: the task gradients are added up as plain
+  ``sum(L).backward()`` adds them; no ``K x N`` matrix, no Gram.
+* :class:`StackedPath` -- the task gradients ``G`` as ``K x ...`` tensors, one per shared
+  tensor, from one autograd call over an expanded detached alias.
+* :class:`RotatedPath` -- a :class:`StackedPath` whose first shared tensor is rotated per
+  task (RotoGrad): the heads read ``R_k z``, ``G`` is brought back to ``z``'s space.
+* :class:`ParamsPath` -- the parameter level: ``J = G dz/dtheta``, the method decides from
+  ``J``'s Gram and ``c^T J`` goes straight into the shared parameters' ``.grad``.
+
+A path is built by ``fork`` and lives until the ``backward`` that consumes it. Several
+shared tensors (``fork((a, b))``) are one task gradient over all of them: the Gram is the
+sum of the per-tensor Grams and the combination applies to each tensor.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from ..numerics.gram import gram as gram_of
+from . import params_level, stages
+from . import rotation as rot
+
+
+def _per_task(by_tensor: list[list[Tensor]], single: bool) -> list:
+    """Per task: its view (one shared tensor) or the tuple of its views (several)."""
+    if single:
+        return list(by_tensor[0])
+    return [tuple(views[k] for views in by_tensor) for k in range(len(by_tensor[0]))]
+
+
+class StackedPath:
+    """``G`` as one ``K x t.shape`` tensor per shared tensor ``t``.
+
+    The views are ``leaf.unbind(0)`` of an expanded (never copied) detached alias, so one
+    autograd call returns every task's gradient stacked.
+    """
+
+    summed = False
+
+    def __init__(self, shared: Sequence[Tensor], num_tasks: int, single: bool):
+        self.shared, self.num_tasks, self.single = tuple(shared), num_tasks, single
+        self.leaves = self._leaves()
+        by_tensor = [list(leaf.unbind(0)) for leaf in self.leaves]
+        self._unbinds = {id(views[0].grad_fn): i for i, views in enumerate(by_tensor)}
+        self.views = _per_task(by_tensor, single)
+        self.grads: list[Tensor] = []
+
+    def _leaves(self) -> list[Tensor]:
+        return [t.detach().unsqueeze(0).expand(self.num_tasks, *t.shape).requires_grad_() for t in self.shared]
+
+    def reader(self, node, nr: int) -> tuple[int, int] | None:
+        """``(task, tensor index)`` when the autograd edge ``(node, nr)`` is a view of this
+        fork (the heads' graphs are checked against it), else ``None``."""
+        i = self._unbinds.get(id(node))
+        return None if i is None else (nr, i)
+
+    def task_gradients(self, objective: Tensor, params: list[Tensor]) -> list[Tensor | None]:
+        """Fills :attr:`grads` and returns the gradients of ``objective`` w.r.t. ``params``
+        (the heads'), in one autograd call; nothing is written to ``.grad``."""
+        out = torch.autograd.grad(objective, [*self.leaves, *params], allow_unused=True)
+        n = len(self.leaves)
+        self.grads = [g if g is not None else torch.zeros_like(leaf) for g, leaf in zip(out[:n], self.leaves)]
+        return list(out[n:])
+
+    def gram(self) -> Tensor:
+        """``G G^T`` over all shared tensors (float32 or wider)."""
+        total = gram_of(self.grads[0])
+        for g in self.grads[1:]:
+            total = total + gram_of(g)
+        return total
+
+    def rows(self) -> Tensor:
+        """The ``K x N`` task gradients, flat over every shared tensor (copies; for error
+        messages and checks only)."""
+        return torch.cat([g.reshape(self.num_tasks, -1) for g in self.grads], 1)
+
+    def probe(self, gram: Tensor | None) -> Tensor:
+        """A small tensor that is non-finite exactly when a task gradient is."""
+        if gram is not None:
+            return gram.diagonal()
+        return torch.stack([g.reshape(self.num_tasks, -1).sum(1) for g in self.grads]).sum(0)
+
+    def combine(self, coefficients: Tensor) -> list[Tensor]:
+        """``g = c^T G`` for each shared tensor."""
+        return [stages.combine(coefficients, g) for g in self.grads]
+
+    def combine_elements(self, method, losses: Tensor, present: Tensor | None) -> list[Tensor]:
+        """An element-wise method's ``g`` (one shared tensor only)."""
+        if not self.single:
+            raise ValueError(f"{method!r} combines the task gradients element by element, which is defined on "
+                             "one shared tensor; fork a single tensor (concatenate the features) or use a "
+                             "Gram-based method")
+        grads = self.grads[0] if present is None else self.grads[0][present]
+        g = method.combine(grads, losses, self.shared[0].detach())
+        return [g.reshape(self.shared[0].shape).to(self.grads[0].dtype)]
+
+    def shared_backward(self, combined: list[Tensor], backbone_loss: Tensor | None) -> None:
+        stages.shared_backward(self.shared, combined, backbone_loss)
+
+    def nan_backward(self, backbone_loss: Tensor | None) -> None:
+        """NaN through the backbone (an overflow under a GradScaler: the step is skipped)."""
+        stages.shared_backward(self.shared, [torch.full_like(t, float("nan")) for t in self.shared], backbone_loss)
+
+
+class SummedPath(StackedPath):
+    """Loss weighting: ``K`` separate detached leaves per shared tensor, and
+    :meth:`task_gradients` adds their gradients up in the order autograd adds the heads'
+    gradients of a shared input in plain backward (the last task's first), so that
+    ``sum`` equals plain backward bit for bit. :attr:`grads` holds the sums; the per-task
+    gradients stay in :attr:`task_grads` until the finite check (to name a bad task)."""
+
+    summed = True
+
+    def __init__(self, shared: Sequence[Tensor], num_tasks: int, single: bool):
+        self.by_tensor = [[t.detach().requires_grad_() for _ in range(num_tasks)] for t in shared]
+        self.task_grads: list[list[Tensor | None]] = []
+        self.shared, self.num_tasks, self.single = tuple(shared), num_tasks, single
+        self.views = _per_task(self.by_tensor, single)
+        self._leaf_ids = {id(v): (k, i) for i, views in enumerate(self.by_tensor) for k, v in enumerate(views)}
+        self.grads = []
+
+    def reader(self, node, nr: int) -> tuple[int, int] | None:
+        variable = getattr(node, "variable", None)
+        return None if variable is None else self._leaf_ids.get(id(variable))
+
+    def task_gradients(self, objective: Tensor, params: list[Tensor]) -> list[Tensor | None]:
+        flat = [v for views in self.by_tensor for v in views]
+        out = torch.autograd.grad(objective, [*flat, *params], allow_unused=True)
+        k = self.num_tasks
+        self.task_grads = [list(out[i * k:(i + 1) * k]) for i in range(len(self.by_tensor))]
+        self.grads = [_sum_as_autograd(grads, t) for grads, t in zip(self.task_grads, self.shared)]
+        return list(out[len(flat):])
+
+    def gram(self) -> Tensor:
+        raise TypeError("a loss-weighting path forms no Gram")
+
+    def rows(self) -> Tensor:
+        return torch.cat([torch.stack([torch.zeros_like(t) if g is None else g for g in grads]).reshape(self.num_tasks, -1)
+                          for grads, t in zip(self.task_grads, self.shared)], 1)
+
+    def probe(self, gram: Tensor | None) -> Tensor:
+        return torch.stack([g.sum() for g in self.grads])
+
+    def combine(self, coefficients: Tensor) -> list[Tensor]:
+        """The sums (the coefficients are ones); drops the per-task gradients, kept only
+        to name a non-finite task, before the backbone's backward."""
+        self.task_grads = []
+        return self.grads
+
+
+def _sum_as_autograd(grads: list[Tensor | None], like: Tensor) -> Tensor:
+    """``sum_k grads[k]``, last task first, in place once the sum is a tensor of our own
+    (as autograd accumulates)."""
+    total, owned = None, False
+    for g in reversed(grads):
+        if g is None:
+            continue
+        if total is None:
+            total = g
+        elif owned:
+            total.add_(g)
+        else:
+            total, owned = total + g, True
+    return total if total is not None else torch.zeros_like(like)
+
+
+class RotatedPath(StackedPath):
+    """The first shared tensor is rotated per task: the heads read ``R_k z``; after the
+    task backward :attr:`grads` holds ``G_k = R_k^T H_k`` and :attr:`rotated` the
+    rotated-space ``H``. ``R`` is evaluated once, here, and kept in the graph to the
+    rotations' parameters for :meth:`align`."""
+
+    def __init__(self, rotations: rot.Rotations, shared: Sequence[Tensor], num_tasks: int, single: bool):
+        self.rotations = rotations
+        z = shared[0]
+        lead, feat, post, self.scale = rotations.layout(z.shape)
+        self.rotation = rotations.matrices()
+        with torch.no_grad():
+            rotated = rotations.rotate(z.detach().reshape(lead, feat, post), self.rotation.to(z.dtype))
+        self._rotated_leaf = rotated.view(num_tasks, *z.shape).requires_grad_()
+        super().__init__(shared, num_tasks, single)
+        self.rotated: Tensor | None = None
+
+    def _leaves(self) -> list[Tensor]:
+        return [self._rotated_leaf] + super()._leaves()[1:]
+
+    def task_gradients(self, objective: Tensor, params: list[Tensor]) -> list[Tensor | None]:
+        out = super().task_gradients(objective, params)
+        self.rotated = self.grads[0]
+        self.grads[0] = rot.unrotate(self.rotations, self.rotation, self.rotated)
+        return out
+
+    def rotated_gram(self, gram: Tensor) -> Tensor:
+        """The Gram of the rotated tensor's gradients (``gram`` itself for one tensor)."""
+        return gram if self.single else gram_of(self.grads[0])
+
+    def align(self, gram: Tensor, loss_scale: Tensor | None, sync) -> Tensor:
+        """Trains the rotations (see :func:`gradsurgery.pipeline.rotation.align`); frees the
+        exponential's graph and the rotated gradients."""
+        out = rot.align(self.rotations, self.rotation, self.scale, self.shared[0], self.grads[0], self.rotated,
+                        self.rotated_gram(gram), loss_scale, sync)
+        self.rotated, self.rotation = None, None
+        return out
+
+
+class ParamsPath:
+    """The parameter level over a :class:`StackedPath`: ``J = G dz/dtheta`` (one batched
+    vector-Jacobian product), the Gram ``J J^T``, and ``c^T J`` written to ``.grad``."""
+
+    def __init__(self, inner: StackedPath, shared_params: list[Tensor]):
+        self.inner, self.shared_params = inner, shared_params
+        self.jacobian: params_level.Jacobian | None = None
+
+    def __getattr__(self, name):  # the inner path's views, grads, rows, readers, ...
+        return getattr(self.inner, name)
+
+    def task_gradients(self, objective: Tensor, params: list[Tensor]) -> list[Tensor | None]:
+        return self.inner.task_gradients(objective, params)
+
+    def build_jacobian(self, retain_graph: bool) -> None:
+        self.jacobian = params_level.jacobian(self.inner.shared, self.shared_params, self.inner.grads,
+                                              retain_graph=retain_graph)
+
+    def gram(self) -> Tensor:
+        return self.jacobian.gram()
+
+    def probe(self, gram: Tensor | None) -> Tensor:
+        return self.inner.probe(gram)
+
+    def combine(self, coefficients: Tensor) -> None:
+        self.jacobian.accumulate(coefficients=coefficients)
+
+    def combine_elements(self, method, losses: Tensor, present: Tensor | None) -> None:
+        flat = self.jacobian.flat()
+        combined = method.combine(flat if present is None else flat[present], losses, None)
+        self.jacobian.accumulate(combined=combined.reshape(-1))
+
+    def shared_backward(self, combined, backbone_loss: Tensor | None) -> None:
+        if backbone_loss is not None:
+            torch.autograd.backward(backbone_loss)
+
+    def nan_backward(self, backbone_loss: Tensor | None) -> None:
+        self.inner.nan_backward(backbone_loss)
