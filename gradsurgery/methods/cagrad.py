@@ -12,8 +12,8 @@ Through its dual,
 so the coefficients are ``1/K + c ||g_0|| / ||g_w|| * w``, then scaled as the authors' code
 (Cranial-XIX/CAGrad, ``nyuv2/utils.py``: ``cagrad`` and ``overwrite_grad``) scales them:
 
-.. math::  g_{\text{authors}} = \frac{K}{\rho}\,\Big(g_0 + \frac{c\,\|g_0\|}{\|g_w^*\|}\, g_w^*\Big),
-           \qquad \rho = 1,\ 1 + c^2,\ 1 + c \quad(\texttt{rescale} = 0, 1, 2)
+.. math::  g_{\\text{authors}} = \\frac{K}{\\rho}\\,\\Big(g_0 + \\frac{c\\,\\|g_0\\|}{\\|g_w^*\\|}\\, g_w^*\\Big),
+           \\qquad \\rho = 1,\\ 1 + c^2,\\ 1 + c \\quad(\\texttt{rescale} = 0, 1, 2)
 
 Options (the authors' defaults): ``c=0.4`` (their published runs, ``run.sh --alpha 0.4``; their
 argparse says 0.5); ``rescale=1`` (``g / (1 + c^2)``); ``reduction="sum"`` (the factor ``K``,

@@ -32,10 +32,14 @@ last solution (the start point, ``alpha_k = 1 / ||g_k||``, if none converged yet
 training that reaches a Pareto-stationary point, where the task gradients become exactly
 opposed and the bargaining problem stops having a solution (the 2-D toy shows it).
 
-The paper's other options: ``update_weights_every`` (default 1) solves only every that many
-steps and reuses the weights in between (as the paper does, by request);
-``max_norm`` (default ``None``: no clipping) scales ``alpha`` down so that
-``||g|| <= max_norm``, the paper code's clipping (torchjd's default is 1.0).
+The authors' other options (AvivNavon/nash-mtl, ``methods/weight_methods.py``, ``NashMTL``),
+with their defaults: ``update_weights_every=1`` solves only every that many steps and reuses
+the weights in between; ``max_norm=1.0`` scales ``alpha`` down so that ``||g|| <= max_norm``
+(their ``clip_grad_norm_`` of the shared parameters' gradient after ``sum_k alpha_k L_k`` was
+backpropagated; ``None`` turns it off: ``||g|| = sqrt(K)``, torchjd's ``max_norm=0``).
+``weight_heads=True`` is their backward too: each head receives ``alpha_k dL_k`` (here the
+clipped coefficient; theirs clips the shared parameters only); by default each head gets its
+own unweighted loss gradient.
 
 Level: the paper uses the shared parameters' gradients (and reports a representation-level
 variant as faster but worse on QM9); by default here the representation's,
@@ -51,7 +55,7 @@ from torch import Tensor
 
 from ..numerics.cuda_graphs import replay
 from ..numerics.gram import small_matmul
-from .base import Method
+from .base import GramWeighting
 from .registry import register
 
 #: Number of candidate Newton step lengths ``1, 1/2, ..., 2^-30`` the line search tries at once.
@@ -59,11 +63,11 @@ LINE_SEARCH_STEPS = 31
 
 
 @register("nash_mtl")
-class NashMTL(Method):
+class NashMTL(GramWeighting):
     """Nash bargaining weights ``M alpha = 1 / alpha``."""
 
-    def __init__(self, update_weights_every: int = 1, max_norm: float | None = None,
-                 tol: float = 1e-6, max_iter: int = 10, on_failure: str = "raise"):
+    def __init__(self, update_weights_every: int = 1, max_norm: float | None = 1.0,
+                 tol: float = 1e-6, max_iter: int = 10, on_failure: str = "raise", weight_heads: bool = False):
         for name, value in (("update_weights_every", update_weights_every), ("max_iter", max_iter)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -71,9 +75,13 @@ class NashMTL(Method):
             raise ValueError(f"max_norm must be > 0 or None (no clipping), got {max_norm!r}")
         if not tol > 0:
             raise ValueError(f"tol must be > 0, got {tol!r}")
+        if not isinstance(weight_heads, bool):
+            raise ValueError(f"weight_heads must be True (heads get alpha_k dL_k, the authors' code) or False, "
+                             f"got {weight_heads!r}")
         if on_failure not in ("raise", "warn"):
             raise ValueError(f"on_failure must be 'raise' or 'warn' (keep the last solution), got {on_failure!r}")
         self.on_failure = on_failure
+        self.weights_heads = weight_heads
         self.update_weights_every = update_weights_every
         self.max_norm = None if max_norm is None else float(max_norm)
         self.tol = float(tol)
@@ -119,7 +127,8 @@ class NashMTL(Method):
 
     def extra_repr(self) -> str:
         return (f"update_weights_every={self.update_weights_every}, max_norm={self.max_norm}, "
-                f"tol={self.tol:g}, max_iter={self.max_iter}, on_failure={self.on_failure!r}")
+                f"tol={self.tol:g}, max_iter={self.max_iter}, on_failure={self.on_failure!r}, "
+                f"weight_heads={self.weights_heads}")
 
 
 def _newton(m: Tensor, alpha: Tensor, *, iterations: int) -> tuple[Tensor]:
