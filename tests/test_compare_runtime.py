@@ -69,6 +69,14 @@ def test_rotations_on_feature_maps():
     assert run.steps == 2 and len(run.curves) == 1 and len(run.weights) == 2
 
 
+def test_rotations_added_to_any_method():
+    options = {"mgda": {"rotation": True, "rotation_shape": 4, "post_shape": (3, 3)}}
+    r = gs.compare(FeatureMaps(), ["mgda"], seeds=[0], epochs=1, method_options=options, progress=False)
+    assert r.runs_of("mgda")[0].ok, r.runs_of("mgda")[0].error
+    with pytest.raises(ValueError, match="rotation=True"):  # the shape without the rotations
+        gs.compare(FeatureMaps(), ["mgda"], method_options={"mgda": {"rotation_shape": 4}}, progress=False)
+
+
 def test_rotation_failing_at_run_time_marks_the_method_failed():
     """Eight rotated channels do not fit four: fork raises in the first step of every
     rotograd run; those runs are failed, the others finish."""

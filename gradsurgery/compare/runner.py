@@ -21,8 +21,9 @@ from .results import TIME_REFERENCE, Results, Run
 #: Options every method takes (they go to :class:`MultiTaskOptimizer`, not the method);
 #: ``level`` here overrides :func:`compare`'s ``level`` for one method; ``rep_size``,
 #: ``rotation_shape`` and ``post_shape`` shape the rotations of rotation methods (e.g. the
-#: channels of a feature map: ``rotation_shape=C, post_shape=(H, W)``).
-OPTIMIZER_OPTIONS = ("method_lr", "level", "rep_size", "rotation_shape", "post_shape")
+#: channels of a feature map: ``rotation_shape=C, post_shape=(H, W)``), ``rotation=True``
+#: adds rotations to any method.
+OPTIMIZER_OPTIONS = ("method_lr", "level", "rotation", "rep_size", "rotation_shape", "post_shape")
 #: Where the methods decide (:class:`MultiTaskOptimizer`'s ``level``).
 LEVELS = ("rep", "params")
 _PROTOCOL = ("tasks", "metrics", "higher_is_better", "rep_size", "build", "optimizer",
@@ -113,9 +114,10 @@ def compare(benchmark: Any = data.DEFAULT, methods: Sequence[str] | None = None,
         epochs: ``None``: the benchmark's default.
         baseline: the method Δm% is measured against.
         method_options: ``{method: {option: value}}``, e.g. ``{"gradnorm": {"alpha": 0.5}}``;
-            ``method_lr``, ``level``, ``rep_size``, ``rotation_shape`` and ``post_shape``
-            are accepted for every method (e.g. ``{"rotograd": {"rotation_shape": 64,
-            "post_shape": (8, 8)}}`` rotates the 64 channels of an ``8 x 8`` feature map).
+            ``method_lr``, ``level``, ``rotation``, ``rep_size``, ``rotation_shape`` and
+            ``post_shape`` are accepted for every method (e.g. ``{"rotograd":
+            {"rotation_shape": 64, "post_shape": (8, 8)}}`` rotates the 64 channels of an
+            ``8 x 8`` feature map; ``{"mgda": {"rotation": True}}`` adds rotations to MGDA).
         level: ``"rep"`` (default) or ``"params"``: where every method decides, from the
             task gradients w.r.t. the shared representation or w.r.t. the shared parameters
             (the papers' setting; :class:`~gradsurgery.MultiTaskOptimizer`'s ``level``).
