@@ -10,7 +10,7 @@ gradients reach the shared backbone differs:
 - ``naive``: PCGrad on the shared *parameters* with K separate backward passes, the way
   most reimplementations do it (written here, for the comparison only);
 - ``rotograd``: the ``rotograd`` 0.1.6 package's ``RotateOnly``/``RotoGrad``/``RotoGradNorm``
-  under its ``cached()`` context (runs only in an interpreter with geotorch 0.3).
+  under its ``cached()`` context (geotorch 0.3, or 0.4 with :func:`import_rotograd`'s alias).
 
 This module imports the optional libraries lazily, so an interpreter that has only torch
 and rotograd (the reference interpreter) can run the ``plain`` and ``rotograd`` rows.
@@ -18,6 +18,7 @@ and rotograd (the reference interpreter) can run the ``plain`` and ``rotograd`` 
 from __future__ import annotations
 
 import inspect
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -28,6 +29,10 @@ from torch import Tensor, nn
 HIDDEN, HEAD_HIDDEN, INPUT = 1024, 256, 64
 METHOD_LR = 1e-4
 ROTOGRADNORM_ALPHA = 1.5
+#: Scale of the "trained" rows' rotation generators, ``A = TRAINED_SCALE * N(0, 1)``: at
+#: ``d = 256`` this gives ``||skew(A)||_2`` close to 1, where a few hundred steps of Adam at
+#: ``METHOD_LR`` take the generators (the untrained rows start at ``A = 0`` and stay near it).
+TRAINED_SCALE = 0.03
 
 
 @dataclass(frozen=True)
@@ -96,8 +101,13 @@ def gradsurgery_supports(option: str) -> bool:
     return option in inspect.signature(gs.MultiTaskOptimizer.__init__).parameters
 
 
-def gradsurgery_step(p: Problem, method: str, level: str = "rep",
-                     rotation_size: int | None = None) -> Callable[[], None]:
+def trained_generators(k: int, m: int, seed: int = 1) -> Tensor:
+    """The "trained" rows' rotation generators ``A`` (``k x m x m``), the same for every library."""
+    return TRAINED_SCALE * torch.randn(k, m, m, generator=torch.Generator().manual_seed(seed))
+
+
+def gradsurgery_step(p: Problem, method: str, level: str = "rep", rotation_size: int | None = None,
+                     rotation_param: str = "expm", trained: bool = False) -> Callable[[], None]:
     import gradsurgery as gs
     d = p.heads[0][0].in_features
     opts: dict[str, Any] = {"num_tasks": len(p.heads), "rep_size": d, "method_lr": METHOD_LR}
@@ -106,7 +116,12 @@ def gradsurgery_step(p: Problem, method: str, level: str = "rep",
     if rotation_size is not None:  # rotate the leading rotation_size features only
         del opts["rep_size"]
         opts["rotation_shape"] = (rotation_size,)
+    if rotation_param != "expm":
+        opts["rotation_param"] = rotation_param
     opt = gs.MultiTaskOptimizer(_adam(p.backbone, p.heads), method, **opts)
+    if trained:
+        with torch.no_grad():
+            opt.rotations.skew_params.copy_(trained_generators(*opt.rotations.skew_params.shape[:2]))
 
     def step():
         opt.zero_grad()
@@ -176,14 +191,37 @@ def naive_pcgrad_step(p: Problem) -> Callable[[], None]:
 ROTOGRAD_CLASSES = ("RotateOnly", "RotoGrad", "RotoGradNorm")
 
 
-def rotograd_step(p: Problem, cls_name: str, rotation_size: int | None = None) -> Callable[[], None]:
+def import_rotograd():
+    """Imports the ``rotograd`` 0.1.6 package. It does ``from geotorch.parametrize import
+    cached``, a module geotorch 0.4 removed (its parametrisations moved to
+    ``torch.nn.utils.parametrize``, which has the same ``cached``): with geotorch >= 0.4
+    the module is aliased first. The alias changes nothing the package computes:
+    ``geotorch.orthogonal(..., triv="expm")`` is ``base @ matrix_exp(skew(A))`` in both."""
+    import geotorch
+    try:
+        import geotorch.parametrize  # noqa: F401  (geotorch 0.3)
+    except ImportError:
+        import torch.nn.utils.parametrize as parametrize
+        sys.modules["geotorch.parametrize"] = parametrize
+        geotorch.parametrize = parametrize
+    import rotograd
+    return rotograd
+
+
+def rotograd_step(p: Problem, cls_name: str, rotation_size: int | None = None,
+                  trained: bool = False) -> Callable[[], None]:
     """The ``rotograd`` package's model with its rotations trained by their own Adam
     (lr ``METHOD_LR``), its forward and backward under ``cached()`` as its README advises."""
-    import rotograd
+    rotograd = import_rotograd()
     cls = getattr(rotograd, cls_name)
     d = p.heads[0][0].in_features
     kwargs: dict[str, Any] = {"alpha": ROTOGRADNORM_ALPHA} if cls_name == "RotoGradNorm" else {}
     model = cls(p.backbone, list(p.heads), rotation_size or d, **kwargs)
+    if trained:
+        a = trained_generators(len(p.heads), rotation_size or d)
+        with torch.no_grad():
+            for i in range(len(p.heads)):
+                getattr(model.parametrizations, f"rotation_{i}").original.copy_(a[i])
     opt = torch.optim.Adam([{"params": list(model.model_parameters())},
                             {"params": list(model.parameters()), "lr": METHOD_LR}], lr=1e-3)
 
@@ -202,24 +240,29 @@ def build(row: dict[str, Any], p: Problem) -> Callable[[], None]:
     if lib == "plain":
         return plain_step(p)
     if lib == "gradsurgery":
-        return gradsurgery_step(p, row["method"], row.get("level", "rep"), row.get("rotation_size"))
+        return gradsurgery_step(p, row["method"], row.get("level", "rep"), row.get("rotation_size"),
+                                row.get("rotation_param", "expm"), row.get("trained", False))
     if lib == "torchjd":
         return torchjd_step(p, row["method"])
     if lib == "naive":
         return naive_pcgrad_step(p)
     if lib == "rotograd":
-        return rotograd_step(p, row["method"], row.get("rotation_size"))
+        return rotograd_step(p, row["method"], row.get("rotation_size"), row.get("trained", False))
     raise ValueError(f"unknown row library {lib!r}")
 
 
 def preload(libs: set[str]) -> dict[str, str]:
     """Imports the libraries the rows need (so that memory is measured above them);
     returns ``{lib: reason}`` for those that cannot be imported."""
-    modules = {"gradsurgery": ["gradsurgery"], "torchjd": ["torchjd.autojac", "torchjd.aggregation"],
-               "rotograd": ["rotograd"]}
+    modules = {"gradsurgery": ["gradsurgery"], "torchjd": ["torchjd.autojac", "torchjd.aggregation"]}
     # the first optimizer built imports torch._dynamo (seconds): do it here, once
     torch.optim.Adam([nn.Parameter(torch.zeros(1))])
     missing = {}
+    if "rotograd" in libs:
+        try:
+            import_rotograd()
+        except Exception as e:  # noqa: BLE001 - any import failure skips the rows
+            missing["rotograd"] = f"rotograd not importable ({type(e).__name__}: {e})"
     for lib in libs:
         for mod in modules.get(lib, []):
             try:

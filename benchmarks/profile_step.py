@@ -4,13 +4,15 @@ Usage::
 
     python benchmarks/profile_step.py [--k 8 32] [--methods sum pcgrad mgda ...] [--d 256] [--clock cpu]
 
-For each method and K: the step's time split by pipeline stage (each stage function
-of ``gradsurgery.pipeline.stages``/``gradsurgery.pipeline.rotation`` and the method's ``weights`` is
-wrapped with a timer for this script only), next to plain ``sum(losses).backward()``, and
+For each method and K: the step's time split by pipeline stage (the stage functions of
+``gradsurgery.pipeline.stages``/``.rotation``, the paths' stage methods, the rotations'
+map and the method's hooks are wrapped with timers for this script only), next to plain
+``sum(losses).backward()``, and
 ``opt.backward``'s time outside the autograd engine (the library's own overhead: checks,
 stats, bookkeeping; the engine's share is the work plain backward does too); then
 ``torch.profiler``'s operators whose total self-CPU time differs most between the two
-steps (the ops that cost the extra time). Interleaved rounds, medians.
+steps (the ops that cost the extra time). Interleaved rounds, medians. Runs in the
+environment it is started in (no threading-policy override), which it prints.
 """
 from __future__ import annotations
 
@@ -22,20 +24,24 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see step_time.py
-
-import torch  # noqa: E402
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
+import torch
+from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.append(str(Path(__file__).resolve().parent.parent))  # gradsurgery from this checkout
 
 import _workloads as W  # noqa: E402
 import gradsurgery as gs  # noqa: E402
-from gradsurgery.pipeline import rotation, stages as pipeline  # noqa: E402
+from gradsurgery.pipeline import paths, rotation, stages  # noqa: E402
 
-STAGES = {pipeline: ["fork", "task_gradients", "gram", "combine", "shared_backward", "accumulate"],
-          rotation: ["fork", "unrotate", "align"]}
-OPTIMIZER_STAGES = ["_validate", "_finite_flag", "_record_stats", "_head_params"]
+#: Functions and methods timed, where they exist (owner, names).
+STAGES = [(stages, ["combine", "shared_backward", "accumulate"]),
+          (rotation, ["unrotate", "align"]),
+          (rotation.Rotations, ["matrices", "rotate"]),
+          (paths.StackedPath, ["__init__", "task_gradients", "gram", "combine", "shared_backward"]),
+          (paths.SummedPath, ["__init__", "task_gradients", "gram", "combine"]),
+          (paths.RotatedPath, ["__init__", "task_gradients"]),
+          (gs.MultiTaskOptimizer, ["_validate", "_finite_flag", "_record_stats", "_head_params", "_decide", "_gram"])]
 
 
 #: ``--clock``: wall time, or the process's CPU time (all threads; steadier on a machine
@@ -54,11 +60,11 @@ class StageTimer:
         self.engine = 0.0
         for name in ("grad", "backward"):
             setattr(torch.autograd, name, self._engine(getattr(torch.autograd, name)))
-        for module, names in STAGES.items():
+        for owner, names in STAGES:
             for name in names:
-                setattr(module, name, self._wrap(f"{module.__name__.split('.')[-1]}.{name}", getattr(module, name)))
-        for name in OPTIMIZER_STAGES:
-            setattr(gs.MultiTaskOptimizer, name, self._wrap(f"optimizer.{name}", getattr(gs.MultiTaskOptimizer, name)))
+                if name in vars(owner):  # own attributes only: a subclass's inherited ones are timed once
+                    label = f"{owner.__name__.split('.')[-1]}.{name}"
+                    setattr(owner, name, self._wrap(label, getattr(owner, name)))
 
     def _wrap(self, label, fn):
         def timed(*args, **kwargs):
@@ -79,8 +85,9 @@ class StageTimer:
         return timed
 
     def wrap_method(self, method):
-        for name in ("weights", "combine", "loss_weights"):
-            setattr(method, name, self._wrap(f"method.{name}", getattr(method, name)))
+        for name in ("weights", "combine", "loss_weights", "update"):
+            if hasattr(method, name):
+                setattr(method, name, self._wrap(f"method.{name}", getattr(method, name)))
 
 
 def instrumented_step(p: W.Problem, method: str, timer: StageTimer):
@@ -154,6 +161,8 @@ def main() -> None:
     global clock
     clock = CLOCKS[args.clock]
     torch.set_num_threads(args.threads)
+    env = {k: v for k, v in sorted(os.environ.items()) if k.startswith(("OMP_", "MKL_", "KMP_", "GOMP_"))}
+    print(f"torch {torch.__version__}, {args.threads} threads, OpenMP/MKL environment: {env or 'defaults'}")
     timer = StageTimer()
     for k in args.k:
         cfg = W.Config(d=args.d, k=k)
