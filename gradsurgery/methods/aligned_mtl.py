@@ -6,8 +6,8 @@ eigen-decomposition ``M = G G^T = V diag(lambda) V^T`` restricted to its rank ``
 (eigenvalues above ``lambda_max * K * eps``, ``eps`` float32's whatever the Gram's dtype, as
 the authors' ``torch.finfo()``),
 
-.. math::  B = \sqrt{\lambda_{s}}\; V_r \operatorname{diag}(\lambda_r)^{-1/2} V_r^\top,
-           \qquad g = G^\top B\, w,\quad w = \mathbf 1
+.. math::  B = \\sqrt{\\lambda_{s}}\\; V_r \\operatorname{diag}(\\lambda_r)^{-1/2} V_r^\\top,
+           \\qquad g = G^\\top B\\, w,\\quad w = \\mathbf 1
 
 where ``lambda_s`` is the smallest kept eigenvalue (``scale_mode="min"``, the authors'
 default), their median (``"median"``) or mean (``"rmse"``). As in the authors' code
