@@ -1,4 +1,4 @@
-"""PCD: priority-constrained descent (Varam et al., "Not All Objectives Are Born Equal:
+"""PCD: priority-constrained descent ("Not All Objectives Are Born Equal:
 Priority-Constrained Descent for Hierarchical Multi-Objective Optimization", TMLR 2026,
 arXiv 2606.29521; torchjd 0.18's ``PCD``, the reference here).
 
