@@ -6,6 +6,7 @@ from . import basic, gradnorm, mgda, pcgrad, rotograd  # noqa: F401  (register t
 from . import (aligned_mtl, cagrad, db_mtl, dualproj, dwa, famo, graddrop, gradvac,  # noqa: F401
                imtl_g, nash_mtl, rlw, upgrad, uw)
 from . import excess_mtl, moco, modo, sdmgrad  # noqa: F401
+from . import imtl  # noqa: F401
 from . import config, constant, fairgrad, gls, krum, pcd, stch, trimmed_mean  # noqa: F401
 
 __all__ = ["ElementWise", "GramWeighting", "LossWeighting", "Method", "kind_of", "available", "create", "get", "options", "register"]
