@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 from torch import nn
 
 import gradsurgery as gs
-from gradsurgery.numerics import expm as numerics_expm
 from gradsurgery.pipeline import rotation
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -71,44 +70,6 @@ def test_parametrisation_equals_geotorch(scale):
     expected, = torch.autograd.grad((holder.weight * probe).sum(), a)
     got, = torch.autograd.grad((ours.matrices() * probe).sum(), ours.skew_params)
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
-
-
-@settings(max_examples=30, deadline=None)
-@given(st.integers(1, 3), st.integers(1, 12), st.sampled_from([0.0, 1e-6, 1e-3, 0.05, 0.3, 1.0, 5.0, 40.0]),
-       st.booleans(), st.integers(0, 2**31 - 1))
-def test_expm_and_its_derivative_equal_matrix_exp(k, m, scale, sync_free, seed):
-    """Both plans of :func:`numerics_expm.expm` (host-chosen degree, and the sync-free fixed
-    plan), float64: the value against the spectral formula ``exp(X) = U e^{-i mu} U^H``
-    (``iX = U mu U^H``, exact to rounding; ``torch.linalg.matrix_exp`` itself is off by up
-    to ~1e-10 relative on small angles), the derivative against ``matrix_exp``'s autograd."""
-    g = torch.Generator().manual_seed(seed)
-    a = (scale * torch.randn(k, m, m, generator=g, dtype=torch.float64)).requires_grad_()
-    probe = torch.randn(k, m, m, generator=g, dtype=torch.float64)
-    ours = numerics_expm.expm(numerics_expm.skew(a), sync_free=sync_free)
-    mu, u = torch.linalg.eigh(numerics_expm.skew(a.detach()) * 1j)
-    exact = ((u * torch.exp(-1j * mu).unsqueeze(-2)) @ u.mH).real
-    torch.testing.assert_close(ours, exact, rtol=0, atol=1e-13 * max(1.0, scale * m))
-    got, = torch.autograd.grad((ours * probe).sum(), a)
-    want, = torch.autograd.grad((torch.linalg.matrix_exp(numerics_expm.skew(a)) * probe).sum(), a)
-    torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
-
-
-def test_expm_sync_free_plan_reads_nothing_and_flags_out_of_range(monkeypatch):
-    """The sync-free plan calls none of the host-read entry points, and a generator beyond
-    its :data:`numerics_expm.MAX_SQUARINGS` range gives NaN instead of a wrong rotation."""
-    x = numerics_expm.skew(torch.randn(2, 6, 6, dtype=torch.float64)).requires_grad_()
-    reads = []
-    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
-        original = getattr(torch.Tensor, name)
-        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _n=name, _o=original, **kw:
-                            (reads.append(_n), _o(self, *a, **kw))[1])
-    out = numerics_expm.expm(x, sync_free=True)
-    out.sum().backward()
-    huge = numerics_expm.expm(x.detach() * 1e4, sync_free=True)
-    monkeypatch.undo()
-    assert reads == []
-    assert torch.isfinite(out).all() and torch.isnan(huge).all()
-    assert torch.isfinite(numerics_expm.expm(x.detach() * 1e4)).all()  # the host plan squares as needed
 
 
 def test_rotations_ignore_autocast():
