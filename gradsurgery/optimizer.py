@@ -63,7 +63,8 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
             methods). The heads' gradients are averaged across ranks in both modes.
         process_group: the group to synchronise over (default: the whole world when
             ``torch.distributed`` is initialised).
-        level: ``"rep"`` (default): the methods decide from the task gradients w.r.t. the
+        level: ``None`` (default): the method's default level (``"rep"`` for all but a
+            few, see their cards). ``"rep"``: the methods decide from the task gradients w.r.t. the
             shared representation ``z``. ``"params"``: from the task gradients w.r.t. the
             shared parameters (the papers' setting; see :mod:`gradsurgery.pipeline.params_level`),
             the combined gradient written to their ``.grad``. Not with rotations or
@@ -98,7 +99,7 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
                  rotation: bool | None = None, rotation_shape: int | Sequence[int] | None = None,
                  post_shape: int | Sequence[int] = (), rotation_init: str | Tensor = "random",
                  rotation_param: str | Callable[[Tensor], Tensor] = "expm",
-                 coop: bool = False, level: str = "rep", shared_params: Iterable[Tensor] | None = None,
+                 coop: bool = False, level: str | None = None, shared_params: Iterable[Tensor] | None = None,
                  weight_ema: float | None = None, **method_options: Any):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -108,12 +109,8 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
             raise ValueError(f"num_tasks must be an integer >= 1, got {num_tasks!r}")
         if method_lr is not None and not method_lr >= 0:
             raise ValueError(f"method_lr must be >= 0, got {method_lr!r}")
-        if level not in ("rep", "params"):
-            raise ValueError(f"level must be 'rep' or 'params', got {level!r}")
-        if shared_params is not None and level != "params":
-            raise ValueError("shared_params only applies with level='params' (the representation level "
-                             "trains the backbone through z); pass level='params' or drop shared_params")
-        self.level = level
+        if level not in (None, "rep", "params"):
+            raise ValueError(f"level must be 'rep' or 'params' (None: the method's default), got {level!r}")
         self.shared_params = None if shared_params is None else list(shared_params)
         if self.shared_params is not None and not self.shared_params:
             raise ValueError("shared_params is empty; pass the backbone's parameters, or None to find them")
@@ -123,6 +120,13 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         self.check_finite = bool(check_finite)
         self.method = create(method, **method_options)
         self.kind = kind_of(self.method)
+        self.level = self.method.levels[0] if level is None else level
+        if self.level not in self.method.levels:
+            raise ValueError(f"{self.method!r} decides at level(s) {list(self.method.levels)} only (see its card); "
+                             f"pass level={self.method.levels[0]!r} or drop level=")
+        if shared_params is not None and self.level != "params":
+            raise ValueError("shared_params only applies with level='params' (the representation level "
+                             "trains the backbone through z); pass level='params' or drop shared_params")
         if weight_ema is not None and (isinstance(weight_ema, bool) or not isinstance(weight_ema, (int, float))
                                        or not 0 <= weight_ema < 1):
             raise ValueError(f"weight_ema must be a number in [0, 1) (the weight of the previous weights), "
@@ -138,7 +142,7 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
                              "decide from the global batch under torch.distributed; pass "
                              "distributed_exact=False for per-rank surgery")
         self.distributed = distributed.NoSync() if group is None else distributed.Sync(group, self.distributed_exact)
-        if group is not None and level == "params":
+        if group is not None and self.level == "params":
             raise ValueError("level='params' does not run under torch.distributed yet (the parameter-level "
                              "Gram of the global batch needs the whole K x P Jacobian all-reduced); use "
                              "level='rep', whose surgery is exact across ranks")
@@ -147,7 +151,7 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         dtype = first.dtype if first.is_floating_point() else torch.get_default_dtype()
         self.rotations = rot.build(
             self.method, num_tasks, rotation=rotation, rep_size=rep_size, rotation_shape=rotation_shape,
-            post_shape=post_shape, init=rotation_init, coop=coop, level=level,
+            post_shape=post_shape, init=rotation_init, coop=coop, level=self.level,
             dtype=dtype, device=first.device, param=rotation_param)
         self.generator = torch.Generator()
         self.generator.manual_seed(int(torch.randint(0, 2**62, ())))
@@ -278,7 +282,7 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         # -- accepted: from here on the step changes state ------------------------------
         self._path = None
         with scaling.method_grads(self._own_params()):
-            coefficients, combined = self._decide(path, gram, values, present, loss_weights)
+            coefficients, combined = self._decide(path, gram, values, present, loss_weights, scaling)
             backbone_loss = scaling.apply(self._weighted_backbone_loss(backbone_loss))
             alignment = path.align(gram, scaling.scale, sync) if isinstance(path, paths.RotatedPath) else None
             path.shared_backward(combined, backbone_loss)
@@ -479,7 +483,7 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         return path.gram()
 
     def _decide(self, path, gram: Tensor | None, values: Tensor, present: list[bool] | None,
-                loss_weights: Tensor | None) -> tuple[Tensor | None, list[Tensor] | None]:
+                loss_weights: Tensor | None, scaling: amp.Scaling) -> tuple[Tensor | None, list[Tensor] | None]:
         """The method's decision, by kind: the coefficients of the unweighted task
         gradients (``None`` for element-wise methods) and the combined gradient of each
         shared tensor (``None`` at the parameter level, written to ``.grad`` already)."""
@@ -489,7 +493,7 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
             self._prepared = True
         index = None if present is None else torch.tensor(present).nonzero().flatten().to(values.device)
         if self.kind is ElementWise:
-            return None, path.combine_elements(method, values, index)
+            return None, path.combine_elements(method, values, index, scaling)
         if self.kind is LossWeighting:
             method.update(values)
             if self.weight_ema is not None:

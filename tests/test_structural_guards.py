@@ -98,10 +98,6 @@ class ExpmCounter:
         self.counts = {}
 
 
-def _levels() -> list[str]:
-    return ["rep", "params"] if "level" in inspect.signature(gs.MultiTaskOptimizer).parameters else ["rep"]
-
-
 def _configs():
     """(method, level, rotation) for every registered method: its defaults at each level
     (rotation methods only at the representation level, where rotations apply), and every
@@ -109,18 +105,17 @@ def _configs():
     out = []
     for name in gs.methods.available():
         rotation = bool(getattr(gs.methods.get(name), "rotation", False))
-        for level in _levels():
-            if not (rotation and level != "rep"):
-                out.append(pytest.param(name, level, None, id=f"{name}-{level}"))
-        if not rotation:
+        levels = gs.methods.get(name).levels
+        for level in levels:
+            out.append(pytest.param(name, level, None, id=f"{name}-{level}"))
+        if not rotation and "rep" in levels:
             out.append(pytest.param(name, "rep", True, id=f"{name}-rep-rotation"))
     return out
 
 
 def _optimizer(name, level, rotation, backbone, heads):
     opts = {"num_tasks": K, "rep_size": D, "method_lr": 1e-3}
-    if level != "rep":
-        opts["level"] = level
+    opts["level"] = level
     if rotation is not None:
         opts["rotation"] = rotation
     base = torch.optim.Adam([*backbone.parameters(), *heads.parameters()], lr=1e-3)

@@ -37,9 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", help="comma-separated method names (default: every registered method)")
     p.add_argument("--seeds", help="comma-separated training seeds (default: the benchmark's, 0,1,2)")
     p.add_argument("--epochs", type=int, help="epochs per run (default: the benchmark's)")
-    p.add_argument("--level", choices=LEVELS, default="rep",
-                   help="where the methods decide: 'rep' (task gradients w.r.t. the shared representation, "
-                        "default) or 'params' (w.r.t. the shared parameters, the papers' setting); "
+    p.add_argument("--level", choices=LEVELS, default=None,
+                   help="where the methods decide: 'rep' (task gradients w.r.t. the shared representation) "
+                        "or 'params' (w.r.t. the shared parameters, the papers' setting); default: each "
+                        "method's own default level (see its card); "
                         "METHOD.level=rep in --method-option overrides it for one method")
     p.add_argument("--baseline", default="mean", help="the method Δm%% is measured against (default: mean)")
     p.add_argument("--method-option", action="append", default=[], metavar="METHOD.OPTION=VALUE",

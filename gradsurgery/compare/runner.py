@@ -75,22 +75,23 @@ class Plan:
 
 def prepare(benchmark: Any = data.DEFAULT, methods: Sequence[str] | None = None, *,
             seeds: Sequence[int] | None = None, epochs: int | None = None, baseline: str = "mean",
-            method_options: Mapping[str, Mapping[str, Any]] | None = None, level: str = "rep") -> Plan:
+            method_options: Mapping[str, Mapping[str, Any]] | None = None, level: str | None = None) -> Plan:
     """Validates the arguments of :func:`compare` (same meaning) without training: unknown
     benchmarks, methods and options raise a ``ValueError`` that lists what exists."""
-    if level not in LEVELS:
-        raise ValueError(f"level must be one of {', '.join(map(repr, LEVELS))}, got {level!r}")
+    if level is not None and level not in LEVELS:
+        raise ValueError(f"level must be one of {', '.join(map(repr, LEVELS))} (None: each method's default), "
+                         f"got {level!r}")
     bench = _resolve_benchmark(benchmark)
     names = _resolve_methods(methods, baseline)
     seeds = _resolve_seeds(bench.seeds if seeds is None else seeds)
     epochs = _positive_int(bench.epochs if epochs is None else epochs, "epochs")
     options = _resolve_options(method_options or {}, names, bench, level)
-    return Plan(bench, names, seeds, epochs, baseline, options, level)
+    return Plan(bench, names, seeds, epochs, baseline, options, level or "rep")
 
 
 def compare(benchmark: Any = data.DEFAULT, methods: Sequence[str] | None = None, *,
             seeds: Sequence[int] | None = None, epochs: int | None = None, baseline: str = "mean",
-            method_options: Mapping[str, Mapping[str, Any]] | None = None, level: str = "rep",
+            method_options: Mapping[str, Mapping[str, Any]] | None = None, level: str | None = None,
             progress: bool = True) -> Results:
     """Trains every method in ``methods`` with every seed on ``benchmark`` and returns the
     :class:`~gradsurgery.compare.Results` (``.table()``, ``.to_csv()``, ``.to_json()``,
@@ -118,7 +119,9 @@ def compare(benchmark: Any = data.DEFAULT, methods: Sequence[str] | None = None,
             ``post_shape`` are accepted for every method (e.g. ``{"rotograd":
             {"rotation_shape": 64, "post_shape": (8, 8)}}`` rotates the 64 channels of an
             ``8 x 8`` feature map; ``{"mgda": {"rotation": True}}`` adds rotations to MGDA).
-        level: ``"rep"`` (default) or ``"params"``: where every method decides, from the
+        level: ``None`` (default): each method at its default level (``"rep"`` for all but
+            the few whose card says otherwise, e.g. ``moco``); ``"rep"`` or ``"params"``:
+            where every method decides, from the
             task gradients w.r.t. the shared representation or w.r.t. the shared parameters
             (the papers' setting; :class:`~gradsurgery.MultiTaskOptimizer`'s ``level``).
             Rotation methods run at ``"rep"`` only: with ``level="params"`` name them with
@@ -355,39 +358,45 @@ def _positive_int(value: Any, what: str) -> int:
 
 
 def _resolve_options(method_options: Mapping[str, Mapping[str, Any]], names: list[str],
-                     bench: Any, level: str = "rep") -> dict[str, dict[str, Any]]:
-    """Checks ``{method: {option: value}}`` against each method's accepted options, then
-    builds each method once on a dummy parameter (at ``level`` unless its options name
-    another) so that bad values and methods that cannot run at that level raise now."""
+                     bench: Any, level: str | None = None) -> dict[str, dict[str, Any]]:
+    """Checks ``{method: {option: value}}`` against each method's accepted options and
+    levels (``level``, unless its options name another; ``None``: the method's default),
+    then builds each method once on a dummy parameter so that bad values raise now."""
     stray = [m for m in method_options if m not in names]
     if stray:
         raise ValueError(f"method_options names method(s) {stray} that are not compared; compared: {', '.join(names)}")
     resolved = {}
-    rep_only = []  # methods that cannot run at level="params" (rotations), reported together
+    elsewhere = []  # methods that cannot run at the comparison's level, reported together
     for name in names:
         opts = dict(method_options.get(name, {}))
         accepted = [*registry.options(name), *OPTIMIZER_OPTIONS]
         unknown = sorted(set(opts) - set(accepted))
         if unknown:
             raise ValueError(f"method {name!r} does not take option(s) {unknown}; it takes: {', '.join(accepted)}")
+        levels = registry.get(name).levels
+        if opts.get("level", level) is None:
+            opts["level"] = levels[0]
+        elif opts.get("level", level) not in levels:
+            elsewhere.append((name, levels[0]))
+            continue
         dummy = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.0)
         rng = torch.get_rng_state()
         try:
             MultiTaskOptimizer(dummy, name, num_tasks=len(bench.tasks),
                                **{**optimizer_defaults(bench, level, opts), **opts})
         except (TypeError, ValueError) as err:
-            if opts.get("level", level) == "params" and "level" in str(err):
-                rep_only.append((name, err))
+            if not method_options.get(name):  # defaults that do not fit this benchmark (e.g. Krum with 2 tasks):
+                resolved[name] = opts         # its runs are marked failed with the reason, the others go on
                 continue
             raise ValueError(f"method {name!r} cannot be built with options {opts}: {err}") from err
         finally:
             torch.set_rng_state(rng)
         resolved[name] = opts
-    if rep_only:
-        names_ = [n for n, _ in rep_only]
-        fix = ", ".join(f"{n!r}: {{'level': 'rep'}}" for n in names_)
-        flags = " ".join(f"--method-option {n}.level=rep" for n in names_)
-        raise ValueError(f"method(s) {names_} cannot run at level='params' ({rep_only[0][1]}); run them at the "
-                         f"representation level with method_options={{{fix}}} (command line: {flags}) "
-                         "or leave them out") from rep_only[0][1]
+    if elsewhere:
+        names_ = [n for n, _ in elsewhere]
+        fix = ", ".join(f"{n!r}: {{'level': {lv!r}}}" for n, lv in elsewhere)
+        flags = " ".join(f"--method-option {n}.level={lv}" for n, lv in elsewhere)
+        raise ValueError(f"method(s) {names_} cannot run at level={level!r} (see their cards); run them at their "
+                         f"level with method_options={{{fix}}} (command line: {flags}), leave them out, or drop "
+                         "level= to run every method at its default level")
     return resolved

@@ -49,6 +49,9 @@ class Method:
         rotation: whether the method learns per-task rotations of the representation by
             default (the RotoGrad family). Any method can be composed with rotations
             through ``MultiTaskOptimizer(..., rotation=True)``.
+        levels: where the method can decide, its default first: ``"rep"`` (the task
+            gradients w.r.t. the shared representation) and/or ``"params"`` (w.r.t. the
+            shared parameters).
         subset_safe: the method can decide over any subset of the tasks (it keeps no
             per-task state), so ``backward`` accepts ``None`` for a task absent from the
             batch: the method then sees the present tasks only, as if only they existed.
@@ -62,6 +65,7 @@ class Method:
 
     rotation: ClassVar[bool] = False
     subset_safe: ClassVar[bool] = False
+    levels: ClassVar[tuple[str, ...]] = ("rep", "params")
     weights_heads: bool = False
 
     num_tasks: int

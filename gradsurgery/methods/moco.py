@@ -38,6 +38,8 @@ from .registry import register
 class MoCo(ElementWise):
     """Tracked task gradients, weights by a softmax-mirror step on their Gram."""
 
+    levels = ("params",)
+
     def __init__(self, beta: float = 0.5, beta_sigma: float = 0.5, gamma: float = 0.1,
                  gamma_sigma: float = 0.5, rho: float = 0.0):
         for name, value in (("beta_sigma", beta_sigma), ("gamma", gamma), ("gamma_sigma", gamma_sigma), ("rho", rho)):

@@ -78,6 +78,8 @@ def part_gradient(part: Tensor, batch: int) -> Tensor:
 class MoDo(ElementWise):
     """Projected-gradient task weights from a doubly sampled Gram."""
 
+    levels = ("rep",)
+
     def __init__(self, gamma: float = 0.1, rho: float = 0.1, samples: int = 2):
         if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma > 0):
             raise ValueError(f"gamma (the step size of lambda) must be a finite number > 0, got {gamma!r}")

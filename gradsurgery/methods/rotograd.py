@@ -52,6 +52,7 @@ class _LossNormalization(Method):
     ``L(t0)`` (retaken at ``burn_in_period``), and the step counter."""
 
     rotation = True
+    levels = ("rep",)
 
     def __init__(self, normalize_losses: bool = False, burn_in_period: int = 20):
         if isinstance(burn_in_period, bool) or not isinstance(burn_in_period, int) or burn_in_period < 0:

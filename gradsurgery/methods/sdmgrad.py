@@ -47,6 +47,8 @@ from .registry import register
 class SDMGrad(ElementWise):
     """Direction-oriented weights by projected SGD on a triply sampled batch."""
 
+    levels = ("rep",)
+
     def __init__(self, lambda_: float = 0.3, n_iter: int = 20, lr: float = 10.0, momentum: float = 0.5,
                  pref_vector: Sequence[float] | Tensor | None = None, max_norm: float | None = 1.0,
                  reduction: str = "sum"):

@@ -89,14 +89,15 @@ class StackedPath:
         """``g = c^T G`` for each shared tensor."""
         return [stages.combine(coefficients, g) for g in self.grads]
 
-    def combine_elements(self, method, losses: Tensor, present: Tensor | None) -> list[Tensor]:
-        """An element-wise method's ``g`` (one shared tensor only)."""
+    def combine_elements(self, method, losses: Tensor, present: Tensor | None, scaling) -> list[Tensor]:
+        """An element-wise method's ``g`` (one shared tensor only), decided on the
+        unscaled gradients (``scaling``: the loss scale of a GradScaler step, if any)."""
         if not self.single:
             raise ValueError(f"{method!r} combines the task gradients element by element, which is defined on "
                              "one shared tensor; fork a single tensor (concatenate the features) or use a "
                              "Gram-based method")
         grads = self.grads[0] if present is None else self.grads[0][present]
-        g = method.combine(grads, losses, self.shared[0].detach())
+        g = scaling.apply(method.combine(scaling.unscale(grads), losses, self.shared[0].detach()))
         return [g.reshape(self.shared[0].shape).to(self.grads[0].dtype)]
 
     def shared_backward(self, combined: list[Tensor], backbone_loss: Tensor | None) -> None:
@@ -235,9 +236,10 @@ class ParamsPath:
     def combine(self, coefficients: Tensor) -> None:
         self.jacobian.accumulate(coefficients=coefficients)
 
-    def combine_elements(self, method, losses: Tensor, present: Tensor | None) -> None:
+    def combine_elements(self, method, losses: Tensor, present: Tensor | None, scaling) -> None:
         flat = self.jacobian.flat()
-        combined = method.combine(flat if present is None else flat[present], losses, None)
+        combined = scaling.apply(method.combine(scaling.unscale(flat if present is None else flat[present]),
+                                                losses, None))
         self.jacobian.accumulate(combined=combined.reshape(-1))
 
     def shared_backward(self, combined, backbone_loss: Tensor | None) -> None:
