@@ -10,17 +10,20 @@ alpha-fair allocation, whose optimality condition is (Eq. 4)
 (``alpha = 1``: proportional fairness, Nash-MTL's condition; ``alpha -> infinity``: max-min
 fairness). The condition is the stationarity condition of the strictly convex
 ``f(x) = x^T M x / 2 - sum_k h(x_k)`` with ``h' = x^{-1/alpha}``. It is solved in float64
-by ``max_iter`` (default 40) damped Newton steps (a vectorised backtracking line search over
+by ``max_iter`` (default 25) damped Newton steps (a vectorised backtracking line search over
 31 step lengths keeps ``x > 0`` and decreases ``f``, or the residual where rounding hides
 ``f``'s decrease), on the Gram normalised to unit mean diagonal (``M -> s M`` maps
 ``x -> s^{-alpha/(alpha+1)} x``), from ``x_k = t M_kk^{-alpha/(alpha+1)}`` with the best
 scalar ``t`` (exact for orthogonal gradients). Measured on K = 2..6 with zero, duplicate and
 conflicting rows and norms 1e-3..1e3: 15 steps reach 1e-9 for ``alpha <= 2``, 32 for
-``alpha <= 5``; larger ``alpha`` with such spread norms may need a larger ``max_iter``.
+``alpha <= 5`` (raise ``max_iter`` to 40 there); larger ``alpha`` with such spread norms may
+need more.
 Then one host read checks the relative residual
 ``max_k |(M x)_k x_k^{1/alpha} - 1| <= tol`` (default 1e-6) and raises a
 ``FloatingPointError`` when no solution exists (0 in the convex hull of the gradients, e.g.
-opposed gradients: a Pareto-stationary point). A zero task gradient has nothing to
+opposed gradients: a Pareto-stationary point). ``on_failure="warn"`` (opt-in) turns the error
+into a ``RuntimeWarning`` and uses the last Newton iterate (finite, ``x > 0``), as the
+official code uses ``least_squares``' last iterate. A zero task gradient has nothing to
 allocate: it is left out of the system (its coefficient is 0) and the others are solved.
 
 As the official code: the update is multiplied by ``K`` ("to match the sum loss") and
@@ -35,6 +38,8 @@ Level: the paper uses the shared parameters' gradients; by default here the
 representation's, ``level="params"`` for the paper's setting.
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch import Tensor
@@ -55,7 +60,7 @@ class FairGrad(GramWeighting):
     subset_safe = True
 
     def __init__(self, alpha: float = 2.0, max_norm: float | None = 1.0, tol: float = 1e-6,
-                 max_iter: int = 40):
+                 max_iter: int = 25, on_failure: str = "raise"):
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha < float("inf"):
             raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
         if max_norm is not None and not max_norm > 0:
@@ -64,10 +69,13 @@ class FairGrad(GramWeighting):
             raise ValueError(f"tol must be > 0, got {tol!r}")
         if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
             raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
+        if on_failure not in ("raise", "warn"):
+            raise ValueError(f"on_failure must be 'raise' or 'warn' (keep the last Newton iterate), got {on_failure!r}")
         self.alpha = float(alpha)
         self.max_norm = None if max_norm is None else float(max_norm)
         self.tol = float(tol)
         self.max_iter = max_iter
+        self.on_failure = on_failure
 
     def weights(self, gram: Tensor, losses: Tensor) -> Tensor:
         k = gram.shape[0]
@@ -101,7 +109,8 @@ class FairGrad(GramWeighting):
 
         # start: x_k = t M_kk^(-1/(1+p)) (exact for orthogonal gradients), t the best scalar
         x = torch.where(active, m.diagonal(), 1.0).pow(-1 / (1 + p))
-        x = x * (x.pow(1 - p).sum() / (x @ m @ x)).pow(1 / (1 + p))
+        q = x @ m @ x  # 0 when 0 is in the convex hull along x: no solution, keep t = 1
+        x = x * torch.where(q > 0, x.pow(1 - p).sum() / torch.where(q > 0, q, 1), 1).pow(1 / (1 + p))
         steps = STEP_LENGTHS.to(m.device)
         for _ in range(self.max_iter):
             grad = m @ x - x.pow(-p)
@@ -117,14 +126,16 @@ class FairGrad(GramWeighting):
             x = torch.cat([candidates, x[None]])[first]
         error = residual(x)
         if not bool(error <= self.tol):  # the one host read per solve
-            raise FloatingPointError(
-                f"FairGrad found no x > 0 with M x = x^(-1/alpha) in max_iter={self.max_iter} Newton steps "
-                f"(relative residual {float(error):.2e} > tol={self.tol}): either 0 is in the convex hull of "
-                "the task gradients (e.g. opposed gradients, a Pareto-stationary point), where no alpha-fair "
-                "allocation exists, or the solve needs more steps (large alpha with gradient norms orders of "
-                "magnitude apart: raise max_iter)")
+            message = (f"FairGrad found no x > 0 with M x = x^(-1/alpha) in max_iter={self.max_iter} Newton "
+                       f"steps (relative residual {float(error):.2e} > tol={self.tol}): either 0 is in the convex "
+                       "hull of the task gradients (e.g. opposed gradients, a Pareto-stationary point), where no "
+                       "alpha-fair allocation exists, or the solve needs more steps (large alpha with gradient "
+                       "norms orders of magnitude apart: raise max_iter)")
+            if self.on_failure == "raise":
+                raise FloatingPointError(message + "; on_failure='warn' keeps the last iterate")
+            warnings.warn(message + "; the last iterate is used", RuntimeWarning, stacklevel=3)
         x = x * torch.where(scale > 0, scale, 1).pow(-self.alpha / (self.alpha + 1))
         return x * fa
 
     def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, max_norm={self.max_norm}"
+        return f"alpha={self.alpha}, max_norm={self.max_norm}, on_failure={self.on_failure!r}"

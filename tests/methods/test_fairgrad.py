@@ -72,7 +72,7 @@ def test_equals_torchjd_fairgrad(k, kind, seed, alpha):
 def test_solves_the_fairness_condition(k, kind, seed, alpha):
     """<g_k, G^T x> = x_k^(-1/alpha) for every task with a non-zero gradient (x = c / K)."""
     g = gradient_matrix(k, kind, seed)
-    x = bound(k, alpha=alpha, max_norm=None).weights(g @ g.T, torch.ones(k, dtype=g.dtype)) / k
+    x = bound(k, alpha=alpha, max_norm=None, max_iter=40).weights(g @ g.T, torch.ones(k, dtype=g.dtype)) / k
     nonzero = g.norm(dim=1) > 0
     utility = (g @ (x @ g))[nonzero]
     assert bool((x[nonzero] > 0).all())
@@ -99,7 +99,18 @@ def test_alpha_zero_is_the_sum():
     assert torch.allclose(direction(g, alpha=0.0, max_norm=None), g.sum(0), rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("opts", [dict(alpha=-1.0), dict(alpha=float("inf")), dict(alpha=float("nan")),
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_on_failure_warn_keeps_the_last_iterate(k):
+    """Opposed gradients (no solution): the default raises; on_failure='warn' warns and
+    returns the finite, positive last Newton iterate (the official code's behaviour)."""
+    g = gradient_matrix(k, "opposed", 0)
+    with pytest.warns(RuntimeWarning, match="last iterate is used"):
+        c = bound(k, on_failure="warn").weights(g @ g.T, torch.ones(k, dtype=g.dtype))
+    assert bool(torch.isfinite(c).all()) and bool((c > 0).all())
+    assert float((c @ g).norm()) <= 1.0 + 1e-4  # still clipped to max_norm (the iterate is large: cancellation)
+
+
+@pytest.mark.parametrize("opts", [dict(on_failure="ignore"), dict(alpha=-1.0), dict(alpha=float("inf")), dict(alpha=float("nan")),
                                   dict(max_norm=0.0), dict(tol=0.0), dict(max_iter=0), dict(alpha=True)])
 def test_bad_options_raise(opts):
     with pytest.raises(ValueError, match=next(iter(opts))):
