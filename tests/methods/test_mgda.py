@@ -340,3 +340,27 @@ def test_two_tasks_closed_form_and_torchjd_within_frank_wolfe_tolerance():
         ours, ref = MGDA().weights(g @ g.T, torch.ones(k, dtype=torch.float64)) @ g, jd.MGDA()(g)
         assert ours.norm() <= ref.norm() * (1 + 1e-9)
         assert (ours - ref).norm() <= 5e-2 * g.norm(dim=1).max()
+
+
+def test_weight_heads_end_to_end_is_the_authors_scaled_backward():
+    """``weight_heads=True`` at the representation level (MGDA-UB) is the authors' whole
+    step: ``sum_t lambda_t L_t`` backpropagated plainly (heads and backbone), ``lambda`` the
+    min-norm weights of the representation gradients (exhaustive solver, here unique)."""
+    import copy
+    from scipy.optimize import nnls
+    model, x, ys = make(3, seed=5, rep_shape=(4,), batch=5)
+    reference = copy.deepcopy(model)
+    opt = gs.MultiTaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                gs.methods.create("mgda", weight_heads=True), num_tasks=3)
+    grads = task_grads(model, x, ys)
+    opt.zero_grad()
+    opt.backward(model.losses(opt.fork(model.rep(x)), ys))
+    point = exhaustive_min_norm(grads.numpy())
+    # the weights of that point: nonnegative, summing to 1 (a bordered nonnegative least squares)
+    lam, residual = nnls(np.vstack([grads.numpy().T, 1e3 * np.ones((1, 3))]), np.concatenate([point, [1e3]]))
+    assert residual < 1e-8
+    reference.zero_grad()
+    z = reference.rep(x)
+    sum(w * l for w, l in zip(lam, reference.losses([z] * 3, ys))).backward()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-9)

@@ -208,3 +208,42 @@ def test_bad_options_raise():
     for bad in ({"max_norm": 0.0}, {"update_weights_every": 0}, {"on_failure": "ignore"}, {"tol": 0}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             gs.methods.create("nash_mtl", **bad)
+
+
+def flat(params) -> torch.Tensor:
+    return torch.cat([p.grad.flatten() for p in params])
+
+
+@pytest.mark.parametrize("max_norm", [None, 1.0])
+def test_params_level_weight_heads_end_to_end_is_the_authors_backward(max_norm):
+    """At ``level="params"`` with ``weight_heads=True``: the authors' ``NashMTL.backward`` is
+    ``sum_k alpha_k L_k`` backpropagated (heads ``alpha_k dL_k``, backbone ``sum_k alpha_k g_k``)
+    then ``clip_grad_norm_(shared, max_norm)``, with ``alpha`` their bargaining weights of the
+    parameter Jacobian. Deviation (on the card): with clipping active the pipeline scales the
+    heads' coefficients by the clip factor too (the authors clip the shared parameters only)."""
+    import copy
+    from core_helpers import make
+    k = 3
+    model, x, ys = make(k, seed=2, batch=6)
+    reference = copy.deepcopy(model)
+    method = gs.methods.create("nash_mtl", weight_heads=True, max_norm=max_norm)
+    opt = gs.MultiTaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), method, num_tasks=k, level="params")
+    opt.zero_grad()
+    opt.backward(model.losses(opt.fork(model.rep(x)), ys))
+
+    backbone = list(reference.backbone.parameters())
+    losses = reference.losses([reference.rep(x)] * k, ys)
+    jac = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(l, backbone, retain_graph=True)])
+                       for l in losses])
+    gtg = (jac @ jac.T).numpy()
+    alpha = official_alpha(gtg, np.ones(k))
+    assert converged(gtg, alpha)
+    shared = official_step(jac, alpha, max_norm=0.0 if max_norm is None else max_norm)
+    factor = float(shared.norm() / (torch.from_numpy(alpha) @ jac).norm())
+    assert (factor < 0.9) == (max_norm is not None)  # the clipping is active in that case (1 / sqrt(K))
+    reference.zero_grad()
+    sum(float(a) * l for a, l in zip(alpha, losses)).backward()
+    torch.testing.assert_close(flat(model.backbone.parameters()), shared, atol=1e-6 * float(shared.norm()), rtol=0)
+    head_factor = 1.0 if max_norm is None else factor  # the deviation above
+    torch.testing.assert_close(flat(model.heads.parameters()), head_factor * flat(reference.heads.parameters()),
+                               atol=1e-6 * float(flat(reference.heads.parameters()).norm()), rtol=0)
