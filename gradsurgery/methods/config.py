@@ -73,8 +73,7 @@ class ConFIG(GramWeighting):
             raise ValueError(f"pref_vector has {self.pref_vector.numel()} values but there are {num_tasks} "
                              "tasks; give one value per task")
         super().bind(num_tasks, device=device, dtype=dtype, generator=generator)
-        values = torch.ones(num_tasks, dtype=torch.float64) if self.pref_vector is None else self.pref_vector
-        self._pref = values.to(device)
+        self._pref = None if self.pref_vector is None else self.pref_vector.to(device)
 
     def weights(self, gram: Tensor, losses: Tensor) -> Tensor:
         k = gram.shape[0]
@@ -85,7 +84,8 @@ class ConFIG(GramWeighting):
         top = lam.abs().amax()
         kept = lam.abs() > rel * top
         inverse = torch.where(kept, 1 / torch.where(kept, lam, 1), 0)
-        w = self._pref.to(m.device)
+        # ones for however many tasks are present (the method is subset-safe without pref_vector)
+        w = torch.ones(k, dtype=m.dtype, device=m.device) if self._pref is None else self._pref.to(m.device)
         a = vec @ (inverse * (vec.T @ w))
         c = torch.where(n > 0, a / torch.where(n > 0, n, 1), 0)
         mc = m @ c

@@ -124,3 +124,17 @@ def test_end_to_end_with_defaults_equals_official(k):
         assert torch.allclose(p.grad, e, rtol=0, atol=1e-8 * float(e.abs().max()) + 1e-12)
     for p, e in zip(model.heads.parameters(), head_grads_plain(model, x, ys)):  # heads: unweighted
         assert torch.allclose(p.grad, e, rtol=1e-10, atol=1e-12)
+
+
+def test_absent_task_without_pref_vector():
+    """Subset-safe without pref_vector: a step where task 1 is absent is ConFIG on the others."""
+    model, x, ys = make(4, seed=3)
+    opt = gs.MultiTaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "config", num_tasks=4)
+    opt.zero_grad()
+    losses = model.losses(opt.fork(model.rep(x)), ys)
+    losses[1] = None
+    opt.backward(losses)
+    g = task_grads(model, x, ys)[[0, 2, 3]]
+    for p, e in zip(model.backbone.parameters(), backbone_grads_for(model, x, official_config(g))):
+        assert torch.allclose(p.grad, e, rtol=0, atol=1e-8 * float(e.abs().max()) + 1e-12)
+    assert not gs.methods.create("config", pref_vector=[1.0, 2.0, 1.0, 1.0]).subset_safe
