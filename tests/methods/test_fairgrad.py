@@ -128,3 +128,15 @@ def test_end_to_end_with_defaults_equals_official(k):
         assert torch.allclose(p.grad, e, rtol=0, atol=1e-6 * float(e.abs().max()) + 1e-12)
     for p, e in zip(model.heads.parameters(), head_grads_plain(model, x, ys)):  # heads: unweighted
         assert torch.allclose(p.grad, e, rtol=1e-10, atol=1e-12)
+
+
+def test_absent_task_is_fairgrad_on_the_others():
+    model, x, ys = make(4, seed=3)
+    opt = gs.MultiTaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "fairgrad", num_tasks=4)
+    opt.zero_grad()
+    losses = model.losses(opt.fork(model.rep(x)), ys)
+    losses[2] = None
+    opt.backward(losses)
+    expected = official_fairgrad(task_grads(model, x, ys)[[0, 1, 3]], alpha=2.0, max_norm=1.0)
+    for p, e in zip(model.backbone.parameters(), backbone_grads_for(model, x, expected)):
+        assert torch.allclose(p.grad, e, rtol=0, atol=1e-6 * float(e.abs().max()) + 1e-12)

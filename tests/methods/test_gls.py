@@ -64,3 +64,16 @@ def test_end_to_end_equals_plain_geometric_mean_backward():
         assert torch.allclose(p.grad, e, rtol=1e-9, atol=1e-13)
     for p, e in zip(model.heads.parameters(), head_grads_plain(model, x, ys, w.tolist())):
         assert torch.allclose(p.grad, e, rtol=1e-9, atol=1e-13)
+
+
+def test_absent_task_is_gls_on_the_others():
+    model, x, ys = make(3, seed=2)
+    opt = gs.MultiTaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "gls", num_tasks=3)
+    opt.zero_grad()
+    losses = model.losses(opt.fork(model.rep(x)), ys)
+    present = torch.stack([losses[0].detach(), losses[2].detach()])
+    losses[1] = None
+    opt.backward(losses)
+    expected = libmtl_gls_weights(present) @ task_grads(model, x, ys)[[0, 2]]
+    for p, e in zip(model.backbone.parameters(), backbone_grads_for(model, x, expected)):
+        assert torch.allclose(p.grad, e, rtol=1e-9, atol=1e-13)
