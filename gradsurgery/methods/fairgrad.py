@@ -49,8 +49,8 @@ from ..numerics.qp import solve_spd
 from .base import GramWeighting
 from .registry import register
 
-#: Candidate Newton step lengths ``1, 1/2, ..., 2^-30`` tried at once by the line search.
-STEP_LENGTHS = 0.5 ** torch.arange(31, dtype=torch.float64)
+#: Number of candidate Newton step lengths ``1, 1/2, ..., 2^-30`` the line search tries at once.
+LINE_SEARCH_STEPS = 31
 
 
 @register("fairgrad")
@@ -63,10 +63,12 @@ class FairGrad(GramWeighting):
                  max_iter: int = 25, on_failure: str = "raise"):
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha < float("inf"):
             raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
-        if max_norm is not None and not max_norm > 0:
-            raise ValueError(f"max_norm must be > 0 or None (no clipping), got {max_norm!r}")
-        if not tol > 0:
-            raise ValueError(f"tol must be > 0, got {tol!r}")
+        number = (int, float)
+        if max_norm is not None and (isinstance(max_norm, bool) or not isinstance(max_norm, number)
+                                     or not 0 < max_norm < float("inf")):
+            raise ValueError(f"max_norm must be a finite number > 0 or None (no clipping), got {max_norm!r}")
+        if isinstance(tol, bool) or not isinstance(tol, number) or not tol > 0:
+            raise ValueError(f"tol must be a number > 0, got {tol!r}")
         if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
             raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
         if on_failure not in ("raise", "warn"):
@@ -111,7 +113,7 @@ class FairGrad(GramWeighting):
         x = torch.where(active, m.diagonal(), 1.0).pow(-1 / (1 + p))
         q = x @ m @ x  # 0 when 0 is in the convex hull along x: no solution, keep t = 1
         x = x * torch.where(q > 0, x.pow(1 - p).sum() / torch.where(q > 0, q, 1), 1).pow(1 / (1 + p))
-        steps = STEP_LENGTHS.to(m.device)
+        steps = 0.5 ** torch.arange(LINE_SEARCH_STEPS, dtype=m.dtype, device=m.device)  # built there: no copy
         for _ in range(self.max_iter):
             grad = m @ x - x.pow(-p)
             dx = -solve_spd(m + torch.diag(p * x.pow(-p - 1)), grad.unsqueeze(-1)).squeeze(-1)
