@@ -598,7 +598,7 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         if alignment is not None:
             stats["rotation_losses"] = alignment
         n = self._micro_batches
-        if n and self.stats.keys() == stats.keys() and "overflow" not in self.stats:
+        if n and self.stats.keys() - {"micro_batches"} == stats.keys():
             stats = {key: (value | self.stats[key]) if value.dtype == torch.bool
                      else (self.stats[key] * n + value) / (n + 1) for key, value in stats.items()}
         self._micro_batches = n + 1
