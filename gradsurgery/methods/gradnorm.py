@@ -20,8 +20,8 @@ Level: the paper measures the norms at the last shared layer's weights ``W``; th
 ``MultiTaskOptimizer(..., level="params", shared_params=[W])`` (the Gram, hence the norms,
 of the task gradients w.r.t. ``W``). By default the norms are those of the gradients
 w.r.t. the shared representation ``z`` (no layer to choose, no Jacobian). Heads get their
-own, unweighted loss gradients (gradsurgery's contract for gradient methods; the paper's
-``sum_k w_k L_k`` also weights them). There is no authors' code; LibMTL's
+own, unweighted loss gradients (gradsurgery's contract for gradient methods); the paper's
+``sum_k w_k L_k`` also weights them: ``weight_heads=True``. There is no authors' code; LibMTL's
 re-implementation parametrises ``w = K softmax(v)`` and skips the first epoch (weights 1,
 ``L(0)`` the epoch-0 mean): LibMTL's choices, not the paper's, so not the defaults here.
 """
@@ -44,10 +44,14 @@ MIN_WEIGHT = 1e-6
 class GradNorm(GramWeighting):
     """Learnable task weights balancing the task gradients' norms (see module docstring)."""
 
-    def __init__(self, alpha: float = 1.5):
+    def __init__(self, alpha: float = 1.5, weight_heads: bool = False):
         if not alpha >= 0:
             raise ValueError(f"alpha must be >= 0, got {alpha!r}")
+        if not isinstance(weight_heads, bool):
+            raise ValueError(f"weight_heads must be True (heads get w_k dL_k, the paper's sum_k w_k L_k) "
+                             f"or False, got {weight_heads!r}")
         self.alpha = float(alpha)
+        self.weights_heads = weight_heads
         self.initial_losses: Tensor | None = None
 
     def bind(self, num_tasks, *, device, dtype, generator):
@@ -89,4 +93,4 @@ class GradNorm(GramWeighting):
         self.initial_losses = state["initial_losses"]
 
     def extra_repr(self) -> str:
-        return f"alpha={self.alpha}"
+        return f"alpha={self.alpha}, weight_heads={self.weights_heads}"

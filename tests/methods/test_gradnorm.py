@@ -104,13 +104,14 @@ def test_bad_alpha_raises():
         gs.methods.create("gradnorm", alpha=-1.0)
 
 
-def paper_gradnorm_run(model, x, batches, lr, method_lr, alpha=1.5, layer=None):
+def paper_gradnorm_run(model, x, batches, lr, method_lr, alpha=1.5, layer=None, weight_heads=False):
     """GradNorm, Algorithm 1 of Chen et al. (ICML 2018; no authors' code), re-derived:
     ``G_i = ||grad_W w_i L_i||`` at the last shared layer's weight ``W`` (``layer``; the
     whole representation ``z`` when ``None``), ``r_i = Ltilde_i / mean Ltilde``,
     ``Ltilde_i = L_i(t) / L_i(0)``, ``L_grad = sum_i |G_i - const(mean(G) r_i^alpha)|``
     differentiated w.r.t. ``w`` only; the shared parameters get ``grad sum_i w_i L_i``, each
-    head its own unweighted loss gradient (gradsurgery's contract); then both steps and
+    head its own unweighted loss gradient (gradsurgery's contract; ``weight_heads``: ``w_i``
+    times it, the paper's ``sum_i w_i L_i``); then both steps and
     ``w`` renormalised to sum to ``K``."""
     k = len(model.heads)
     w = torch.ones(k, dtype=D, requires_grad=True)
@@ -132,7 +133,8 @@ def paper_gradnorm_run(model, x, batches, lr, method_lr, alpha=1.5, layer=None):
         ratio = torch.stack([l.detach() for l in losses]) / initial
         target = (g_w.mean() * (ratio / ratio.mean()) ** alpha).detach()
         (g_w - target).abs().sum().backward()
-        sum(losses).backward()  # heads unweighted
+        scale = w.detach() if weight_heads else torch.ones(k, dtype=D)
+        sum(c * l for c, l in zip(scale, losses)).backward()  # the heads' gradients
         zgrad = sum(w[i].detach() * r for i, r in enumerate(torch.stack(
             [torch.autograd.grad(l, zd, retain_graph=True)[0] for l in model.losses([zd] * k, ys)])))
         z.backward(zgrad)
@@ -176,17 +178,18 @@ def test_equals_paper_with_norms_at_the_last_shared_layer(k):
         torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
 
 
-def test_equals_paper_with_norms_at_the_representation():
+@pytest.mark.parametrize("weight_heads", [False, True])
+def test_equals_paper_with_norms_at_the_representation(weight_heads):
     k = 3
     model, x, _ = make(k, seed=11)
     ref_model, _, _ = make(k, seed=11)
     gen = torch.Generator().manual_seed(11)
     batches = [(1 + s) * torch.randn(k, 4, generator=gen, dtype=D) for s in range(4)]
     opt = gs.MultiTaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), "gradnorm", num_tasks=k,
-                                method_lr=0.02)
+                                method_lr=0.02, weight_heads=weight_heads)
     for ys in batches:
         wrapped_step(model, opt, x, ys)
-    w = paper_gradnorm_run(ref_model, x, batches, 0.05, 0.02)
+    w = paper_gradnorm_run(ref_model, x, batches, 0.05, 0.02, weight_heads=weight_heads)
     torch.testing.assert_close(opt.method.task_weights.detach(), w, rtol=1e-9, atol=1e-12)
     for p, q in zip(model.parameters(), ref_model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
