@@ -102,31 +102,33 @@ class FairGrad(GramWeighting):
         # zero gradients: the identity row, whose solution x = 1 is then dropped
         m = m * fa[:, None] * fa[None, :] + torch.diag(1 - fa)
 
-        def objective(x: Tensor) -> Tensor:  # f(x) along the last dim
+        def measures(x: Tensor) -> tuple[Tensor, Tensor]:
+            """``f(x)`` and the residual ``max_k |(M x)_k x_k^p - 1|`` of each row of ``x``."""
+            mx = small_matmul(x, m)
             h = x.log() if p == 1 else x.pow(1 - p) / (1 - p)
-            return 0.5 * (small_matmul(x.unsqueeze(-2), m).squeeze(-2) * x).sum(-1) - h.sum(-1)
-
-        def residual(x: Tensor) -> Tensor:  # max_k |(M x)_k x_k^p - 1| along the last dim
-            return (small_matmul(x.unsqueeze(-2), m).squeeze(-2) * x.pow(p) - 1).abs().amax(-1)
+            return 0.5 * (mx * x).sum(-1) - h.sum(-1), (mx * x.pow(p) - 1).abs().amax(-1)
 
         # start: x_k = t M_kk^(-1/(1+p)) (exact for orthogonal gradients), t the best scalar
         x = torch.where(active, m.diagonal(), 1.0).pow(-1 / (1 + p))
         q = x @ m @ x  # 0 when 0 is in the convex hull along x: no solution, keep t = 1
         x = x * torch.where(q > 0, x.pow(1 - p).sum() / torch.where(q > 0, q, 1), 1).pow(1 / (1 + p))
-        steps = 0.5 ** torch.arange(LINE_SEARCH_STEPS, dtype=m.dtype, device=m.device)  # built there: no copy
+        # step lengths 1, 1/2, ..., 2^-30 and 0 (stay), built on the device: no copy
+        steps = torch.cat([0.5 ** torch.arange(LINE_SEARCH_STEPS, dtype=m.dtype, device=m.device),
+                           torch.zeros(1, dtype=m.dtype, device=m.device)])
+        order = torch.arange(LINE_SEARCH_STEPS + 1, device=m.device)
         for _ in range(self.max_iter):
             grad = m @ x - x.pow(-p)
             dx = -solve_spd(m + torch.diag(p * x.pow(-p - 1)), grad.unsqueeze(-1)).squeeze(-1)
             candidates = x + steps[:, None] * dx
             inside = (candidates > 0).all(-1)
             candidates = torch.where(inside[:, None], candidates, x)
+            f, r = measures(candidates)
             # the longest step that keeps x > 0 and decreases f (Armijo), or, where f's
-            # rounding hides the decrease near the solution, the residual
-            accept = inside & ((objective(candidates) <= objective(x) + 1e-4 * steps * (grad @ dx))
-                               | (residual(candidates) < residual(x)))
-            first = torch.where(accept, torch.arange(len(steps), device=m.device), len(steps)).amin()
-            x = torch.cat([candidates, x[None]])[first]
-        error = residual(x)
+            # rounding hides the decrease near the solution, the residual (the last row, the
+            # step 0, always qualifies)
+            accept = inside & ((f <= f[-1] + 1e-4 * steps * (grad @ dx)) | (r < r[-1]))
+            x = candidates[torch.where(accept, order, LINE_SEARCH_STEPS).amin()]
+        error = measures(x[None])[1][0]
         if not bool(error <= self.tol):  # the one host read per solve
             message = (f"FairGrad found no x > 0 with M x = x^(-1/alpha) in max_iter={self.max_iter} Newton "
                        f"steps (relative residual {float(error):.2e} > tol={self.tol}): either 0 is in the convex "
