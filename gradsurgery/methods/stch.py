@@ -79,14 +79,15 @@ class STCH(LossWeighting):
         self.epoch += 1
 
     def state_dict(self) -> dict[str, Any]:
+        # an empty tensor while the nadir point is not set (state_dict holds tensors and numbers)
         return {"epoch": self.epoch, "loss_sum": self.loss_sum.clone(), "count": self.count,
-                "nadir": None if self.nadir is None else self.nadir.clone()}
+                "nadir": self.loss_sum.new_zeros(0) if self.nadir is None else self.nadir.clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch = int(state["epoch"])
         self.loss_sum = state["loss_sum"].to(self.loss_sum).clone()
         self.count = int(state["count"])
-        self.nadir = None if state["nadir"] is None else state["nadir"].to(self.loss_sum).clone()
+        self.nadir = None if state["nadir"].numel() == 0 else state["nadir"].to(self.loss_sum).clone()
 
     def extra_repr(self) -> str:
         return f"mu={self.mu}, warmup_epoch={self.warmup_epoch}"
