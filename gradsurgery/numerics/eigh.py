@@ -23,11 +23,7 @@ def symmetric_eigh(a: Tensor, solver: str = "auto") -> tuple[Tensor, Tensor]:
 
     ``"auto"`` calls ``torch.linalg.eigh`` on the CPU (LAPACK: no sync there, and much
     faster) and :func:`jacobi_eigh` on every other device, where ``torch.linalg.eigh``
-    checks its solver's error code on the host. Measured, Aligned-MTL's ``weights`` per call:
-    CPU (1 thread) K = 8 / 32: LAPACK 0.2 / 0.35 ms, Jacobi 10 / 62 ms; H200 (torch 2.11,
-    the sweeps replayed as one CUDA graph, each call timed to a synchronize) K = 3 / 8 / 32:
-    Jacobi 0.76 / 1.9 / 8.9 ms, cuSOLVER with its sync 0.75 / 0.60 / 0.55 ms (the sync's
-    real cost, a CPU stalled until the GPU drains the step's queue, is not in these)."""
+    checks its solver's error code on the host (docs/design-notes.md: the timings)."""
     return torch.linalg.eigh(a) if _uses_torch(a, solver) else jacobi_eigh(a)
 
 

@@ -14,13 +14,9 @@ parameter by parameter, never concatenating ``J``), the method's coefficients ``
 ``M`` exactly as at the representation level, and ``c^T J`` written to the parameters'
 ``.grad``. ``J`` lives from the batched product to that combination only.
 
-Measured on the 64-1024-1024-256 MLP, batch 256, 2 CPU threads (benchmarks/params_level.py
-has the full comparison): the batched product costs about ``K`` plain backward passes and
-beat ``K`` separate ``retain_graph`` passes by 2.2x at ``K = 8`` and 4.7x at ``K = 32`` (at
-``K = 2`` the difference was within the machine's noise). A
-layer-wise Gramian (Gram entries from each linear layer's inputs and per-task output
-gradients, never forming ``J``) needs ``K^2 B^2`` work per layer width, more than forming
-``J`` at this batch size, and only applies to known layer types, so it is not used.
+The batched product costs about ``K`` plain backward passes, less than ``K`` separate
+``retain_graph`` passes; a layer-wise Gramian (never forming ``J``) costs more at usual
+batch sizes and only applies to known layer types (docs/design-notes.md).
 
 Element-wise methods (GradDrop) get the flat ``K x P`` Jacobian through their ``combine``
 hook. Methods that only weight losses need no Jacobian at all: their parameter-level step is

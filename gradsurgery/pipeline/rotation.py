@@ -10,15 +10,10 @@ the ``K`` tasks)::
 at zero and is what the optimizer trains. ``R_k`` is evaluated once per step, in
 ``fork`` (:class:`gradsurgery.pipeline.paths.RotatedPath`), and reused by the backward.
 
-**Where the time goes** (CPU, 8 x 256 x 256, 2 threads): the exponential and its
-derivative. :func:`expm` evaluates a Taylor polynomial with scaling and squaring whose
-degree follows a tight bound on ``||A||_2``, and autograd differentiates that polynomial
-exactly (a few dozen batched matrix products, about 30-50 ms in float32 once ``A`` has
-moved); ``torch.linalg.matrix_exp``, which geotorch and hence rotograd differentiate,
-exponentiates a ``2m x 2m`` block matrix in its backward and costs 5-10x its forward
-(DESIGN.md's measurements), and an eigendecomposition-based exact derivative measured
-2.5-4x slower than :func:`expm` here (complex ``eigh`` alone is 90-130 ms). Both
-agree with ``matrix_exp`` and its derivative to ~1e-13 relative in float64.
+**Cost.** The exponential and its derivative are the floor of the rotations' cost:
+:func:`~gradsurgery.numerics.expm.expm` (a Taylor polynomial with scaling and squaring,
+its degree from a tight bound on ``||A||_2``) is differentiated exactly, far cheaper than
+``torch.linalg.matrix_exp``'s backward (docs/design-notes.md has the measurements).
 
 **Layout.** ``z`` has shape ``(*lead, *feat, *post)``: ``post = post_shape`` (kept as it
 is, e.g. the ``H x W`` of a feature map), ``feat`` the ``len(rotation_shape)`` dims before
