@@ -1,14 +1,16 @@
 """The rotations' exponential on CUDA: accuracy and cost of both plans of
-:func:`gradsurgery.rotation.expm` against ``torch.linalg.matrix_exp`` (one JSON report).
+:func:`gradsurgery.numerics.expm.expm` against ``torch.linalg.matrix_exp`` (one JSON report).
 
 For ``K = 8`` generators ``skew(A)``, ``A ~ scale N(0, 1)``, ``m`` in {64, 256, 1024}:
 the largest relative error of the value and of the derivative (a random probe) against
 ``matrix_exp`` and its autograd derivative in float64, and the time of one forward and
 backward in float32 (CUDA events, median of 20 after warm-up) for the host-chosen plan,
 the sync-free plan and ``matrix_exp``. The ratio of the two plans is what
-:data:`gradsurgery.rotation.SYNC_FREE_MAX_SIZE` weighs against one synchronisation.
+:data:`gradsurgery.numerics.expm.SYNC_FREE_MAX_SIZE` weighs against one synchronisation.
 
-Run: ``python benchmarks/cuda_expm.py`` (needs a CUDA device).
+Also times the Cayley map (``rotation_param="cayley"``) the same way. Run (needs a CUDA
+device): ``python benchmarks/cuda_expm.py > docs/cuda_expm.json``; ``step_time.py --docs``
+renders that file in docs/benchmarks.md.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import statistics
 import torch
 
 from gradsurgery.numerics import expm as numerics_expm
-from gradsurgery.pipeline import rotation
+from gradsurgery.numerics.cayley import cayley
 
 DEV = torch.device("cuda", 0)
 K = 8
@@ -27,6 +29,8 @@ K = 8
 def _exp(plan: str):
     if plan == "matrix_exp":
         return torch.linalg.matrix_exp
+    if plan == "cayley":
+        return cayley
     return lambda x: numerics_expm.expm(x, sync_free=plan == "sync_free")
 
 
@@ -49,7 +53,7 @@ def timing(m: int, scale: float) -> dict:
     a = (scale * torch.randn(K, m, m, device=DEV)).requires_grad_()
     probe = torch.randn(K, m, m, device=DEV)
     out = {}
-    for plan in ("host", "sync_free", "matrix_exp"):
+    for plan in ("host", "sync_free", "matrix_exp", "cayley"):
         f = _exp(plan)
         times = []
         for i in range(25):
