@@ -17,8 +17,9 @@ where ``v_i`` is the bias-corrected exponential moving average (decay ``beta``) 
            b_j = \\tau_j \\tilde M_{jj} - \\tilde M_{j0}
 
 (``~M = M * s s^T``, ``S`` the secondaries), solved exactly in float64 by trying every
-active set (``2^(K-1)`` small systems in one batched solve, so ``K <= 13``; torchjd uses
-Goldfarb & Idnani's dual active-set method, which finds the same minimiser). The
+active set for ``K <= 13`` (``2^(K-1)`` small systems in one batched solve, no host read);
+above, by Goldfarb & Idnani's dual active-set method (as torchjd; it adds one violated
+constraint at a time and reads each step's choices on the host). Both find the minimiser. The
 coefficients are ``c = (1, mu) * s * ||g_0|| / ||~d||``. Special cases, as torchjd:
 ``g_0 = 0`` gives ``c = 0``; infeasible constraints (e.g. two opposed secondaries) are
 dropped (``mu = 0``: the update is ``g_0``); ``~d = 0`` up to rounding gives ``c = 0``.
@@ -42,7 +43,8 @@ from ..numerics.qp import masked_solve, supports
 from .base import GramWeighting
 from .registry import register
 
-#: Largest number of secondary tasks whose active sets are enumerated.
+#: Largest number of secondary tasks whose active sets are enumerated (above: the dual
+#: active-set method).
 MAX_SECONDARY = 12
 
 
@@ -69,9 +71,6 @@ class PCD(GramWeighting):
         if self.tau.dim() == 1 and self.tau.numel() != num_tasks - 1:
             raise ValueError(f"tau has {self.tau.numel()} values but there are {num_tasks - 1} secondary tasks "
                              "(all but task 0); give one per secondary task or a single number")
-        if num_tasks - 1 > MAX_SECONDARY:
-            raise ValueError(f"PCD here solves its dual by enumerating active sets, up to {MAX_SECONDARY} "
-                             f"secondary tasks ({MAX_SECONDARY + 1} tasks); got {num_tasks} tasks")
         super().bind(num_tasks, device=device, dtype=dtype, generator=generator)
         self._taus = self.tau.expand(num_tasks - 1).to(device)
         self.sq_norm_ema = torch.zeros(num_tasks, dtype=torch.float64, device=device)
@@ -101,13 +100,16 @@ class PCD(GramWeighting):
             return mn.new_zeros(0)
         ms = mn[1:, 1:]
         b = self._taus.to(mn) * ms.diagonal() - mn[1:, 0]
+        # torchjd's tolerance on the constraints
+        tol = 1e-9 * ms.diagonal().abs().amax().clamp_min(torch.finfo(mn.dtype).tiny)
+        if k - 1 > MAX_SECONDARY:
+            return dual_active_set(ms, b, float(tol))
         active = torch.cat([torch.zeros(1, k - 1, dtype=torch.bool, device=mn.device), supports(k - 1, mn.device)])
         rhs = torch.where(active, b, 0).unsqueeze(-1)
         mu = masked_solve(ms, active, rhs).squeeze(-1)
         slack = small_matmul(mu, ms) - b
-        # torchjd's tolerance; an inconsistent singular face (infeasible constraints) gets a
-        # huge ridge solution whose active constraints then miss equality by far more
-        tol = 1e-9 * ms.diagonal().abs().amax().clamp_min(torch.finfo(mn.dtype).tiny)
+        # an inconsistent singular face (infeasible constraints) gets a huge ridge solution
+        # whose active constraints then miss equality by far more than tol
         kkt = ((mu >= -tol) & (slack >= -tol) & (~active | (slack.abs() <= tol))).all(-1)
         objective = 0.5 * (small_matmul(mu, ms) * mu).sum(-1) - mu @ b
         best = torch.where(kkt, objective, torch.inf).argmin()
@@ -123,3 +125,49 @@ class PCD(GramWeighting):
     def extra_repr(self) -> str:
         tau = self.tau.item() if self.tau.dim() == 0 else self.tau.tolist()
         return f"tau={tau}, beta={self.beta}, eps={self.eps}"
+
+
+def dual_active_set(a: Tensor, b: Tensor, tol: float, dependence: float = 1e-9) -> Tensor:
+    """Goldfarb & Idnani's dual method for ``min mu^T A mu / 2 - b^T mu``, ``mu >= 0``, with
+    ``A`` the Gram of the constraint gradients ``~g_j``: the primal point
+    ``d = ~g_0 + sum_j mu_j ~g_j`` meets the active constraints with equality; each round adds
+    the most violated constraint ``p``, moving along ``z``, the part of ``~g_p`` orthogonal to
+    the active gradients (``mu_A -= t r``, ``mu_p += t`` with ``A_AA r = A_Ap``); an active
+    multiplier reaching 0 first is dropped and ``p`` tried again. No step at all (``~g_p`` a
+    combination of the active gradients with no multiplier to decrease) means the constraints
+    are infeasible: ``mu = 0`` is returned (torchjd's convention). ``dependence``: ``~g_p``
+    counts as dependent when ``||z||^2 <= dependence ||~g_p||^2``. At most ``10 n`` rounds
+    (rounding could cycle). Reads its choices on the host (a loop of small solves)."""
+    n = b.shape[0]
+    mu = torch.zeros_like(b)
+    active: list[int] = []
+    for _ in range(10 * n):
+        slack = a @ mu - b
+        slack[active] = 0.0
+        p = int(slack.argmin())
+        if float(slack[p]) >= -tol:
+            break
+        violation = float(slack[p])
+        while True:
+            if active:
+                r = torch.linalg.solve(a[active][:, active], a[active, p])
+                z_sq = float(a[p, p] - a[p, active] @ r)
+                ratios = torch.where(r > 0, mu[active] / torch.where(r > 0, r, 1), torch.inf)
+                drop = int(ratios.argmin())
+                partial = float(ratios[drop])
+            else:
+                r, z_sq, drop, partial = a.new_zeros(0), float(a[p, p]), -1, float("inf")
+            full = -violation / z_sq if z_sq > dependence * float(a[p, p]) else float("inf")
+            step = min(partial, full)
+            if step == float("inf"):
+                return torch.zeros_like(b)  # infeasible
+            if active:
+                mu[active] -= step * r
+            mu[p] += step
+            if full <= partial:
+                active.append(p)
+                break
+            mu[active[drop]] = 0.0
+            del active[drop]
+            violation = float(a[p] @ mu - b[p])
+    return mu.clamp_min(0)
