@@ -59,7 +59,8 @@ class ConFIG(GramWeighting):
             try:
                 values = torch.as_tensor(pref_vector, dtype=torch.float64).detach().cpu().clone()
             except (TypeError, ValueError, RuntimeError):
-                raise ValueError(f"pref_vector must be a sequence or 1-D tensor of numbers, got {pref_vector!r}") from None
+                raise ValueError("pref_vector must be a sequence or 1-D tensor of numbers, "
+                                 f"got {pref_vector!r}") from None
             if values.dim() != 1 or values.numel() == 0:
                 raise ValueError(f"pref_vector must be 1-D with one value per task, got shape {tuple(values.shape)}")
             if not bool(values.isfinite().all()):

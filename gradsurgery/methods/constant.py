@@ -28,7 +28,8 @@ class Constant(LossWeighting):
             try:
                 values = torch.as_tensor(task_weights, dtype=torch.float64).detach().cpu().clone()
             except (TypeError, ValueError, RuntimeError):
-                raise ValueError(f"task_weights must be a sequence or 1-D tensor of numbers, got {task_weights!r}") from None
+                raise ValueError("task_weights must be a sequence or 1-D tensor of numbers, "
+                                 f"got {task_weights!r}") from None
             if values.dim() != 1 or values.numel() == 0:
                 raise ValueError(f"task_weights must be 1-D with one weight per task, got shape {tuple(values.shape)}")
             if not bool(values.isfinite().all()):

@@ -110,8 +110,9 @@ def test_on_failure_warn_keeps_the_last_iterate(k):
     assert float((c @ g).norm()) <= 1.0 + 1e-4  # still clipped to max_norm (the iterate is large: cancellation)
 
 
-@pytest.mark.parametrize("opts", [dict(on_failure="ignore"), dict(alpha=-1.0), dict(alpha=float("inf")), dict(alpha=float("nan")),
-                                  dict(max_norm=0.0), dict(max_norm="1"), dict(tol=0.0), dict(tol=None), dict(max_iter=0), dict(alpha=True)])
+@pytest.mark.parametrize("opts", [dict(on_failure="ignore"), dict(alpha=-1.0), dict(alpha=float("inf")),
+                                  dict(alpha=float("nan")), dict(max_norm=0.0), dict(max_norm="1"), dict(tol=0.0),
+                                  dict(tol=None), dict(max_iter=0), dict(alpha=True)])
 def test_bad_options_raise(opts):
     with pytest.raises(ValueError, match=next(iter(opts))):
         gs.methods.create("fairgrad", **opts)
