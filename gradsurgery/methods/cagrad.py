@@ -24,7 +24,7 @@ zero task gradient from a batch without that task's labels) the authors' regular
 ``c' / (||g_w|| + 1e-8) g_w`` is 0 and the step is the mean gradient at their scale,
 ``K / rho * g_0``: never a zero update while ``g_0 != 0``.
 
-Solved exactly in float64 on the Gram normalised to unit mean diagonal (the coefficients do
+Solved exactly (:func:`gradsurgery.numerics.qp.cagrad_dual`) in float64 on the Gram normalised to unit mean diagonal (the coefficients do
 not depend on the gradients' scale): on a support ``S`` the stationarity conditions give
 ``w_S = (nu p - q) / sqrt(B^2 - A (C - s^2))`` with ``p = M_SS^{-1} 1``, ``q = M_SS^{-1} a_S``,
 ``a = M 1/K``, ``A = 1^T p``, ``B = 1^T q``, ``C = a_S^T q``, ``s = c ||g_0||`` and
@@ -42,15 +42,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..numerics.gram import normalized64, small_matmul
-from ..numerics.qp import masked_solve, min_norm_simplex, supports
+from ..numerics.gram import normalized64
+from ..numerics.qp import cagrad_dual
 from .base import GramWeighting
 from .registry import register
 
 RESCALES = (0, 1, 2)
 REDUCTIONS = ("sum", "mean")
-#: Largest K for which every support is tried; above, the active-set search.
-ENUMERATION_MAX_TASKS = 12
 
 
 @register("cagrad")
@@ -81,16 +79,7 @@ class CAGrad(GramWeighting):
         mean = torch.full((k,), 1.0 / k, dtype=m.dtype, device=m.device)
         a = m @ mean
         s = self.c * (mean @ a).clamp_min(0).sqrt()
-        if k <= ENUMERATION_MAX_TASKS:
-            masks = supports(k, m.device)
-        else:
-            masks = _refine_support(m, a, s, _exponentiated_gradient(m, a, s, self.iterations) > 0)[None]
-        cands = torch.cat([_support_solutions(m, a, s, masks), min_norm_simplex(m)[None]])
-        objective = cands @ a + s * (small_matmul(cands, m) * cands).sum(-1).clamp_min(0).sqrt()
-        feasible = (cands >= -1e-12).all(-1) & torch.isfinite(cands).all(-1)
-        best = torch.where(feasible, objective, torch.inf).argmin().reshape(1)
-        w = cands.index_select(0, best)[0].clamp_min(0)  # no host read (unlike cands[best])
-        w = _polish(m, a, s, w / w.sum())
+        w = cagrad_dual(m, a, s, self.iterations)
         norm_w = (w @ m @ w).clamp_min(0).sqrt()
         moving = norm_w > 1e-8  # else g_w = 0: the authors' c' / (||g_w|| + 1e-8) g_w is 0
         coefs = mean + torch.where(moving, s / torch.where(moving, norm_w, 1), 0) * w
@@ -103,75 +92,3 @@ class CAGrad(GramWeighting):
 
     def extra_repr(self) -> str:
         return f"c={self.c}, rescale={self.rescale}, reduction={self.reduction!r}"
-
-
-def _support_solutions(m: Tensor, a: Tensor, s: Tensor, masks: Tensor) -> Tensor:
-    """The stationary point of ``a^T w + s ||G^T w||`` on ``{sum w = 1, w = 0 off S}`` for
-    every support ``S`` (rows of ``masks``); NaN rows where it does not exist."""
-    fm = masks.to(m.dtype)
-    rhs = torch.stack([fm, fm * a], -1)
-    pq = masked_solve(m, masks, rhs) * fm[..., None]
-    p, q = pq[..., 0], pq[..., 1]
-    big_a, big_b, big_c = p.sum(-1), q.sum(-1), (q * a).sum(-1)
-    disc = big_b.square() - big_a * (big_c - s.square())
-    root = disc.clamp_min(0).sqrt()
-    valid = (disc > 0) & (big_a > 0)
-    nu = (big_b + root) / torch.where(valid, big_a, 1)
-    w = (nu[:, None] * p - q) / torch.where(valid, root, 1)[:, None]
-    return torch.where(valid[:, None], w, torch.nan)
-
-
-def _polish(m: Tensor, a: Tensor, s: Tensor, w: Tensor, steps: int = 2) -> Tensor:
-    """Newton steps on the stationarity conditions ``a + s M w / ||g_w|| = nu 1`` over the
-    support of ``w`` (the closed form loses ~``cond(M_SS)^2 eps`` to cancellation; Newton's
-    residual is evaluated directly, so it ends near ``cond(M_SS) eps``). A step that leaves
-    the simplex or is not finite is not taken; nothing moves where ``g_w = 0``."""
-    k = m.shape[0]
-    support = w > 0
-    both = support[:, None] & support[None, :]
-    eye = torch.eye(k, dtype=m.dtype, device=m.device)
-    border = torch.where(support, 1.0, 0.0).to(m.dtype)
-    for _ in range(steps):
-        mw = m @ w
-        n = (w @ mw).clamp_min(1e-300).sqrt()
-        grad = torch.where(support, a + s * mw / n, 0)
-        hess = torch.where(both, s * (m / n - torch.outer(mw, mw) / n**3), eye)
-        system = torch.cat([torch.cat([hess, border[:, None]], 1), torch.cat([border, border.new_zeros(1)])[None]])
-        rhs = torch.cat([-grad, grad.new_zeros(1)])
-        step = torch.linalg.solve_ex(system, rhs)[0][:k]
-        trial = w + torch.where(support, step, 0)
-        ok = torch.isfinite(trial).all() & (trial >= 0).all() & (n > 1e-8)
-        w = torch.where(ok, trial, w)
-    return w
-
-
-def _exponentiated_gradient(m: Tensor, a: Tensor, s: Tensor, iterations: int) -> Tensor:
-    """Approximate minimiser of ``a^T w + s ||G^T w||`` over the simplex (to find the
-    support for large K); entries below ``1e-6`` of the largest are set to 0."""
-    k = m.shape[0]
-    w = torch.full((k,), 1.0 / k, dtype=m.dtype, device=m.device)
-    for _ in range(iterations):
-        mw = m @ w
-        grad = a + s * mw / (w @ mw).clamp_min(1e-30).sqrt()
-        step = 1.0 / (grad.abs().max().clamp_min(1e-30))
-        w = w * torch.exp(-step * (grad - grad.min()))
-        w = w / w.sum()
-    return torch.where(w > 1e-6 * w.max(), w, 0)
-
-
-def _refine_support(m: Tensor, a: Tensor, s: Tensor, support: Tensor) -> Tensor:
-    """``K`` rounds of: solve on the support, drop tasks whose weight came out negative, add
-    the task whose directional derivative is below the support's the most (KKT check)."""
-    k = m.shape[0]
-    for _ in range(k):
-        w = _support_solutions(m, a, s, support[None])[0]
-        ok = torch.isfinite(w).all()
-        w = torch.where(ok, w, 0)
-        negative = support & (w < 0)
-        mw = m @ w
-        grad = a + s * mw / (w @ mw).clamp_min(1e-30).sqrt()
-        level = torch.where(support, grad, 0).sum() / support.sum().clamp_min(1)
-        gap = torch.where(support, torch.inf, grad - level)
-        add = torch.zeros_like(support).scatter(0, gap.argmin()[None], True) & (gap.min() < -1e-10)
-        support = torch.where(ok & negative.any(), support & ~negative, support | (add & ok))
-    return support

@@ -208,3 +208,98 @@ def _accelerated_box(m: Tensor, u: Tensor, iterations: int) -> Tensor:
         y = nxt + ((t - 1) / t_next) * (nxt - v)
         v, t = nxt, t_next
     return v
+
+
+#: Largest K for which :func:`cagrad_dual` tries every support; above, an active-set search.
+CAGRAD_ENUMERATION_MAX_TASKS = 12
+
+
+def cagrad_dual(m: Tensor, a: Tensor, s: Tensor, iterations: int = 500) -> Tensor:
+    """CAGrad's dual point: ``argmin_{w in simplex} a^T w + s sqrt(w^T M w)`` (``a = M 1/K``,
+    ``s = c ||g_0||``) for the ``K x K`` Gram ``m`` (float64). For ``K <= 12`` the stationary
+    point of every support is tried (plus the min-norm point, where ``g_w = 0``) and the feasible
+    one of least objective kept; above, ``iterations`` exponentiated-gradient steps guess the
+    support and an active-set update corrects it. Newton steps then polish the point."""
+    k = m.shape[0]
+    if k <= CAGRAD_ENUMERATION_MAX_TASKS:
+        masks = supports(k, m.device)
+    else:
+        masks = _refine_support(m, a, s, _exponentiated_gradient(m, a, s, iterations) > 0)[None]
+    cands = torch.cat([_support_solutions(m, a, s, masks), min_norm_simplex(m)[None]])
+    objective = cands @ a + s * (small_matmul(cands, m) * cands).sum(-1).clamp_min(0).sqrt()
+    feasible = (cands >= -1e-12).all(-1) & torch.isfinite(cands).all(-1)
+    best = torch.where(feasible, objective, torch.inf).argmin().reshape(1)
+    w = cands.index_select(0, best)[0].clamp_min(0)  # no host read (unlike cands[best])
+    return _polish(m, a, s, w / w.sum())
+
+
+def _support_solutions(m: Tensor, a: Tensor, s: Tensor, masks: Tensor) -> Tensor:
+    """The stationary point of ``a^T w + s ||G^T w||`` on ``{sum w = 1, w = 0 off S}`` for
+    every support ``S`` (rows of ``masks``); NaN rows where it does not exist."""
+    fm = masks.to(m.dtype)
+    rhs = torch.stack([fm, fm * a], -1)
+    pq = masked_solve(m, masks, rhs) * fm[..., None]
+    p, q = pq[..., 0], pq[..., 1]
+    big_a, big_b, big_c = p.sum(-1), q.sum(-1), (q * a).sum(-1)
+    disc = big_b.square() - big_a * (big_c - s.square())
+    root = disc.clamp_min(0).sqrt()
+    valid = (disc > 0) & (big_a > 0)
+    nu = (big_b + root) / torch.where(valid, big_a, 1)
+    w = (nu[:, None] * p - q) / torch.where(valid, root, 1)[:, None]
+    return torch.where(valid[:, None], w, torch.nan)
+
+
+def _polish(m: Tensor, a: Tensor, s: Tensor, w: Tensor, steps: int = 2) -> Tensor:
+    """Newton steps on the stationarity conditions ``a + s M w / ||g_w|| = nu 1`` over the
+    support of ``w`` (the closed form loses ~``cond(M_SS)^2 eps`` to cancellation; Newton's
+    residual is evaluated directly, so it ends near ``cond(M_SS) eps``). A step that leaves
+    the simplex or is not finite is not taken; nothing moves where ``g_w = 0``."""
+    k = m.shape[0]
+    support = w > 0
+    both = support[:, None] & support[None, :]
+    eye = torch.eye(k, dtype=m.dtype, device=m.device)
+    border = torch.where(support, 1.0, 0.0).to(m.dtype)
+    for _ in range(steps):
+        mw = m @ w
+        n = (w @ mw).clamp_min(1e-300).sqrt()
+        grad = torch.where(support, a + s * mw / n, 0)
+        hess = torch.where(both, s * (m / n - torch.outer(mw, mw) / n**3), eye)
+        system = torch.cat([torch.cat([hess, border[:, None]], 1), torch.cat([border, border.new_zeros(1)])[None]])
+        rhs = torch.cat([-grad, grad.new_zeros(1)])
+        step = torch.linalg.solve_ex(system, rhs)[0][:k]
+        trial = w + torch.where(support, step, 0)
+        ok = torch.isfinite(trial).all() & (trial >= 0).all() & (n > 1e-8)
+        w = torch.where(ok, trial, w)
+    return w
+
+
+def _exponentiated_gradient(m: Tensor, a: Tensor, s: Tensor, iterations: int) -> Tensor:
+    """Approximate minimiser of ``a^T w + s ||G^T w||`` over the simplex (to find the
+    support for large K); entries below ``1e-6`` of the largest are set to 0."""
+    k = m.shape[0]
+    w = torch.full((k,), 1.0 / k, dtype=m.dtype, device=m.device)
+    for _ in range(iterations):
+        mw = m @ w
+        grad = a + s * mw / (w @ mw).clamp_min(1e-30).sqrt()
+        step = 1.0 / (grad.abs().max().clamp_min(1e-30))
+        w = w * torch.exp(-step * (grad - grad.min()))
+        w = w / w.sum()
+    return torch.where(w > 1e-6 * w.max(), w, 0)
+
+
+def _refine_support(m: Tensor, a: Tensor, s: Tensor, support: Tensor) -> Tensor:
+    """``K`` rounds of: solve on the support, drop tasks whose weight came out negative, add
+    the task whose directional derivative is below the support's the most (KKT check)."""
+    k = m.shape[0]
+    for _ in range(k):
+        w = _support_solutions(m, a, s, support[None])[0]
+        ok = torch.isfinite(w).all()
+        w = torch.where(ok, w, 0)
+        negative = support & (w < 0)
+        mw = m @ w
+        grad = a + s * mw / (w @ mw).clamp_min(1e-30).sqrt()
+        level = torch.where(support, grad, 0).sum() / support.sum().clamp_min(1)
+        gap = torch.where(support, torch.inf, grad - level)
+        add = torch.zeros_like(support).scatter(0, gap.argmin()[None], True) & (gap.min() < -1e-10)
+        support = torch.where(ok & negative.any(), support & ~negative, support | (add & ok))
+    return support
