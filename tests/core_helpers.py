@@ -1,5 +1,5 @@
-"""Shared helpers of the core tests (test_core*, test_methods_basic, test_pcgrad,
-test_mgda, test_gradnorm, test_registry, test_errors, test_state_dict): a small random
+"""Shared helpers of the tests of the optimizer and of the methods (test_optimizer,
+test_registry, test_errors, test_state_dict, tests/methods/...): a small random
 multi-task model, one training step through the wrapper or through plain autograd, the
 per-task representation gradients computed independently, and state snapshots."""
 from __future__ import annotations
@@ -126,3 +126,27 @@ def assert_tree_equal(a, b) -> None:
             a.nan_to_num(), b.nan_to_num())
     else:
         assert a == b or (a != a and b != b)
+
+
+def representative_methods() -> list[str]:
+    """One registered method of each kind (Gram weighting, loss weighting, element-wise),
+    the first with parameters of its own and the first rotation method: the methods the
+    tests that exercise the optimizer's surface (not each method's math) run with. Drawn
+    from the registry, so the set follows the methods that exist."""
+    chosen: list[str] = []
+
+    def first(predicate):
+        name = next((n for n in gs.methods.available() if predicate(gs.methods.get(n))), None)
+        if name is not None and name not in chosen:
+            chosen.append(name)
+
+    def has_parameters(cls) -> bool:
+        method = cls()
+        method.bind(2, device=torch.device("cpu"), dtype=torch.float64, generator=torch.Generator())
+        return bool(method.parameters())
+
+    for kind in (gs.methods.LossWeighting, gs.methods.GramWeighting, gs.methods.ElementWise):
+        first(lambda cls: issubclass(cls, kind) and "rep" in cls.levels and not cls.rotation)
+    first(lambda cls: "rep" in cls.levels and not cls.rotation and has_parameters(cls))
+    first(lambda cls: cls.rotation)
+    return chosen

@@ -77,7 +77,7 @@ class Probe:
 class ExpmCounter:
     """Counts the matrix exponentials evaluated, matrix by matrix and by size (a
     ``K x m x m`` batch counts ``K``): calls of ``torch.matrix_exp``/``torch.linalg.matrix_exp``,
-    of :func:`gradsurgery.rotation.expm` (the rotations' own Taylor exponential) and of
+    of :func:`gradsurgery.pipeline.rotation.expm` (the rotations' own Taylor exponential) and of
     the eigendecompositions (``torch.linalg.eigh``/``eig``) an exponential can be
     evaluated from (``exp(X) = U e^L U^H``), whichever the rotations use."""
 
