@@ -141,3 +141,15 @@ def test_absent_task_is_fairgrad_on_the_others():
     expected = official_fairgrad(task_grads(model, x, ys)[[0, 1, 3]], alpha=2.0, max_norm=1.0)
     for p, e in zip(model.backbone.parameters(), backbone_grads_for(model, x, expected)):
         assert torch.allclose(p.grad, e, rtol=0, atol=1e-6 * float(e.abs().max()) + 1e-12)
+
+
+@pytest.mark.parametrize("k,kind,seed", [c for c in CASES if c[1] in ("random", "zero", "scaled")])
+def test_full_newton_budget_as_off_the_cpu(k, kind, seed, monkeypatch):
+    """Off the CPU the Newton loop runs all max_iter steps (no early exit): EARLY_EXIT = 0
+    gives that loop here; the answer is the early-exit one to the tolerance."""
+    import gradsurgery.methods.fairgrad as fairgrad
+    g = gradient_matrix(k, kind, seed)
+    early = direction(g, max_norm=None)
+    monkeypatch.setattr(fairgrad, "EARLY_EXIT", 0.0)
+    full = direction(g, max_norm=None)
+    assert torch.allclose(full, early, rtol=0, atol=1e-6 * float(early.norm()))
