@@ -21,6 +21,7 @@ import gradsurgery as gs
 from gradsurgery import compat
 from gradsurgery.numerics.cayley import cayley
 from gradsurgery.numerics.expm import skew
+from gradsurgery.pipeline import rotation
 
 ROTATION_RUNS = [("rotate_only", {}), ("rotograd", {}), ("rotogradnorm", {"alpha": 1.0}), ("mgda", {"rotation": True})]
 
@@ -101,6 +102,26 @@ def test_rotations_stay_orthogonal_and_move(method, options):
     r = opt.rotations.matrices().detach()
     assert (r @ r.mT - torch.eye(6)).abs().max().item() < 1e-5
     assert opt.rotations.skew_params.detach().tril(-1).abs().max().item() > 0.1  # trained, far from the start
+
+
+def test_one_inverse_per_rotation_per_step(monkeypatch):
+    """Each step inverts each task's ``m x m`` matrix once (in ``fork``) and runs no
+    exponential, whatever the generators' size."""
+    calls = {"inv": 0, "exp": 0}
+    original = torch.linalg.inv_ex
+    monkeypatch.setattr(torch.linalg, "inv_ex", lambda a, *r, **k: (calls.__setitem__("inv", calls["inv"] + 1),
+                                                                       original(a, *r, **k))[1])
+    for owner in (torch.linalg, rotation):  # matrix_exp, and the rotations' own exponential
+        name = "matrix_exp" if owner is torch.linalg else "expm"
+        monkeypatch.setattr(owner, name, lambda *a, **k: calls.__setitem__("exp", calls["exp"] + 1))
+    backbone, heads = _model()
+    opt = _optimizer("rotograd", {}, backbone, heads)
+    with torch.no_grad():
+        opt.rotations.skew_params.copy_(5.0 * torch.randn(2, 6, 6))
+    for t in range(3):
+        calls["inv"] = 0
+        _step(opt, backbone, heads, t)
+        assert calls == {"inv": 2, "exp": 0}
 
 
 def test_pipeline_equals_autograd_through_the_definition():
