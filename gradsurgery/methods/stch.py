@@ -17,8 +17,9 @@ averaged into ``z``, fixed when that epoch ends. Defaults are the authors' (``mu
 alike, as the official code backpropagates the whole objective -- and no Gram is computed.
 
 Call ``opt.end_epoch()`` once per epoch, after its steps: without it STCH stays in its
-warm-up. The losses must be positive (their logarithms are taken): a non-positive loss raises
-a ``ValueError`` (a host read of its own). State (``state_dict``): the epoch, the running sum
+warm-up. The losses must be positive (their logarithms are taken): on the CPU a non-positive
+loss raises a ``ValueError``; elsewhere (no host read) its weight is NaN, which the step's
+finiteness check rejects (a ``FloatingPointError``, nothing changed). State (``state_dict``): the epoch, the running sum
 and count of the nadir epoch's losses, the nadir point. Level: loss weighting, the same at
 either level.
 """
@@ -57,13 +58,20 @@ class STCH(LossWeighting):
         self.nadir: Tensor | None = None
 
     def loss_weights(self, losses: Tensor) -> Tensor:
-        if not bool((losses > 0).all()):
+        if losses.device.type == "cpu" and not bool((losses > 0).all()):
             raise ValueError(f"STCH needs positive losses (it takes their logarithms), got {losses.tolist()}")
+        return self.unchecked_weights(losses)
+
+    def unchecked_weights(self, losses: Tensor) -> Tensor:
+        """The weights without the check: NaN for a loss that is not positive."""
+        positive = losses > 0
         if self.nadir is None:
-            return 1 / (losses + TINY)
-        z = self.nadir.to(losses.dtype)
-        l = torch.log(losses / z + TINY)
-        return self.num_tasks * torch.softmax(l / self.mu, 0) / (losses + TINY * z)
+            w = 1 / (losses + TINY)
+        else:
+            z = self.nadir.to(losses.dtype)
+            l = torch.log(losses / z + TINY)
+            w = self.num_tasks * torch.softmax(l / self.mu, 0) / (losses + TINY * z)
+        return torch.where(positive, w, torch.nan)  # off the CPU: rejected by the step's finite check
 
     def update(self, losses: Tensor) -> None:
         if self.epoch == self.warmup_epoch:

@@ -77,3 +77,22 @@ def test_absent_task_is_gls_on_the_others():
     expected = libmtl_gls_weights(present) @ task_grads(model, x, ys)[[0, 2]]
     for p, e in zip(model.backbone.parameters(), backbone_grads_for(model, x, expected)):
         assert torch.allclose(p.grad, e, rtol=1e-9, atol=1e-13)
+
+
+def test_off_the_cpu_a_non_positive_loss_is_rejected_by_the_finite_check():
+    """Off the CPU GLS reads nothing: its weights are NaN and the optimizer's one finiteness
+    check rejects the step (FloatingPointError) before anything changes. Simulated here by
+    taking the unchecked weights on the CPU."""
+    from core_helpers import assert_same, snapshot
+    model, x, ys = make(3, seed=2)
+    opt = gs.MultiTaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "gls", num_tasks=3)
+    assert torch.isnan(opt.method.unchecked_weights(torch.tensor([1.0, 0.0, 2.0]))).tolist() == [False, True, False]
+    assert torch.isnan(opt.method.unchecked_weights(torch.tensor([1.0, -1.0, 2.0]))).all()
+    opt.method.loss_weights = opt.method.unchecked_weights
+    before = snapshot(model, opt)
+    opt.zero_grad()
+    losses = model.losses(opt.fork(model.rep(x)), ys)
+    with pytest.raises(FloatingPointError):
+        opt.backward([losses[0], -losses[1], losses[2]])
+    opt.zero_grad()
+    assert_same(before, snapshot(model, opt))

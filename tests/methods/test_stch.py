@@ -144,3 +144,22 @@ def test_end_to_end_through_end_epoch():
             opt.step()
         opt.end_epoch()
         ref.epoch += 1
+
+
+def test_off_the_cpu_a_non_positive_loss_is_rejected_by_the_finite_check():
+    """Off the CPU STCH reads nothing: a non-positive loss gets a NaN weight and the
+    optimizer's one finiteness check rejects the step before anything changes (the state's
+    running sum included). Simulated by taking the unchecked weights on the CPU."""
+    from core_helpers import assert_same, snapshot
+    model, x, ys = make(3, seed=2)
+    opt = gs.MultiTaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "stch", num_tasks=3, warmup_epoch=0)
+    weights = opt.method.unchecked_weights(torch.tensor([1.0, -1.0, 2.0], dtype=torch.float64))
+    assert torch.isnan(weights[1]) and torch.isfinite(weights[[0, 2]]).all()
+    opt.method.loss_weights = opt.method.unchecked_weights
+    before = snapshot(model, opt)
+    opt.zero_grad()
+    losses = model.losses(opt.fork(model.rep(x)), ys)
+    with pytest.raises(FloatingPointError):
+        opt.backward([losses[0], -losses[1], losses[2]])
+    opt.zero_grad()
+    assert_same(before, snapshot(model, opt))
