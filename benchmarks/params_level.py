@@ -11,12 +11,15 @@ heads 256-256-1 with MSE losses, Adam, batch 256. Every number is a ratio to pla
 ``sum(losses).backward()`` on the same model: time is the median of paired, interleaved
 per-round ratios (interquartile range in brackets), memory the peak resident memory above
 imports, each row in a fresh forked process (``_measure.py`` explains both). Writes
-``benchmarks/results/params_level[-quick].{json,md}``.
+``benchmarks/results/params_level[-quick].{json,md}``. Runs in the environment it is
+started in (no threading-policy override) and records it: the OpenMP/MKL variables set and
+the load average.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -58,7 +61,10 @@ def main() -> None:
         jobs.append({"kind": "time", "config": config, "rows": rows(k), "timing": timing, "timeout_s": 1800})
         plain = {"lib": "plain", "method": "sum", "key": "plain"}
         jobs.append({"kind": "memory", "config": config, "rows": [plain] + rows(k), "timeout_s": 1800})
+    env = {k: v for k, v in sorted(os.environ.items()) if k.startswith(("OMP_", "MKL_", "KMP_", "GOMP_"))}
+    load = os.getloadavg()[0]
     results = _measure.run_jobs(jobs, args.threads, lambda m: print(m, file=sys.stderr, flush=True))
+    load = (load, os.getloadavg()[0])
     table = []
     for k, (times, memory) in zip(ks, zip(results[::2], results[1::2])):
         plain_mb = memory["plain"].get("peak_mb")
@@ -72,18 +78,23 @@ def main() -> None:
     out = HERE / "results"
     out.mkdir(exist_ok=True)
     (out / f"params_level{suffix}.json").write_text(json.dumps(
-        {"threads": args.threads, "torch": torch.__version__, "rows": table}, indent=1))
-    md = render(table, args.threads)
+        {"threads": args.threads, "torch": torch.__version__, "environment": env, "load_average": load,
+         "rows": table}, indent=1))
+    md = render(table, args.threads, env, load)
     (out / f"params_level{suffix}.md").write_text(md)
     print(md)
 
 
-def render(table: list[dict], threads: int) -> str:
+def render(table: list[dict], threads: int, env: dict[str, str] | None = None,
+           load: tuple[float, float] | None = None) -> str:
     def fmt(x, spec=".2f"):
         return "—" if x is None else format(x, spec)
 
     by = {(r["k"], r["row"]): r for r in table}
-    lines = [f"Parameter level vs torchjd 0.18 (CPU, {threads} threads; ratios to plain backward; "
+    setting = ", ".join(f"{k}={v}" for k, v in (env or {}).items()) or "none set (the defaults)"
+    where = "" if load is None else f"; load average {load[0]:.2f} at start, {load[1]:.2f} at end"
+    lines = [f"Parameter level vs torchjd 0.18 (CPU, {threads} threads; OpenMP/MKL environment variables: "
+             f"{setting}{where}; ratios to plain backward; "
              "time: median [IQR] of paired ratios; memory: peak RSS above imports)", "",
              "| K | method | gradsurgery time | torchjd time | gs / torchjd | gradsurgery memory | torchjd memory |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
