@@ -199,3 +199,15 @@ def test_bad_options_raise():
     for bad in ({"c": -0.1}, {"rescale": 3}, {"rescale": True}, {"reduction": "max"}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             gs.methods.create("cagrad", **bad)
+
+
+@pytest.mark.parametrize("k,case,seed", CASES)
+def test_never_a_zero_update_while_the_mean_is_not_zero(k, case, seed):
+    """``g = K / (1 + c^2) (g_0 + c ||g_0|| u)`` with ``||u|| <= 1``, so
+    ``<g, g_0> >= K (1 - c) / (1 + c^2) ||g_0||^2 > 0`` for ``c < 1``: zero, opposed and duplicate
+    rows included."""
+    g = gradient_matrix(k, case, seed)
+    g0 = g.mean(0)
+    bound = k * (1 - C) / (1 + C**2) * float(g0 @ g0)
+    assert float(ours(g) @ g0) >= bound - 1e-9 * float(g.norm(dim=1).max()) ** 2
+    assert float(ours(g).norm()) <= k * (1 + C) / (1 + C**2) * float(g0.norm()) * (1 + 1e-9) + 1e-12
