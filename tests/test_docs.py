@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import socket
 from pathlib import Path
 
 import pytest
@@ -57,12 +58,16 @@ RUNNABLE = [page for page in PAGES if blocks(page)]
 
 @pytest.fixture
 def isolated(tmp_path, monkeypatch):
-    """A page runs in a scratch folder, with its own registry, environment and torch
-    settings, so what it registers, writes or sets is gone afterwards."""
+    """A page runs in a scratch folder, with its own registry, environment (a free
+    ``MASTER_PORT``) and torch settings, so what it registers, writes or sets is gone
+    afterwards."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
     environ = dict(os.environ)
     os.environ["MPLBACKEND"] = "Agg"
+    with socket.socket() as free:  # the distributed recipes read MASTER_PORT if it is set
+        free.bind(("127.0.0.1", 0))
+        os.environ["MASTER_PORT"] = str(free.getsockname()[1])
     threads = torch.get_num_threads()
     state = torch.get_rng_state()
     yield
