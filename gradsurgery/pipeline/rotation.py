@@ -9,6 +9,10 @@ the ``K`` tasks)::
 ``B_k`` is fixed (the initial rotation: Haar-random, the identity or given), ``A_k`` starts
 at zero and is what the optimizer trains. ``R_k`` is evaluated once per step, in
 ``fork`` (:class:`gradsurgery.pipeline.paths.RotatedPath`), and reused by the backward.
+``rotation_param="cayley"`` replaces the exponential by geotorch's other trivialisation,
+``R_k = B_k (I - X_k/2)^{-1} (I + X_k/2)``, ``X_k = skew(A_k)``
+(:mod:`gradsurgery.numerics.cayley`): one inverse per rotation whatever ``||A_k||``, but not
+the reference's parametrisation.
 
 **Cost.** The exponential and its derivative are the floor of the rotations' cost:
 :func:`~gradsurgery.numerics.expm.expm` (a Taylor polynomial with scaling and squaring,
