@@ -87,3 +87,28 @@ def test_bad_options_raise():
     method = gs.methods.create("aligned_mtl", pref_vector=torch.ones(3))
     with pytest.raises(ValueError, match="pref_vector"):
         method.bind(2, device=torch.device("cpu"), dtype=D, generator=torch.Generator())
+
+
+def test_params_level_end_to_end_is_the_authors_step():
+    """At ``level="params"`` (the authors' ``amtl`` balancer): the shared parameters get the
+    sum of the aligned gradients, the heads their own loss gradients
+    (``scale_decoder_grad=False``)."""
+    import copy
+    from core_helpers import make
+    k = 3
+    model, x, ys = make(k, seed=8, batch=6)
+    reference = copy.deepcopy(model)
+    opt = gs.MultiTaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "aligned_mtl", num_tasks=k,
+                                level="params")
+    opt.zero_grad()
+    opt.backward(model.losses(opt.fork(model.rep(x)), ys))
+    backbone = list(reference.backbone.parameters())
+    losses = reference.losses([reference.rep(x)] * k, ys)
+    jac = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(l, backbone, retain_graph=True)])
+                       for l in losses])
+    got = torch.cat([p.grad.flatten() for p in model.backbone.parameters()])
+    torch.testing.assert_close(got, official_aligned(jac), atol=1e-9 * float(jac.norm(dim=1).max()), rtol=0)
+    reference.zero_grad()
+    sum(losses).backward()
+    for p, q in zip(model.heads.parameters(), reference.heads.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-12, rtol=1e-10)

@@ -211,3 +211,28 @@ def test_never_a_zero_update_while_the_mean_is_not_zero(k, case, seed):
     bound = k * (1 - C) / (1 + C**2) * float(g0 @ g0)
     assert float(ours(g) @ g0) >= bound - 1e-9 * float(g.norm(dim=1).max()) ** 2
     assert float(ours(g).norm()) <= k * (1 + C) / (1 + C**2) * float(g0.norm()) * (1 + 1e-9) + 1e-12
+
+
+def test_params_level_end_to_end_is_the_authors_step():
+    """At ``level="params"`` (the authors' setting) the whole step is theirs: every head gets
+    its own loss gradient (their per-task ``backward`` calls accumulate there) and the shared
+    parameters ``overwrite_grad(cagrad(grads))``, re-derived above."""
+    import copy
+    from core_helpers import make
+    k = 3
+    model, x, ys = make(k, seed=6, batch=6)
+    reference = copy.deepcopy(model)
+    opt = gs.MultiTaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "cagrad", num_tasks=k, level="params")
+    opt.zero_grad()
+    opt.backward(model.losses(opt.fork(model.rep(x)), ys))
+    backbone = list(reference.backbone.parameters())
+    losses = reference.losses([reference.rep(x)] * k, ys)
+    jac = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(l, backbone, retain_graph=True)])
+                       for l in losses])
+    expected = official_cagrad(jac)
+    got = torch.cat([p.grad.flatten() for p in model.backbone.parameters()])
+    torch.testing.assert_close(got, expected, atol=1e-6 * float(jac.norm(dim=1).max()), rtol=0)
+    reference.zero_grad()
+    sum(losses).backward()
+    for p, q in zip(model.heads.parameters(), reference.heads.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-12, rtol=1e-10)
