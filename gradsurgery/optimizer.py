@@ -377,17 +377,23 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         return [p for g in self.param_groups for p in g["params"]
                 if p.requires_grad and id(p) not in self._method_params]
 
-    def _shared_for(self, shared: list[Tensor]) -> list[Tensor]:
-        """The shared parameters of ``level="params"``: ``shared_params``, or the wrapped
-        optimizer's parameters the shared tensors depend on."""
-        if self.shared_params is not None:
-            return self.shared_params
+    def _shared_for(self, shared: list[Tensor]) -> tuple[list[Tensor], bool]:
+        """The shared parameters of ``level="params"`` (``shared_params``, or the wrapped
+        optimizer's parameters the shared tensors depend on) and whether they are all of
+        those (see :class:`gradsurgery.pipeline.paths.ParamsPath`)."""
         found = graph.shared_parameters(shared, self._head_params())
-        if not found:
+        if self.shared_params is None and not found:
             raise ValueError("level='params' found no shared parameter: z depends on none of the wrapped "
                              "optimizer's parameters. Put the backbone's parameters in the optimizer, or "
                              "pass shared_params=backbone.parameters()")
-        return found
+        if self.shared_params is None:
+            return found, True
+        complete = {id(p) for p in found} <= {id(p) for p in self.shared_params}
+        if not complete and self.kind is ElementWise:
+            raise ValueError(f"{self.method!r} combines the Jacobian of shared_params element by element, so the "
+                             f"other {len(found) - len(self.shared_params)} parameter(s) of the backbone would get "
+                             "no gradient; pass every backbone parameter as shared_params (or leave it None)")
+        return self.shared_params, complete
 
     def _new_path(self, shared: list[Tensor], single: bool):
         """The path this step takes, by the method's kind (see :mod:`gradsurgery.pipeline.paths`)."""
@@ -398,7 +404,7 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
             exact_sum = all(t.dtype == compute_dtype(t.dtype) for t in shared)
             return (paths.SummedPath if exact_sum else paths.StackedPath)(shared, k, single)
         inner = paths.StackedPath(shared, k, single)
-        return paths.ParamsPath(inner, self._shared_for(shared)) if self.level == "params" else inner
+        return paths.ParamsPath(inner, *self._shared_for(shared)) if self.level == "params" else inner
 
     def _pending_path(self):
         if self._path is None:

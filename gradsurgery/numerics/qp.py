@@ -9,6 +9,7 @@ import functools
 import torch
 from torch import Tensor
 
+from .eigh import symmetric_eigvalsh
 from .gram import normalized64, small_matmul
 
 #: Largest K for which :func:`min_norm_simplex` enumerates all ``2^K - 1`` supports;

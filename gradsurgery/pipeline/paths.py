@@ -211,10 +211,15 @@ class RotatedPath(StackedPath):
 
 class ParamsPath:
     """The parameter level over a :class:`StackedPath`: ``J = G dz/dtheta`` (one batched
-    vector-Jacobian product), the Gram ``J J^T``, and ``c^T J`` written to ``.grad``."""
+    vector-Jacobian product), the Gram ``J J^T``, and ``c^T J`` written to ``.grad``.
 
-    def __init__(self, inner: StackedPath, shared_params: list[Tensor]):
-        self.inner, self.shared_params = inner, shared_params
+    ``complete``: the shared parameters are every parameter the shared tensors depend on.
+    Otherwise (``shared_params`` a subset, e.g. GradNorm's last shared layer) ``J`` serves
+    the decision only and the whole backbone receives ``c^T G`` through one backward
+    (``c^T J = (c^T G) dz/dtheta``: the same gradient on the subset)."""
+
+    def __init__(self, inner: StackedPath, shared_params: list[Tensor], complete: bool = True):
+        self.inner, self.shared_params, self.complete = inner, shared_params, complete
         self.jacobian: params_level.Jacobian | None = None
 
     def __getattr__(self, name):  # the inner path's views, grads, rows, readers, ...
@@ -225,7 +230,7 @@ class ParamsPath:
 
     def build_jacobian(self, retain_graph: bool) -> None:
         self.jacobian = params_level.jacobian(self.inner.shared, self.shared_params, self.inner.grads,
-                                              retain_graph=retain_graph)
+                                              retain_graph=retain_graph or not self.complete)
 
     def gram(self) -> Tensor:
         return self.jacobian.gram()
@@ -233,8 +238,12 @@ class ParamsPath:
     def probe(self, gram: Tensor | None) -> Tensor:
         return self.inner.probe(gram)
 
-    def combine(self, coefficients: Tensor) -> None:
+    def combine(self, coefficients: Tensor) -> list[Tensor] | None:
+        if not self.complete:
+            self.jacobian = None
+            return self.inner.combine(coefficients)
         self.jacobian.accumulate(coefficients=coefficients)
+        return None
 
     def combine_elements(self, method, losses: Tensor, present: Tensor | None, scaling) -> None:
         flat = self.jacobian.flat()
@@ -242,8 +251,10 @@ class ParamsPath:
                                                 losses, None))
         self.jacobian.accumulate(combined=combined.reshape(-1))
 
-    def shared_backward(self, combined, backbone_loss: Tensor | None) -> None:
-        if backbone_loss is not None:
+    def shared_backward(self, combined: list[Tensor] | None, backbone_loss: Tensor | None) -> None:
+        if combined is not None:
+            self.inner.shared_backward(combined, backbone_loss)
+        elif backbone_loss is not None:
             torch.autograd.backward(backbone_loss)
 
     def nan_backward(self, backbone_loss: Tensor | None) -> None:

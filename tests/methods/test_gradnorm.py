@@ -157,9 +157,6 @@ def test_first_step_weights_use_the_norms_at_the_last_shared_layer(k):
     torch.testing.assert_close(opt.method.task_weights.detach(), w, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.xfail(strict=True, reason="the parameter-level path trains only shared_params: with "
-                   "shared_params=[W] the rest of the backbone gets no gradient (the paper trains it with "
-                   "sum_i w_i grad L_i); pipeline change requested in /work/notes/FROM_FIDELITY_ENGINEER.md")
 @pytest.mark.parametrize("k", [3])
 def test_equals_paper_with_norms_at_the_last_shared_layer(k):
     """``level="params", shared_params=[W]``: the norms at ``W``, the whole backbone trained
