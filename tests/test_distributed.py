@@ -79,10 +79,10 @@ def _train(method: str, rows: slice, *, ddp: bool = False, manual: bool = False,
     return [p.detach().clone() for g in base.param_groups for p in g["params"]] + scale
 
 
-class _ElementWise(gs.methods.Method):
+class _ElementWise(gs.methods.ElementWise):
     """A method that needs the raw gradients (cannot be distributed-exact)."""
 
-    def combine(self, grads, losses):
+    def combine(self, grads, losses, rep):
         return grads.sum(0)
 
 

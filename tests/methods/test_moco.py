@@ -142,11 +142,13 @@ def test_end_to_end_at_the_parameter_level():
             torch.testing.assert_close(g, want, rtol=1e-10, atol=1e-14)
 
 
-def test_representation_level_in_the_users_loop_raises_with_the_fix():
+def test_runs_at_the_parameter_level_by_default_and_refuses_the_representation_level():
     model, x, ys = make(2, seed=3)
     opt = gs.MultiTaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "moco", num_tasks=2)
+    assert opt.level == "params"
+    wrapped_step(model, opt, x, ys)
     with pytest.raises(ValueError, match="level='params'"):
-        wrapped_step(model, opt, x, ys)
+        gs.MultiTaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "moco", num_tasks=2, level="rep")
 
 
 @st.composite
