@@ -97,6 +97,11 @@ def test_catches_a_broken_method(broken, property_name):
     assert f"FAILED {property_name}" in report, report
 
 
+def test_a_property_left_out_on_purpose():
+    assert check_method(Squares, scale=False).ok
+    assert check_method(FirstTaskFavoured, permutation=False).ok
+
+
 def test_nan_report_says_what_and_where():
     with pytest.raises(AssertionError, match=r"FAILED finite, K=3, zero: step 0: non-finite update"):
         check_method(ReturnsNaN)

@@ -23,6 +23,10 @@ METHODS = gs.methods.available()
 #: Methods whose update is neither positively homogeneous nor scale-invariant, as their
 #: authors' code is (their cards say so).
 NOT_HOMOGENEOUS: dict[str, str] = {
+    "fairgrad": "its weights solve M x = x^(-1/alpha), so the update scales as a^((1-alpha)/(1+alpha)) "
+                "(a^(-1/3) at the default alpha=2) before the clipping to max_norm (OptMN-Lab/fairgrad)",
+    "pcd": "the gradients are normalised by sqrt(v + eps), v a moving average of their squared norms "
+           "(torchjd's PCDWeighting), homogeneous only for norms far above sqrt(eps)",
     "db_mtl": "a constant 1e-8 is added to the gradient norms it divides by (LibMTL's DB_MTL.py)",
     "moco": "every task gradient is normalised as g / (||g|| + 1e-8) (LibMTL's MoCo.py): scale-invariant "
             "only for norms far above 1e-8",
@@ -32,7 +36,9 @@ NOT_HOMOGENEOUS: dict[str, str] = {
                "(OptMN-Lab/sdmgrad weight_methods.py)",
 }
 #: Methods that treat the tasks differently on purpose (their cards say why).
-NOT_EQUIVARIANT: dict[str, str] = {}
+NOT_EQUIVARIANT: dict[str, str] = {
+    "pcd": "task 0 is the primary objective, the others constraints (its card)",
+}
 
 
 def _make(name):
