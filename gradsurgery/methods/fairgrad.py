@@ -24,8 +24,9 @@ Then one host read checks the relative residual
 ``max_k |(M x)_k x_k^{1/alpha} - 1| <= tol`` (default 1e-6) and raises a
 ``FloatingPointError`` when no solution exists (0 in the convex hull of the gradients, e.g.
 opposed gradients: a Pareto-stationary point). ``on_failure="warn"`` (opt-in) turns the error
-into a ``RuntimeWarning`` and uses the last Newton iterate (finite, ``x > 0``), as the
-official code uses ``least_squares``' last iterate. A zero task gradient has nothing to
+into a ``RuntimeWarning`` and keeps the last solution (kept in ``state_dict``; before the first
+one, the last Newton iterate, finite and positive, as the official code keeps
+``least_squares``' last iterate), as Nash-MTL's option does. A zero task gradient has nothing to
 allocate: it is left out of the system (its coefficient is 0) and the others are solved.
 
 As the official code: the update is multiplied by ``K`` ("to match the sum loss") and
@@ -42,6 +43,7 @@ representation's, ``level="params"`` for the paper's setting.
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -76,12 +78,18 @@ class FairGrad(GramWeighting):
         if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
             raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
         if on_failure not in ("raise", "warn"):
-            raise ValueError(f"on_failure must be 'raise' or 'warn' (keep the last Newton iterate), got {on_failure!r}")
+            raise ValueError(f"on_failure must be 'raise' or 'warn' (keep the last solution), got {on_failure!r}")
         self.alpha = float(alpha)
         self.max_norm = None if max_norm is None else float(max_norm)
         self.tol = float(tol)
         self.max_iter = max_iter
         self.on_failure = on_failure
+        if on_failure == "warn":
+            self.subset_safe = False  # the kept solution is per task: the tasks must all be there
+
+    def bind(self, num_tasks, *, device, dtype, generator):
+        super().bind(num_tasks, device=device, dtype=dtype, generator=generator)
+        self.last = torch.zeros(0, dtype=torch.float64, device=device)  # the last solution ("warn")
 
     def weights(self, gram: Tensor, losses: Tensor) -> Tensor:
         k = gram.shape[0]
@@ -137,17 +145,28 @@ class FairGrad(GramWeighting):
             if reads_free and bool(r[chosen] <= EARLY_EXIT * self.tol):
                 break
         error = measures(x[None])[1][0]
-        if not bool(error <= self.tol):  # the one host read per solve
+        converged = bool(error <= self.tol)  # the one host read per solve
+        if not converged:
             message = (f"FairGrad found no x > 0 with M x = x^(-1/alpha) in max_iter={self.max_iter} Newton "
                        f"steps (relative residual {float(error):.2e} > tol={self.tol}): either 0 is in the convex "
                        "hull of the task gradients (e.g. opposed gradients, a Pareto-stationary point), where no "
                        "alpha-fair allocation exists, or the solve needs more steps (large alpha with gradient "
                        "norms orders of magnitude apart: raise max_iter)")
             if self.on_failure == "raise":
-                raise FloatingPointError(message + "; on_failure='warn' keeps the last iterate")
-            warnings.warn(message + "; the last iterate is used", RuntimeWarning, stacklevel=3)
-        x = x * torch.where(scale > 0, scale, 1).pow(-self.alpha / (self.alpha + 1))
-        return x * fa
+                raise FloatingPointError(message + "; on_failure='warn' keeps the last solution")
+            warnings.warn(message + "; the last solution is kept", RuntimeWarning, stacklevel=3)
+            if self.last.numel() == x.numel():
+                return self.last.clone()
+        x = x * torch.where(scale > 0, scale, 1).pow(-self.alpha / (self.alpha + 1)) * fa
+        if converged and self.on_failure == "warn":
+            self.last = x.clone()
+        return x
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last": self.last.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.last = state["last"].to(self.last).clone()
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, max_norm={self.max_norm}, on_failure={self.on_failure!r}"

@@ -100,14 +100,26 @@ def test_alpha_zero_is_the_sum():
 
 
 @pytest.mark.parametrize("k", [2, 3, 5])
-def test_on_failure_warn_keeps_the_last_iterate(k):
-    """Opposed gradients (no solution): the default raises; on_failure='warn' warns and
-    returns the finite, positive last Newton iterate (the official code's behaviour)."""
-    g = gradient_matrix(k, "opposed", 0)
-    with pytest.warns(RuntimeWarning, match="last iterate is used"):
-        c = bound(k, on_failure="warn").weights(g @ g.T, torch.ones(k, dtype=g.dtype))
+def test_on_failure_warn_keeps_the_last_solution(k):
+    """Opposed gradients (no solution): the default raises; on_failure='warn' warns and keeps
+    the last solution (here that of the step before), or, before any, the finite, positive
+    last Newton iterate (as the official code keeps least_squares' last iterate)."""
+    good, bad = gradient_matrix(k, "random", 0), gradient_matrix(k, "opposed", 0)
+    fresh = bound(k, on_failure="warn")
+    with pytest.warns(RuntimeWarning, match="last solution is kept"):
+        c = fresh.weights(bad @ bad.T, torch.ones(k, dtype=bad.dtype))
     assert bool(torch.isfinite(c).all()) and bool((c > 0).all())
-    assert float((c @ g).norm()) <= 1.0 + 1e-4  # still clipped to max_norm (the iterate is large: cancellation)
+    assert float((c @ bad).norm()) <= 1.0 + 1e-4  # still clipped to max_norm (the iterate is large: cancellation)
+    method = bound(k, on_failure="warn", max_norm=None)
+    solved = method.weights(good @ good.T, torch.ones(k, dtype=good.dtype))
+    with pytest.warns(RuntimeWarning, match="last solution is kept"):
+        kept = method.weights(bad @ bad.T, torch.ones(k, dtype=bad.dtype))
+    assert torch.equal(kept, solved)
+    resumed = bound(k, on_failure="warn", max_norm=None)
+    resumed.load_state_dict(method.state_dict())
+    with pytest.warns(RuntimeWarning):
+        assert torch.equal(resumed.weights(bad @ bad.T, torch.ones(k, dtype=bad.dtype)), solved)
+    assert not method.subset_safe and bound(k).subset_safe
 
 
 @pytest.mark.parametrize("opts", [dict(on_failure="ignore"), dict(alpha=-1.0), dict(alpha=float("inf")),
