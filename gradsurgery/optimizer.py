@@ -530,7 +530,8 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         if any(self._head_tasks.get(id(p)) == -1 for p in params):
             raise ValueError(f"{self.method!r} weights each head by its task's coefficient, but some parameter "
                              "is read by several tasks' losses; give each task its own head")
-        return [None if (t := self._head_tasks.get(id(p))) is None else coefficients[t] for p in params]
+        factors = self.method.head_weights(coefficients)
+        return [None if (t := self._head_tasks.get(id(p))) is None else factors[t] for p in params]
 
     def _finite_flag(self, values: Tensor, path, gram: Tensor | None,
                      head_grads: list[Tensor | None], backbone_loss: Tensor | None) -> Tensor:

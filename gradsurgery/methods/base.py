@@ -92,6 +92,12 @@ class Method:
         numbers here, from :attr:`generator`, so that ``weights`` stays a tensor program
         ``torch.compile`` traces whole (Dynamo cannot trace a ``torch.Generator``)."""
 
+    def head_weights(self, coefficients: Tensor) -> Tensor:
+        """With :attr:`weights_heads`: the ``K`` factors of the heads' loss gradients, given
+        this step's coefficients (default: the coefficients themselves; Nash-MTL's heads get
+        its unclipped ``alpha``, as in the authors' code)."""
+        return coefficients
+
     def backbone_loss_weight(self, value: Tensor) -> Tensor | None:
         """Weight of ``backward``'s ``backbone_loss`` (``None``: 1), given its detached
         ``value``. Called once per accepted step that has a backbone loss, after the

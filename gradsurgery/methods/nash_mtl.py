@@ -94,10 +94,14 @@ class NashMTL(GramWeighting):
             self.alpha = self._solve(gram)
         self.step += 1
         alpha = self.alpha.to(gram.dtype)
+        self._heads = alpha  # the heads get the unclipped alpha (the authors' backward of sum_k alpha_k L_k)
         if self.max_norm is not None:
             norm = (alpha @ gram @ alpha).clamp_min(0).sqrt()
             alpha = alpha * torch.clamp(self.max_norm / norm.clamp_min(1e-300), max=1.0)
         return alpha
+
+    def head_weights(self, coefficients: Tensor) -> Tensor:
+        return self._heads
 
     def _solve(self, gram: Tensor) -> Tensor:
         m = gram.to(torch.float64)
