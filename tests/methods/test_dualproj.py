@@ -1,90 +1,16 @@
 """DualProj against torchjd 0.18 ``DualProj`` (TorchJD/torchjd, the authors' code,
-``aggregation/_dualproj.py``, ``DualProjWeighting.forward``): with torchjd's default projector
-(Gram normalised by its trace, ``+ 1e-4 I``) through ``norm_eps``/``reg_eps``, and with the
-exact projection (gradsurgery's default) on well-conditioned matrices; K = 2..6 with zero,
-duplicate, opposed and scaled rows."""
+``aggregation/_dualproj.py``, ``DualProjWeighting.forward``): the shared dual-cone tests of
+``dual_cone_cases.py``, run on ``dualproj``."""
 from __future__ import annotations
 
 import pytest
-import torch
-
-import gradsurgery as gs
-from gradient_cases import CASES, gradient_matrix
 
 jd = pytest.importorskip("torchjd.aggregation", reason="torchjd 0.18 is a test-only dependency")
 pytest.importorskip("quadprog", reason="torchjd's projector needs quadprog")
-D = torch.float64
-NAME = "dualproj"
-REFERENCE = jd.DualProj
+
+from dual_cone_cases import (test_equals_torchjd_default_projector, test_default_is_the_exact_projection, test_exact_default_never_conflicts, test_exact_default_near_torchjd_default, test_pref_vector_matches_torchjd, test_bad_options_raise, test_above_the_enumeration_limit_equals_torchjd)  # noqa: E402,F401  (collected here)
 
 
-def ours(g: torch.Tensor, **options) -> torch.Tensor:
-    method = gs.methods.create(NAME, **options)
-    method.bind(g.shape[0], device=g.device, dtype=D, generator=torch.Generator().manual_seed(0))
-    return method.weights(g @ g.T, torch.ones(g.shape[0], dtype=D)) @ g
-
-
-def exact_projector():
-    from torchjd._linalg import QuadprogProjector
-    return QuadprogProjector(norm_eps=0.0, reg_eps=0.0)
-
-
-@pytest.mark.parametrize("k,kind,seed", CASES)
-def test_equals_torchjd_default_projector(k, kind, seed):
-    """torchjd's defaults (``norm_eps = reg_eps = 1e-4``) reproduced by the options,
-    including the singular Grams of zero, duplicate and opposed rows."""
-    g = gradient_matrix(k, kind, seed)
-    torch.testing.assert_close(ours(g, norm_eps=1e-4, reg_eps=1e-4), REFERENCE()(g),
-                               rtol=0, atol=float(1e-7 * g.norm(dim=1).max()))
-
-
-@pytest.mark.parametrize("k,seed", [(k, s) for k in range(2, 7) for s in (0, 1, 2)])
-def test_default_is_the_exact_projection(k, seed):
-    g = gradient_matrix(k, "random", seed)
-    torch.testing.assert_close(ours(g), REFERENCE(projector=exact_projector())(g),
-                               rtol=0, atol=float(1e-7 * g.norm(dim=1).max()))
-
-
-@pytest.mark.parametrize("k,kind,seed", CASES)
-def test_exact_default_never_conflicts(k, kind, seed):
-    """The exact projection (no regulariser) leaves no task in conflict with the update,
-    also for singular Grams and norms six orders of magnitude apart: ``<g_k, d>`` is
-    nonnegative up to the rounding of ``d = w^T G``, ``1e-12 ||g_k|| sum_i |w_i| ||g_i||``."""
-    g = gradient_matrix(k, kind, seed)
-    method = gs.methods.create(NAME)
-    method.bind(k, device=g.device, dtype=D, generator=torch.Generator().manual_seed(0))
-    w = method.weights(g @ g.T, torch.ones(k, dtype=D))
-    n = g.norm(dim=1)
-    assert ((g @ (w @ g)) >= -1e-12 * n * (w.abs() @ n)).all()
-
-
-@pytest.mark.parametrize("k,kind,seed", [c for c in CASES if c[1] != "scaled"])
-def test_exact_default_near_torchjd_default(k, kind, seed):
-    """The deviation measured: the exact answer is within ``2e-3 K`` (relative to the
-    largest gradient) of torchjd's regularised one, except for norms far apart, where
-    torchjd's ``1e-4 I`` on the trace-normalised Gram swamps the small tasks."""
-    g = gradient_matrix(k, kind, seed)
-    assert (ours(g) - REFERENCE()(g)).norm() <= 2e-3 * k * g.norm(dim=1).max()
-
-
-def test_pref_vector_matches_torchjd():
-    g = gradient_matrix(4, "random", 3)
-    pref = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=D)
-    torch.testing.assert_close(ours(g, pref_vector=pref, norm_eps=1e-4, reg_eps=1e-4),
-                               REFERENCE(pref_vector=pref)(g), rtol=0, atol=1e-7 * float(g.norm(dim=1).max()))
-
-
-@pytest.mark.parametrize("bad", [{"reg_eps": -1.0}, {"norm_eps": float("nan")}, {"pref_vector": [1.0, -1.0]}])
-def test_bad_options_raise(bad):
-    with pytest.raises(ValueError):
-        method = gs.methods.create(NAME, **bad)
-        method.bind(2, device=torch.device("cpu"), dtype=D, generator=torch.Generator())
-
-
-@pytest.mark.parametrize("k,n", [(8, 12), (12, 30)])
-def test_above_the_enumeration_limit_equals_torchjd(k, n):
-    """More tasks than the exact enumeration covers (the active-set path), full-rank rows."""
-    g = torch.randn(k, n, generator=torch.Generator().manual_seed(k), dtype=D)
-    g[1] = -0.7 * g[0] + 0.3 * g[1]
-    torch.testing.assert_close(ours(g), REFERENCE(projector=exact_projector())(g),
-                               rtol=0, atol=float(1e-6 * g.norm(dim=1).max()))
+@pytest.fixture
+def case():
+    return "dualproj", jd.DualProj
