@@ -5,12 +5,12 @@ from __future__ import annotations
 import io
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
 import torch
 
 import gradsurgery as gs
 from core_helpers import head_grads_plain, make, wrapped_step
-from gradient_cases import CASES, gradient_matrix
+from gradient_cases import CASES, PROPERTY, gradient_matrix, gradient_sequences
 
 D = torch.float64
 
@@ -206,26 +206,6 @@ def test_end_to_end_in_the_users_loop():
         previous = w
 
 
-@st.composite
-def gradient_sequences(draw, shape_tail, steps=3, max_tasks=8):
-    """``steps`` task-gradient tensors ``K x *shape_tail`` of one sampled kind: normal,
-    rank-deficient across tasks, or with zero rows; scaled by ``10^[-10, 10]``."""
-    k = draw(st.integers(1, max_tasks))
-    kind = draw(st.sampled_from(["normal", "rank_deficient", "zero_rows"]))
-    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
-    scale = 10.0 ** draw(st.integers(-10, 10))
-    seq = []
-    for _ in range(steps):
-        g = torch.randn(k, *shape_tail, generator=gen, dtype=D)
-        if kind == "rank_deficient" and k > 1:
-            g = torch.einsum("kr,r...->k...", torch.randn(k, 1, generator=gen, dtype=D), g[:1])
-        elif kind == "zero_rows":
-            g[torch.rand(k, generator=gen) < 0.4] = 0
-        seq.append(g * scale)
-    return seq
-
-
-PROPERTY = settings(max_examples=12, deadline=None)
 
 
 @PROPERTY
