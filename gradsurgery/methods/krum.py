@@ -10,8 +10,11 @@ distances to its ``K - f - 2`` nearest other task gradients,
 and the update is the mean of the ``n_selected`` task gradients of lowest score (Krum:
 ``n_selected = 1``; Multi-Krum above): ``c_k = 1 / n_selected`` on those, 0 elsewhere. The
 distances are read off the Gram (float64). ``squared=True`` (default) is the paper's
-score; ``squared=False`` sums the distances themselves, as torchjd 0.18 does. Ties go to
-the lowest task index. Needs ``K >= n_byzantine + 3`` and ``K >= n_selected`` (checked
+score; ``squared=False`` sums the distances themselves, as torchjd 0.18 does. Tasks whose
+scores tie exactly at the cut (e.g. the two closest gradients when ``K - f - 2 = 1``, as
+for ``K = 3`` with the defaults: each one's score is their distance) share the remaining
+places equally -- the mean over every way of breaking the tie, where the paper picks one --
+so the update does not depend on the order of the tasks. Needs ``K >= n_byzantine + 3`` and ``K >= n_selected`` (checked
 when the method is bound). Defaults: ``n_byzantine=0`` (torchjd has no default),
 ``n_selected=1``. Scale-invariant: ``c`` does not change when every gradient is scaled by
 the same factor. Level: any matrix of gradients; representation level by default.
@@ -59,15 +62,19 @@ class Krum(GramWeighting):
         self._check(k)  # a step with absent tasks sees fewer
         m = gram.to(torch.float64)
         sq = m.diagonal()
-        distances = (sq[:, None] + sq[None, :] - (m + m.T)).clamp_min(0)  # exactly symmetric: ties stay ties
+        distances = (sq[:, None] + sq[None, :] - (m + m.T)).clamp_min(0)  # exactly symmetric: ties are exact
         if not self.squared:
             distances = distances.sqrt()
         # column 0 of each sorted row is a zero distance (the task itself, or a duplicate)
         nearest = distances.sort(1).values[:, 1:k - self.n_byzantine - 1]
         scores = nearest.sum(1)
-        chosen = scores.sort(stable=True).indices[:self.n_selected]
-        c = torch.zeros(k, dtype=gram.dtype, device=gram.device)
-        return c.index_fill(0, chosen, 1.0 / self.n_selected)
+        # the n_selected lowest scores; the tasks tied at the cut share its remaining places
+        # (the mean over every way of breaking the tie)
+        n = self.n_selected
+        cut = scores.sort().values[n - 1]
+        below, tied = scores < cut, scores == cut
+        share = (n - below.sum()).to(m.dtype) / (tied.sum() * n)
+        return torch.where(below, 1.0 / n, torch.where(tied, share, 0.0)).to(gram.dtype)
 
     def extra_repr(self) -> str:
         return f"n_byzantine={self.n_byzantine}, n_selected={self.n_selected}, squared={self.squared}"
