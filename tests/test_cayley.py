@@ -5,19 +5,17 @@ orthogonality through training, resume and 2-rank DDP exactness, like the defaul
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from hypothesis import given, settings, strategies as st
 from torch import nn
 
 import gradsurgery as gs
+from spawn_helpers import max_diff, run_ranks
 from gradsurgery import compat
 from gradsurgery.numerics.cayley import cayley
 from gradsurgery.numerics.expm import skew
@@ -216,19 +214,9 @@ def _ddp_worker(rank: int, port: int, out: str) -> None:
 
 
 def test_ddp_equals_single_process_on_global_batch(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.spawn(_ddp_worker, args=(port, str(tmp_path)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + 180
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("the distributed workers hung")
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    ranks = run_ranks(_ddp_worker, tmp_path, WORLD)
     for method in DDP_RUNS:
         reference = _ddp_train(method, slice(None), ddp=False)
-        assert max((a - b).abs().max().item() for a, b in zip(ranks[0][method], reference)) < 1e-6, method
+        assert max_diff(ranks[0][method], reference) < 1e-6, method
         assert all(torch.equal(a, b) for a, b in zip(ranks[0][method], ranks[1][method])), method
         assert reference[-1].abs().max().item() > 0  # the rotations were trained

@@ -7,16 +7,14 @@ references run in the test process.
 from __future__ import annotations
 
 import os
-import socket
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import gradsurgery as gs
+from spawn_helpers import max_diff, run_ranks
 from gradsurgery.scale.distributed import average_gradients
 
 WORLD = 2
@@ -125,42 +123,26 @@ def _worker(rank: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("ddp")
-    ctx = mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + 180
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("the distributed workers hung (a collective mismatch?)")
-    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+    return run_ranks(_worker, out, WORLD)
 
-
-def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    assert len(a) == len(b)
-    return max((x - y).abs().max().item() for x, y in zip(a, b))
 
 
 @pytest.mark.parametrize("method", EXACT_METHODS)
 def test_ddp_equals_single_process_on_global_batch(ranks, method):
     reference = _train(method, slice(None))
-    assert _max_diff(ranks[0][method], reference) < 1e-6
-    assert _max_diff(ranks[0][method], ranks[1][method]) == 0
+    assert max_diff(ranks[0][method], reference) < 1e-6
+    assert max_diff(ranks[0][method], ranks[1][method]) == 0
 
 
 @pytest.mark.skipif("rotograd" not in EXACT_METHODS, reason="the RotoGrad family is not registered")
 def test_rotations_averaged_over_batch_in_coop_mode(ranks):
     reference = _train("rotograd", slice(None), post=True)
-    assert _max_diff(ranks[0]["rotograd/post+coop"], reference) < 1e-6
-    assert _max_diff(ranks[0]["rotograd/post+coop"], ranks[1]["rotograd/post+coop"]) == 0
+    assert max_diff(ranks[0]["rotograd/post+coop"], reference) < 1e-6
+    assert max_diff(ranks[0]["rotograd/post+coop"], ranks[1]["rotograd/post+coop"]) == 0
 
 
 def test_overflow_on_one_rank_skips_the_step_on_all(ranks):
@@ -169,26 +151,26 @@ def test_overflow_on_one_rank_skips_the_step_on_all(ranks):
     with ``burn_in_period=7`` a rank that counted the skipped step re-takes its initial
     values a step early), as one process on the whole (overflowing) batch does."""
     reference = _train(*AMP_RUN, slice(None), poison=True, **AMP_OPTIONS)
-    assert _max_diff(ranks[0]["amp"], reference) < 1e-6
-    assert _max_diff(ranks[0]["amp"], ranks[1]["amp"]) == 0
+    assert max_diff(ranks[0]["amp"], reference) < 1e-6
+    assert max_diff(ranks[0]["amp"], ranks[1]["amp"]) == 0
     clean = _train(*AMP_RUN, slice(None), poison=False, **AMP_OPTIONS)
     assert reference[-1] < clean[-1]  # the overflow did lower the scale
-    assert _max_diff(reference[:-1], clean[:-1]) > 1e-4  # and did skip a step
+    assert max_diff(reference[:-1], clean[:-1]) > 1e-4  # and did skip a step
 
 
 @pytest.mark.parametrize("scenario,method", [("mgda/manual", "mgda"), ("mean", "mean")])
 def test_without_ddp_and_gram_free(ranks, scenario, method):
     reference = _train(method, slice(None))
-    assert _max_diff(ranks[0][scenario], reference) < 1e-6
-    assert _max_diff(ranks[1][scenario], reference) < 1e-6
+    assert max_diff(ranks[0][scenario], reference) < 1e-6
+    assert max_diff(ranks[1][scenario], reference) < 1e-6
 
 
 def test_per_rank_surgery_differs(ranks):
     """Proves the comparison can fail: deciding from half the batch changes the run."""
     reference = _train("mgda", slice(None))
-    assert _max_diff(ranks[0]["mgda/per-rank"], reference) > 1e-4
+    assert max_diff(ranks[0]["mgda/per-rank"], reference) > 1e-4
     # the heads (and DDP's backbone) are still averaged: the replicas stay identical
-    assert _max_diff(ranks[0]["mgda/per-rank"], ranks[1]["mgda/per-rank"]) == 0
+    assert max_diff(ranks[0]["mgda/per-rank"], ranks[1]["mgda/per-rank"]) == 0
 
 
 def test_elementwise_method_refused_under_distributed(ranks):

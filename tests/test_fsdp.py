@@ -11,16 +11,14 @@ in the test process.
 from __future__ import annotations
 
 import os
-import socket
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import gradsurgery as gs
+from spawn_helpers import max_diff, run_ranks
 
 fsdp = pytest.importorskip("torch.distributed.fsdp")
 if not hasattr(fsdp, "fully_shard"):  # torch < 2.6 has FSDP2 under _composable only
@@ -80,40 +78,24 @@ def _worker(rank: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("fsdp")
-    ctx = mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + 180
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("the FSDP2 workers hung (a collective mismatch?)")
-    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+    return run_ranks(_worker, out, WORLD)
 
-
-def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    assert len(a) == len(b)
-    return max((x - y).abs().max().item() for x, y in zip(a, b))
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_fsdp2_equals_single_process_on_global_batch(ranks, method):
     assert ranks[0][method]["sharded"]  # each rank really held half of the backbone
     reference = _train(method, slice(None))["params"]
-    assert _max_diff(ranks[0][method]["params"], reference) < 1e-9
-    assert _max_diff(ranks[0][method]["params"], ranks[1][method]["params"]) == 0
+    assert max_diff(ranks[0][method]["params"], reference) < 1e-9
+    assert max_diff(ranks[0][method]["params"], ranks[1][method]["params"]) == 0
 
 
 def test_per_rank_surgery_differs_under_fsdp2(ranks):
     """Proves the comparison can fail: deciding from half the batch changes the run."""
     reference = _train("mgda", slice(None))["params"]
-    assert _max_diff(ranks[0]["mgda/per-rank"]["params"], reference) > 1e-4
-    assert _max_diff(ranks[0]["mgda/per-rank"]["params"], ranks[1]["mgda/per-rank"]["params"]) == 0
+    assert max_diff(ranks[0]["mgda/per-rank"]["params"], reference) > 1e-4
+    assert max_diff(ranks[0]["mgda/per-rank"]["params"], ranks[1]["mgda/per-rank"]["params"]) == 0
