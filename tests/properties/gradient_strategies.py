@@ -11,8 +11,9 @@ KINDS = ("normal", "zero", "zero rows", "duplicated rows", "opposed rows", "rank
 
 
 @st.composite
-def gradient_matrices(draw, min_tasks: int = 1, max_tasks: int = 8) -> torch.Tensor:
-    """``K x N`` task gradients of one of :data:`KINDS`, scaled by ``10^e``, ``e`` in -12..12."""
+def gradient_matrices(draw, min_tasks: int = 1, max_tasks: int = 8, exponents: tuple[int, int] = (-12, 12)
+                      ) -> torch.Tensor:
+    """``K x N`` task gradients of one of :data:`KINDS`, scaled by ``10^e``, ``e`` in ``exponents``."""
     k = draw(st.integers(min_tasks, max_tasks))
     kind = draw(st.sampled_from(KINDS))
     n = draw(st.integers(1, max(1, k - 1))) if kind == "more tasks than dimensions" else draw(st.integers(1, 12))
@@ -32,7 +33,7 @@ def gradient_matrices(draw, min_tasks: int = 1, max_tasks: int = 8) -> torch.Ten
     elif kind == "norms 1e-2..1e2 apart":
         # further apart, the Gram's condition number exceeds what float64 resolves
         g = g * 10.0 ** (4 * torch.rand(k, 1, generator=gen, dtype=D) - 2)
-    return g * 10.0 ** draw(st.integers(-12, 12))
+    return g * 10.0 ** draw(st.integers(*exponents))
 
 
 @st.composite

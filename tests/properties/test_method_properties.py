@@ -63,10 +63,12 @@ def test_finite_on_degenerate_gradients(name, grads):
 
 @pytest.mark.parametrize("name", HOMOGENEOUS)
 @SETTINGS
-@given(grads=gradient_matrices(), exponent=st.sampled_from([-6, -3, -1, 1, 3, 6]))
+@given(grads=gradient_matrices(exponents=(-6, 6)), exponent=st.sampled_from([-6, -3, -1, 1, 3, 6]))
 def test_scale_behaviour(name, grads, exponent):
     """Positively homogeneous or scale-invariant, compared on the output's own scale (a
-    normalised update such as Nash-MTL's is compared with a tolerance on its norm)."""
+    normalised update such as Nash-MTL's is compared with a tolerance on its norm). The
+    scaled gradients stay within 1e-14..1e14, above the guards of the authors' code (e.g.
+    RotoGrad's norms clamped at 1e-15), which the finiteness test covers further out."""
     testing.assert_scale(_make(name), grads, factor=10.0 ** exponent)
 
 
