@@ -186,3 +186,10 @@ def test_methods_index_kinds_match_the_classes():
         cls = gs.methods.get(name)
         assert issubclass(cls, kinds[kind]), (name, kind)
         assert bool(getattr(cls, "rotation", False)) == (rotation == "rotation"), name
+
+
+def test_readme_stays_one_screen_per_idea():
+    """The README is the set-up, the loop, the method table and links (issue 12: about 250
+    lines); everything else belongs in a guide under docs/."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= 250, f"README.md has {len(lines)} lines; move the details into docs/"
