@@ -31,6 +31,7 @@ def test_every_method_is_created_with_its_defaults_and_each_listed_option(name):
     cls = gs.methods.get(name)
     method = gs.methods.create(name)
     assert type(method) is cls and cls.name == name
+    assert cls.__doc__ and cls.__module__ == f"gradsurgery.methods.{cls.__module__.rsplit('.', 1)[-1]}"
     assert sum(isinstance(method, kind) for kind in (gs.methods.GramWeighting, gs.methods.LossWeighting,
                                                      gs.methods.ElementWise)) == 1
     defaults = inspect.signature(cls.__init__).parameters
