@@ -131,10 +131,12 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
                                        or not 0 <= weight_ema < 1):
             raise ValueError(f"weight_ema must be a number in [0, 1) (the weight of the previous weights), "
                              f"got {weight_ema!r}")
-        if weight_ema is not None and self.kind is ElementWise:
+        if weight_ema is not None and self.kind is ElementWise and not self.method.has_weights:
             raise ValueError(f"weight_ema smooths a method's weights, but {self.method!r} combines the task "
                              "gradients element by element and has none; drop weight_ema")
         self.weight_ema = None if weight_ema is None else float(weight_ema)
+        if self.weight_ema is not None and self.kind is ElementWise:
+            self.method.smoothing = self._commit_smoothed
         self.distributed_exact = bool(distributed_exact)
         group = distributed.active_group(process_group)
         if group is not None and self.distributed_exact and not distributed.is_exact(self.method):
@@ -474,6 +476,12 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
             weights = self._smoothed(torch.ones_like(values) if weights is None else weights)
         return weights
 
+    def _commit_smoothed(self, weights: Tensor) -> Tensor:
+        """:meth:`_smoothed`, kept as the running weights (an element-wise method's step)."""
+        smoothed = self._smoothed(weights)
+        self._ema = smoothed.detach().clone()
+        return smoothed
+
     def _smoothed(self, weights: Tensor) -> Tensor:
         """``a lambda_{t-1} + (1 - a) lambdahat_t`` (``lambdahat_1`` at the first step)."""
         if self._ema is None:
@@ -499,7 +507,8 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
             self._prepared = True
         index = None if present is None else torch.tensor(present).nonzero().flatten().to(values.device)
         if self.kind is ElementWise:
-            return None, path.combine_elements(method, values, index, scaling)
+            combined = path.combine_elements(method, values, index, scaling)
+            return (method.last_weights.to(values.dtype) if method.has_weights else None), combined
         if self.kind is LossWeighting:
             method.update(values)
             if self.weight_ema is not None:

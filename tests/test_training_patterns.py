@@ -256,6 +256,29 @@ def test_weight_ema_smooths_the_weights_and_resumes(method):
         assert torch.equal(p, q)
 
 
+@pytest.mark.parametrize("method", ["modo", "sdmgrad", "excess_mtl"])
+def test_weight_ema_smooths_an_element_wise_methods_weights(method):
+    """Element-wise methods with weights: the weights they combine with are smoothed, their
+    own state is not (the same parameters, the same batch, several backward calls: the
+    smoothed run reports the EMA of the plain run's weights)."""
+    a = 0.6
+    model, x, ys = make(3, seed=9, batch=6)
+    plain_model = copy.deepcopy(model)
+    torch.manual_seed(1)
+    opt = gs.MultiTaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), method, num_tasks=3, weight_ema=a)
+    torch.manual_seed(1)
+    plain = gs.MultiTaskOptimizer(torch.optim.SGD(plain_model.parameters(), lr=0.0), method, num_tasks=3)
+    previous = None
+    for _ in range(3):  # lr 0: the same parameters every step
+        wrapped_step(plain_model, plain, x, ys)
+        wrapped_step(model, opt, x, ys)
+        hat = plain.stats["weights"]
+        assert torch.isfinite(hat).all()
+        expected = hat if previous is None else a * previous + (1 - a) * hat
+        torch.testing.assert_close(opt.stats["weights"], expected, rtol=1e-10, atol=1e-12)
+        previous = opt.stats["weights"].clone()
+
+
 def test_weight_ema_is_refused_for_element_wise_methods():
     model, x, ys = make(2)
     with pytest.raises(ValueError, match="element by element"):

@@ -33,7 +33,7 @@ parameters' objective into their ``.grad`` (see ``uw.py`` and ``gradnorm.py``).
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -162,7 +162,26 @@ class GramWeighting(Method):
 
 class ElementWise(Method):
     """A method that needs the task gradients' elements: ``g = combine(G, L, z)``. It
-    cannot decide from the global batch under ``torch.distributed`` (per-rank surgery)."""
+    cannot decide from the global batch under ``torch.distributed`` (per-rank surgery).
+
+    Element-wise methods that combine with task weights (MoDo's, SDMGrad's ``lambda``) set
+    ``has_weights = True`` and pass those weights through :meth:`use_weights`, so that the
+    optimizer's ``weight_ema`` smooths them and ``opt.stats["weights"]`` reports them.
+    """
+
+    has_weights: ClassVar[bool] = False
+    #: Set by the optimizer for ``weight_ema``: smooths the weights of :meth:`use_weights`.
+    smoothing: Callable[[Tensor], Tensor] | None = None
+    #: The weights of the last combination (``None`` for a method without weights).
+    last_weights: Tensor | None = None
+
+    def use_weights(self, weights: Tensor) -> Tensor:
+        """The ``K`` weights to combine with this step: ``weights`` smoothed by the
+        optimizer's ``weight_ema`` when it is on; kept in :attr:`last_weights`."""
+        if self.smoothing is not None:
+            weights = self.smoothing(weights)
+        self.last_weights = weights.detach()
+        return weights
 
     def combine(self, grads: Tensor, losses: Tensor, rep: Tensor | None) -> Tensor:
         """Returns the combined gradient, shaped like one task's gradient.

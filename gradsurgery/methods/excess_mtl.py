@@ -49,6 +49,8 @@ from .registry import register
 class ExcessMTL(ElementWise):
     """Exponentiated-gradient task weights driven by estimated excess risks."""
 
+    has_weights = True
+
     def __init__(self, robust_step_size: float = 1e-2, n_warmup_steps: int = 1):
         if not (isinstance(robust_step_size, (int, float)) and math.isfinite(robust_step_size)
                 and robust_step_size > 0):
@@ -94,7 +96,7 @@ class ExcessMTL(ElementWise):
             self.baseline = torch.where(known, self.baseline, excess)
             self.weights = k * torch.softmax(self.weights.log() + self.robust_step_size * ratio, 0)
         self.step += 1
-        scale = torch.where(alive, self.weights / torch.where(alive, previous, 1), 0)
+        scale = torch.where(alive, self.use_weights(self.weights) / torch.where(alive, previous, 1), 0)
         return torch.tensordot(scale.to(grads.dtype), grads, dims=1)
 
     def state_dict(self) -> dict[str, Any]:

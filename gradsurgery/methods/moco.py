@@ -38,6 +38,8 @@ from .registry import register
 class MoCo(ElementWise):
     """Tracked task gradients, weights by a softmax-mirror step on their Gram."""
 
+    has_weights = True
+
     levels = ("params",)
 
     def __init__(self, beta: float = 0.5, beta_sigma: float = 0.5, gamma: float = 0.1,
@@ -75,7 +77,7 @@ class MoCo(ElementWise):
         lambd = self.lambd
         lambd = torch.softmax(lambd - (self.gamma / t**self.gamma_sigma) * (gram(y) @ lambd + self.rho * lambd), 0)
         self.step, self.y, self.lambd = t, y, lambd
-        return (lambd @ y).to(grads.dtype).view(grads.shape[1:])
+        return (self.use_weights(lambd) @ y).to(grads.dtype).view(grads.shape[1:])
 
     def state_dict(self) -> dict[str, Any]:
         y = torch.empty(0, dtype=self.lambd.dtype) if self.y is None else self.y.clone()

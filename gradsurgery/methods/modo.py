@@ -78,6 +78,8 @@ def part_gradient(part: Tensor, batch: int) -> Tensor:
 class MoDo(ElementWise):
     """Projected-gradient task weights from a doubly sampled Gram."""
 
+    has_weights = True
+
     levels = ("rep",)
 
     def __init__(self, gamma: float = 0.1, rho: float = 0.1, samples: int = 2):
@@ -103,7 +105,7 @@ class MoDo(ElementWise):
         lambd = self.lambd
         cross = g1 @ (g2.T @ lambd)
         self.lambd = lambd = project_simplex(lambd - self.gamma * (cross + self.rho * lambd))
-        c = lambd.to(grads.dtype)
+        c = self.use_weights(lambd).to(grads.dtype)
         if self.samples == 2:
             return torch.tensordot(c, grads, dims=1)
         g = torch.zeros_like(grads[0])

@@ -47,6 +47,8 @@ from .registry import register
 class SDMGrad(ElementWise):
     """Direction-oriented weights by projected SGD on a triply sampled batch."""
 
+    has_weights = True
+
     levels = ("rep",)
 
     def __init__(self, lambda_: float = 0.3, n_iter: int = 20, lr: float = 10.0, momentum: float = 0.5,
@@ -98,7 +100,7 @@ class SDMGrad(ElementWise):
             velocity = step if velocity is None else self.momentum * velocity + step
             w = project_simplex(w - self.lr * velocity)
         self.w = w
-        c = (w + target) / (1 + self.lambda_)
+        c = self.use_weights((w + target) / (1 + self.lambda_))
         if self.reduction == "sum":
             c = c * self.num_tasks
         update = torch.tensordot(c.to(grads.dtype), zeta, dims=1) * (grads.shape[1] / zeta.shape[1])
