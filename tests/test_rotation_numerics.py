@@ -76,10 +76,10 @@ def test_zero_generator_gives_the_identity_and_passes_the_gradient():
 
 
 class _CountProducts(TorchDispatchMode):
-    """Counts matrix products (``bmm``, ``baddbmm``, ``mm``, ``addmm``) dispatched."""
+    """Counts matrix products (``bmm``, ``baddbmm``, ``mm``, ``addmm``, in place or not) dispatched."""
 
-    OPS = {torch.ops.aten.bmm.default, torch.ops.aten.baddbmm.default, torch.ops.aten.mm.default,
-           torch.ops.aten.addmm.default}
+    OPS = {torch.ops.aten.bmm.default, torch.ops.aten.baddbmm.default, torch.ops.aten.baddbmm_.default,
+           torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.addmm_.default}
 
     def __init__(self):
         super().__init__()

@@ -159,19 +159,18 @@ class _SkewExp(torch.autograd.Function):
             scale = ctx.scale
             for e in reversed(squares):
                 e = e.mT
-                g = torch.baddbmm(g @ e, e, g)
+                g = (g @ e).baddbmm_(e, g)
         d = _horner_adjoint(g, powers, horner, q, ctx.degree)
         # the powers' adjoints: only skew(dX^odd) and sym(dX^even) reach skew(dX)
-        d1 = d[1]
         if q >= 4:  # X^4 = X^2 X^2: sym(dX^2) += S X^2 + X^2 S, S = sym(dX^4)
-            d[2] = torch.baddbmm(d[2], d[4] + d[4].mT, powers[2])
+            d.baddbmm(2, d[4] + d[4].mT, powers[2], 1.0)
         if q >= 3:  # X^3 = X^2 X: sym(dX^2) += sym(-K X), skew(dX) += skew(X^2 K), K = skew(dX^3)
             k3 = d[3] - d[3].mT
-            d[2] = torch.baddbmm(d[2], k3, powers[1], alpha=-0.5)
-            d1 = torch.baddbmm(d1, powers[2], k3, alpha=0.5)
+            d.baddbmm(2, k3, powers[1], -0.5)
+            d.baddbmm(1, powers[2], k3, 0.5)
         if q >= 2:  # X^2 = X X: skew(dX) += -(S X - (S X)^T), S = sym(dX^2)
-            d1 = torch.baddbmm(d1, d[2] + d[2].mT, powers[1], alpha=-1)
-        return (d1 - d1.mT) * (0.5 * scale), None
+            d.baddbmm(1, d[2] + d[2].mT, powers[1], -1.0)
+        return (d[1] - d[1].mT).mul_(0.5 * scale), None
 
 
 def _norm1(x: Tensor) -> Tensor:
@@ -208,30 +207,49 @@ def _horner(powers: list, q: int, degree: int) -> tuple[list[Tensor], Tensor]:
     return saved, out
 
 
-def _horner_adjoint(g: Tensor, powers: list, saved, q: int, degree: int) -> list:
+class _Gradients(list):
+    """``d[i]``, the gradient of ``X^i``, accumulated in place once this object owns it
+    (never in a tensor it only aliases: the incoming gradient or ``dV``)."""
+
+    def __init__(self, q: int):
+        super().__init__([None] * (q + 1))
+        self.owned = [False] * (q + 1)
+
+    def add(self, i: int, value: Tensor, alpha: float) -> None:
+        if self[i] is None:
+            self[i], self.owned[i] = (value, False) if alpha == 1 else (value * alpha, True)
+        elif self.owned[i]:
+            self[i].add_(value, alpha=alpha)
+        else:
+            self[i], self.owned[i] = torch.add(self[i], value, alpha=alpha), True
+
+    def baddbmm(self, i: int, a: Tensor, b: Tensor, alpha: float) -> None:
+        """``d[i] += alpha a b``."""
+        if self[i] is None:
+            self[i], self.owned[i] = torch.bmm(a, b).mul_(alpha), True
+        elif self.owned[i]:
+            self[i].baddbmm_(a, b, alpha=alpha)
+        else:
+            self[i], self.owned[i] = torch.baddbmm(self[i], a, b, alpha=alpha), True
+
+
+def _horner_adjoint(g: Tensor, powers: list, saved, q: int, degree: int) -> _Gradients:
     """The gradients of ``X, .., X^q`` (index 1..q) from the gradient ``g`` of ``T_d``:
     the exact adjoint of :func:`_horner`."""
     c = _coefficients(degree)
     r = degree // q
     xq_t = powers[q].mT
-    d: list = [None] * (q + 1)
-
-    def add(i: int, value: Tensor, alpha: float) -> None:
-        if d[i] is None:
-            d[i] = value if alpha == 1 else value * alpha
-        else:
-            d[i] = torch.add(d[i], value, alpha=alpha)
-
+    d = _Gradients(q)
     dv = g  # dV_j
     for j in range(r - 1):
         sigma = c[q * (r - 1) + 1] if j == r - 2 else 1.0
         v_next = saved[r - 2 - j]  # V_{j+1} / sigma
         for i in range(1, q):
-            add(i, dv, c[q * j + i])
-        d[q] = dv @ v_next.mT * sigma if d[q] is None else torch.baddbmm(d[q], dv, v_next.mT, alpha=sigma)
+            d.add(i, dv, c[q * j + i])
+        d.baddbmm(q, dv, v_next.mT, sigma)
         dv = xq_t @ dv
     for i in range(1, q + 1):
-        add(i, dv, c[q * (r - 1) + i])
+        d.add(i, dv, c[q * (r - 1) + i])
     return d
 
 
