@@ -26,23 +26,22 @@ The properties (each an ``assert_*`` function raising ``AssertionError``):
   :class:`~gradsurgery.MultiTaskOptimizer` stay finite, and the optimizer resumes bit for bit
   from its checkpoint.
 
-Tolerances are derived from the compared quantity: two updates are compared with a tolerance
-``rtol * (||d|| + sum_k |c_k| ||g_k||)``, the size of the terms the update is summed from
-(rounding in that sum is the only error of an exact method), never from ``||G||`` alone: a
-normalised update is compared on its own scale.
+Tolerances are derived from the compared quantity: two updates are compared within
+``RTOL * (||d|| + sum_k |c_k| ||g_k||)``, the size of the terms the update is summed from
+(which bounds the rounding of the sum; ``RTOL = 1e-5`` also leaves room for the solvers'
+own tolerances, ~1e-6), never from ``||G||`` alone: a normalised update is compared on its
+own scale.
 """
 from __future__ import annotations
 
 import io
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
-from .methods import ElementWise, GramWeighting, LossWeighting, Method
-from .methods import registry
+from .methods import ElementWise, GramWeighting, LossWeighting, Method, registry
 
 __all__ = ["check_method", "Report", "factory_for", "degenerate_cases", "conflicting_gradients", "update",
            "assert_finite", "assert_scale", "assert_permutation", "assert_resume", "assert_trains", "is_random"]
