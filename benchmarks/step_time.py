@@ -461,6 +461,19 @@ than absolute times (both halves of a pair see the same load).
   matrix at a time (batched LAPACK LU hangs here) and cost about as much as the exponential of
   small generators, so Cayley pays off once the generators have grown (the trained rows),
   and for long runs or large `method_lr`; with fresh rotations the two cost the same.
+- **Where the rotations' time goes, and the gap to the targets.** Beyond plain's work, a
+  RotoGrad-family step does batched `K x m x m` products (each about one `8 x 256 x 256`
+  `bmm`, 1.3 ms on 2 quiet threads here, a tenth of plain's step): `R z` in `fork`, `R^T H` in
+  the task backward, `R r` and `(R r - H) r^T` for the alignment gradient, `B E` and `B^T G`
+  for the fixed base, and the exponential: forward and hand-written backward together 0
+  (`A = 0`), 5 (degree 4), 8 (degree 6), 11, 14, 16 (degree 16) products, plus 3 per
+  squaring (`gradsurgery/numerics/expm.py`). That is 11-14 products with fresh generators
+  and about 20 with trained ones, so about 2x plain is the floor of this parametrisation at
+  d = 256, K = 8 (`python benchmarks/profile_step.py --methods rotograd` shows the split).
+  The Cayley map replaces the exponential by one inverse per rotation plus two products.
+  Memory: the rotations' own state (`A`, its gradient, Adam's two moments, the base: 5 K m^2
+  floats, 10 MB here) and the step's `K x batch x d` gradients come on top of plain's 51 MB,
+  so the 1.3x target is not reachable by freeing the exponential's saved products alone.
 - Rotations wider than 256 act on a 256-wide subspace, except in the d = 1024, K = 2 rows.
 - The full run goes configuration by configuration (the targets' d = 256, K = 8 first)
   and starts no new one after `--max-minutes`; those left out are listed below the tables.
