@@ -463,7 +463,7 @@ than absolute times (both halves of a pair see the same load).
   and for long runs or large `method_lr`; with fresh rotations the two cost the same.
 - **Where the rotations' time goes, and the gap to the targets.** Beyond plain's work, a
   RotoGrad-family step does batched `K x m x m` products (each about one `8 x 256 x 256`
-  `bmm`, 1.3 ms on 2 quiet threads here, a tenth of plain's step): `R z` in `fork`, `R^T H` in
+  `bmm`, 1.3 ms on 2 quiet threads here, about 1/15 of plain's 20 ms step): `R z` in `fork`, `R^T H` in
   the task backward, `R r` and `(R r - H) r^T` for the alignment gradient, `B E` and `B^T G`
   for the fixed base, and the exponential: forward and hand-written backward together 0
   (`A = 0`), 5 (degree 4), 8 (degree 6), 11, 14, 16 (degree 16) products, plus 3 per
