@@ -193,3 +193,11 @@ def test_readme_stays_one_screen_per_idea():
     lines); everything else belongs in a guide under docs/."""
     lines = (ROOT / "README.md").read_text().splitlines()
     assert len(lines) <= 250, f"README.md has {len(lines)} lines; move the details into docs/"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=_page_id)
+def test_named_test_files_exist(page):
+    """A page that says which test checks something names a file that exists (tests move)."""
+    named = set(re.findall(r"\b(tests/[\w/]+\.py)\b", page.read_text()))
+    missing = sorted(path for path in named if not (ROOT / path).is_file())
+    assert not missing, f"{_page_id(page)} names test files that do not exist: {missing}"
