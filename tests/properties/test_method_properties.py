@@ -25,8 +25,8 @@ METHODS = gs.methods.available()
 NOT_HOMOGENEOUS: dict[str, str] = {
     "fairgrad": "its weights solve M x = x^(-1/alpha), so the update scales as a^((1-alpha)/(1+alpha)) "
                 "(a^(-1/3) at the default alpha=2) before the clipping to max_norm (OptMN-Lab/fairgrad)",
-    "pcd": "the gradients are normalised by sqrt(v + eps), v a moving average of their squared norms "
-           "(torchjd's PCDWeighting), homogeneous only for norms far above sqrt(eps)",
+    "pcd": "eps = 1e-8 is added to the moving average of the squared gradient norms before its inverse "
+           "square root (torchjd's PCD): homogeneous only for norms far above 1e-4",
     "db_mtl": "a constant 1e-8 is added to the gradient norms it divides by (LibMTL's DB_MTL.py)",
     "moco": "every task gradient is normalised as g / (||g|| + 1e-8) (LibMTL's MoCo.py): scale-invariant "
             "only for norms far above 1e-8",
