@@ -279,7 +279,7 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         gram, values = gram if total is None else total, values if reduced is None else reduced
         if checked and not bool(torch.isfinite(flag)):  # the one host read
             if not scaling.active:
-                self._raise_nonfinite(values, path, backbone_loss)
+                self._raise_nonfinite(values, loss_weights, path, backbone_loss)
             return self._skip_overflow(path, params, head_grads, scaling.apply(backbone_loss), values)
         # -- accepted: from here on the step changes state ------------------------------
         self._path = None
@@ -555,12 +555,16 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
             checks.append(backbone_loss.detach().reshape(1).to(values.dtype))
         return (torch.cat(checks) * 0).sum()
 
-    def _raise_nonfinite(self, values: Tensor, path, backbone_loss: Tensor | None) -> None:
+    def _raise_nonfinite(self, values: Tensor, loss_weights: Tensor | None, path,
+                         backbone_loss: Tensor | None) -> None:
         """Names what was not finite (a second look, after the one read said so)."""
         bad_loss = (~torch.isfinite(values)).nonzero().flatten().tolist()
         if bad_loss:
             raise ValueError(f"non-finite loss for task(s) {bad_loss} (values {values.tolist()}); "
                              "nothing was changed: skip this batch or lower the learning rate")
+        if loss_weights is not None and not bool(torch.isfinite(loss_weights).all()):
+            raise ValueError(f"the loss weights of {self.method!r} are not finite for the losses {values.tolist()}; "
+                             f"it needs {self.method.loss_domain or 'other losses'}. Nothing was changed")
         if backbone_loss is not None and not torch.isfinite(backbone_loss).all():
             raise ValueError("backbone_loss is not finite; nothing was changed")
         bad_task = (~torch.isfinite(path.rows()).all(1)).nonzero().flatten().tolist()

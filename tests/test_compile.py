@@ -17,7 +17,9 @@ FEATURES = 8
 
 #: built-ins whose weights break the graph by design (checked: the strict xfail fails if they stop breaking)
 HOST_READ = {"nash_mtl": "reads its solver's residual on the host once per solve, to raise when the "
-                         "bargaining problem has no solution (the design forbids silent reuse)"}
+                         "bargaining problem has no solution (the design forbids silent reuse)",
+             "fairgrad": "reads its solver's residual on the host once per solve, to raise when the "
+                         "fairness condition has no solution (as Nash-MTL)"}
 
 
 class Heads(nn.Module):

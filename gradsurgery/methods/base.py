@@ -52,6 +52,8 @@ class Method:
         levels: where the method can decide, its default first: ``"rep"`` (the task
             gradients w.r.t. the shared representation) and/or ``"params"`` (w.r.t. the
             shared parameters).
+        loss_domain: the losses the method's weights are defined for (e.g. "positive
+            losses"), named in the error when its loss weights come out non-finite.
         subset_safe: the method can decide over any subset of the tasks (it keeps no
             per-task state), so ``backward`` accepts ``None`` for a task absent from the
             batch: the method then sees the present tasks only, as if only they existed.
@@ -66,6 +68,7 @@ class Method:
     rotation: ClassVar[bool] = False
     subset_safe: ClassVar[bool] = False
     levels: ClassVar[tuple[str, ...]] = ("rep", "params")
+    loss_domain: ClassVar[str | None] = None
     weights_heads: bool = False
 
     num_tasks: int

@@ -10,10 +10,10 @@ LibMTL's ``GLS.backward``; its gradient weights task ``k`` by
 (computed in log space, so a product of many small or large losses neither underflows nor
 overflows). The losses are weighted -- heads and backbone alike -- and no Gram is computed.
 The losses must be positive: the geometric mean of a zero loss has an infinite gradient
-and that of a negative one is undefined. On the CPU a non-positive loss raises a
-``ValueError``; elsewhere (no host read: reading would wait for the device) its weights are
-NaN (all of them for a negative loss; the zero loss's for a zero one), which the step's
-finiteness check rejects (a ``FloatingPointError``, nothing changed).
+and that of a negative one is undefined. For such a loss the weights are NaN (all of them
+for a negative loss; the zero loss's for a zero one) and the step's finiteness check (its
+one host read) rejects the step with a ``ValueError`` that names :attr:`loss_domain`,
+before anything changed.
 No options. Level: loss weighting, the same at either level.
 """
 from __future__ import annotations
@@ -31,14 +31,10 @@ class GLS(LossWeighting):
 
     subset_safe = True
 
-    def loss_weights(self, losses: Tensor) -> Tensor:
-        if losses.device.type == "cpu" and not bool((losses > 0).all()):
-            raise ValueError(f"GLS needs positive losses (the geometric mean of a zero or negative loss has "
-                             f"no finite gradient), got {losses.tolist()}; shift or rescale the losses")
-        return self.unchecked_weights(losses)
+    loss_domain = ("positive losses (the geometric mean of a zero or negative loss has no finite gradient); "
+                   "shift or rescale the losses")
 
-    def unchecked_weights(self, losses: Tensor) -> Tensor:
-        """The weights without the check: NaN where a loss is 0 (its gradient is infinite),
-        everywhere if one is negative."""
+    def loss_weights(self, losses: Tensor) -> Tensor:
+        """NaN where a loss is 0 (its gradient is infinite), everywhere if one is negative."""
         log = losses.log()
         return torch.exp(log.mean() - log) / losses.numel()

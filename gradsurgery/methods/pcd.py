@@ -113,7 +113,7 @@ class PCD(GramWeighting):
         kkt = ((mu >= -tol) & (slack >= -tol) & (~active | (slack.abs() <= tol))).all(-1)
         objective = 0.5 * (small_matmul(mu, ms) * mu).sum(-1) - mu @ b
         best = torch.where(kkt, objective, torch.inf).argmin()
-        return torch.where(kkt.any(), mu[best].clamp_min(0), 0)
+        return torch.where(kkt.any(), mu.index_select(0, best.reshape(1))[0].clamp_min(0), 0)
 
     def state_dict(self) -> dict[str, Any]:
         return {"sq_norm_ema": self.sq_norm_ema.clone(), "n_steps": self.n_steps}

@@ -17,9 +17,9 @@ averaged into ``z``, fixed when that epoch ends. Defaults are the authors' (``mu
 alike, as the official code backpropagates the whole objective -- and no Gram is computed.
 
 Call ``opt.end_epoch()`` once per epoch, after its steps: without it STCH stays in its
-warm-up. The losses must be positive (their logarithms are taken): on the CPU a non-positive
-loss raises a ``ValueError``; elsewhere (no host read) its weight is NaN, which the step's
-finiteness check rejects (a ``FloatingPointError``, nothing changed). State (``state_dict``): the epoch, the running sum
+warm-up. The losses must be positive (their logarithms are taken): a non-positive loss's
+weight is NaN, and the step's finiteness check (its one host read) rejects the step with a
+``ValueError`` naming :attr:`loss_domain`, before anything changed. State (``state_dict``): the epoch, the running sum
 and count of the nadir epoch's losses, the nadir point. Level: loss weighting, the same at
 either level.
 """
@@ -57,13 +57,10 @@ class STCH(LossWeighting):
         self.count = 0
         self.nadir: Tensor | None = None
 
-    def loss_weights(self, losses: Tensor) -> Tensor:
-        if losses.device.type == "cpu" and not bool((losses > 0).all()):
-            raise ValueError(f"STCH needs positive losses (it takes their logarithms), got {losses.tolist()}")
-        return self.unchecked_weights(losses)
+    loss_domain = "positive losses (it takes their logarithms); shift or rescale the losses"
 
-    def unchecked_weights(self, losses: Tensor) -> Tensor:
-        """The weights without the check: NaN for a loss that is not positive."""
+    def loss_weights(self, losses: Tensor) -> Tensor:
+        """NaN for a loss that is not positive (the step is then rejected)."""
         positive = losses > 0
         if self.nadir is None:
             w = 1 / (losses + TINY)
@@ -71,7 +68,7 @@ class STCH(LossWeighting):
             z = self.nadir.to(losses.dtype)
             l = torch.log(losses / z + TINY)
             w = self.num_tasks * torch.softmax(l / self.mu, 0) / (losses + TINY * z)
-        return torch.where(positive, w, torch.nan)  # off the CPU: rejected by the step's finite check
+        return torch.where(positive, w, torch.nan)  # rejected by the step's finite check
 
     def update(self, losses: Tensor) -> None:
         if self.epoch == self.warmup_epoch:
