@@ -77,7 +77,6 @@ class PCD(GramWeighting):
         self.n_steps = 0
 
     def weights(self, gram: Tensor, losses: Tensor) -> Tensor:
-        k = gram.shape[0]
         m = gram.to(torch.float64)
         sq = m.diagonal()
         self.n_steps += 1

@@ -16,7 +16,6 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ..numerics.gram import gram  # noqa: F401  (the pipeline's Gram step, re-exported)
 
 
 def combine(coefficients: Tensor, grads: Tensor) -> Tensor:
