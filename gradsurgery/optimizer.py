@@ -1,6 +1,7 @@
 """``MultiTaskOptimizer``: wraps any ``torch.optim`` optimizer and drives the pipeline."""
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from typing import Any, Callable, Iterable, Sequence
 
@@ -171,9 +172,10 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         self._checked_graph = False  # the first backward walks the graphs (graph.check_readers)
         self._head_tasks: dict[int, int] = {}  # id(head parameter) -> its task, from that walk
         self._prepared = False  # prepare() ran for this optimizer step
-        self._micro_batches = 0  # backward calls since the last step
+        self._records: list[tuple] = []  # what each backward of this optimizer step saw (see stats)
+        self._step_done = True  # the next backward starts a new step's records
         self._ema: Tensor | None = None  # weight_ema's running weights
-        self.stats: dict[str, Tensor] = {}
+        self._stats: dict[str, Tensor] | None = {}
         for name in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
                      "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
                      "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks"):
@@ -289,13 +291,17 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
             alignment = path.align(gram, scaling.scale, sync) if isinstance(path, paths.RotatedPath) else None
             path.shared_backward(combined, backbone_loss)
         stages.accumulate(params, head_grads, self._head_scales(params, coefficients))
-        self._record_stats(values, gram, coefficients, present, alignment)
+        if self._step_done:
+            self._records, self._step_done = [], False
+        self._records.append((values, gram, None if coefficients is None else coefficients.detach(),
+                              present, alignment))
+        self._stats = None  # computed when read: nothing is spent on stats nobody reads
 
     def step(self, closure: Callable[[], float] | None = None):
         """Steps the wrapped optimizer (which also holds the method's parameters)."""
         loss = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
         self.method.after_step()
-        self._prepared, self._micro_batches = False, 0
+        self._prepared, self._step_done = False, True
         return loss
 
     def end_epoch(self) -> None:
@@ -584,7 +590,8 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         path.nan_backward(backbone_loss)
         stages.accumulate(params, head_grads)
         amp.mark_overflow(self._own_params())
-        self.stats = {"losses": values, "overflow": torch.ones((), dtype=torch.bool)}
+        self._records, self._step_done = [], True
+        self._stats = {"losses": values, "overflow": torch.ones((), dtype=torch.bool)}
 
     def _own_params(self) -> list[Tensor]:
         """The method's parameters and the rotations' (the group stepped at ``method_lr``)."""
@@ -599,15 +606,28 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         sync.begin_step(self.num_tasks, self.method)
         return sync
 
+    @property
+    def stats(self) -> dict[str, Tensor]:
+        """What the backward calls of the last optimizer step saw and decided (detached
+        tensors; see the class docstring), computed when first read after a step."""
+        if self._stats is None:
+            records = [self._record_stats(*record) for record in self._records]
+            n = len(records)
+            self._stats = {key: functools.reduce(torch.logical_or, [r[key] for r in records])
+                           if records[0][key].dtype == torch.bool else sum(r[key] for r in records) / n
+                           for key in records[0]}
+            self._stats["micro_batches"] = torch.tensor(n)
+        return self._stats
+
     def _record_stats(self, values: Tensor, gram: Tensor | None, coefficients: Tensor | None,
-                      present: list[bool] | None, alignment: Tensor | None) -> None:
-        """:attr:`stats` of this ``backward``, the same keys for every method (NaN for what
-        was not measured or absent); averaged over the micro-batches of one step."""
+                      present: list[bool] | None, alignment: Tensor | None) -> dict[str, Tensor]:
+        """The stats of one ``backward``, the same keys for every method (NaN for what was
+        not measured or absent)."""
         k = self.num_tasks
         nan = values.new_full((k,), float("nan"))
         mask = None if present is None else torch.tensor(present, device=values.device)
         stats = {"losses": values if mask is None else nan.masked_scatter(mask, values),
-                 "weights": nan if coefficients is None else coefficients.detach().to(values.dtype).clone(),
+                 "weights": nan if coefficients is None else coefficients.to(values.dtype).clone(),
                  "grad_norms": nan if gram is None else norms(gram).to(values.dtype),
                  "cosines": nan[:, None].expand(k, k).clone() if gram is None else cosines(gram).to(values.dtype),
                  "present": torch.ones(k, dtype=torch.bool, device=values.device) if mask is None else mask}
@@ -617,13 +637,7 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
             stats["cosines"] = stats["cosines"].masked_fill(absent[:, None] | absent[None, :], float("nan"))
         if alignment is not None:
             stats["rotation_losses"] = alignment
-        n = self._micro_batches
-        if n and self.stats.keys() - {"micro_batches"} == stats.keys():
-            stats = {key: (value | self.stats[key]) if value.dtype == torch.bool
-                     else (self.stats[key] * n + value) / (n + 1) for key, value in stats.items()}
-        self._micro_batches = n + 1
-        stats["micro_batches"] = torch.tensor(self._micro_batches)
-        self.stats = stats
+        return stats
 
 
 def _subset_methods() -> list[str]:
