@@ -278,3 +278,29 @@ def test_cli_user_code_errors(user_code, capsys, monkeypatch, extra, match):
     monkeypatch.setattr(runner, "train_one", forbidden)
     assert cli.main(["compare", "--out", str(user_code / "o"), "--quiet", "--no-plots", *extra]) == 2
     assert match in capsys.readouterr().err
+
+
+def test_runs_mark_epochs_and_hand_famo_its_post_step_losses():
+    """The runner calls ``opt.end_epoch()`` after each epoch (DWA's, STCH's statistics) and,
+    for methods that learn from the losses after the step (FAMO), ``opt.observe`` after each
+    step with the same batch re-evaluated."""
+    calls = {"epochs": 0, "observed": []}
+
+    @gs.methods.register("test_counting_observer")
+    class CountingObserver(gs.methods.LossWeighting):
+        observes_losses = True
+
+        def end_epoch(self):
+            calls["epochs"] += 1
+
+        def observe(self, losses):
+            calls["observed"].append(losses.clone())
+
+    try:
+        r = gs.compare(FeatureMaps(), ["test_counting_observer"], seeds=[0], epochs=3, progress=False)
+    finally:
+        registry._REGISTRY.pop("test_counting_observer")
+    run = r.runs_of("test_counting_observer")[0]
+    assert run.ok, run.error
+    assert calls["epochs"] == 3 and len(calls["observed"]) == run.steps == 6
+    assert all(o.shape == (2,) and torch.isfinite(o).all() for o in calls["observed"])

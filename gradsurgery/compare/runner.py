@@ -189,12 +189,17 @@ def train_one(bench: Any, method: str, seed: int, epochs: int, options: Mapping[
                 opt.backward(losses)
                 _record(opt.stats, len(heads), cosines, weights)  # what this step decided
                 opt.step()
+                if opt.method.observes_losses:  # FAMO learns from the same batch's losses after the step
+                    with torch.no_grad():
+                        opt.observe(bench.losses([head(v) for head, v in zip(heads, opt.fork(backbone(x)))],
+                                                 targets))
                 loss_sum += values
                 steps += 1
                 if run.steps + steps == 1:  # restart the clock after the very first step
                     start = clock()
                 if track is not None:
                     tracked.append(track(backbone))
+            opt.end_epoch()  # DWA's and STCH's epoch-level statistics
         except Exception as err:  # noqa: BLE001 - a method's failure is recorded, not fatal
             _stop(run, err, values, modules.parameters())
         _sync(loss_sum)

@@ -52,6 +52,9 @@ class Method:
         levels: where the method can decide, its default first: ``"rep"`` (the task
             gradients w.r.t. the shared representation) and/or ``"params"`` (w.r.t. the
             shared parameters).
+        observes_losses: the method learns from the losses measured after each step
+            (:meth:`observe`; FAMO), so a training loop that runs many methods (the compare
+            tool) re-evaluates the batch for it.
         loss_domain: the losses the method's weights are defined for (e.g. "positive
             losses"), named in the error when its loss weights come out non-finite.
         subset_safe: the method can decide over any subset of the tasks (it keeps no
@@ -69,6 +72,7 @@ class Method:
     subset_safe: ClassVar[bool] = False
     levels: ClassVar[tuple[str, ...]] = ("rep", "params")
     loss_domain: ClassVar[str | None] = None
+    observes_losses: ClassVar[bool] = False
     weights_heads: bool = False
 
     num_tasks: int

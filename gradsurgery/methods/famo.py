@@ -41,6 +41,8 @@ EPS = 1e-8
 class FAMO(LossWeighting):
     """Loss weights whose logits follow the observed log-loss decreases."""
 
+    observes_losses = True
+
     def __init__(self, w_lr: float = 0.025, gamma: float = 1e-3,
                  min_losses: Sequence[float] | None = None):
         if not w_lr > 0:
