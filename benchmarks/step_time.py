@@ -460,7 +460,8 @@ than absolute times (both halves of a pair see the same load).
   compare the `cayley` rows with the `expm` rows above. On this CPU build the inverses run one
   matrix at a time (batched LAPACK LU hangs here) and cost about as much as the exponential of
   small generators, so Cayley pays off once the generators have grown (the trained rows),
-  and for long runs or large `method_lr`; with fresh rotations the two cost the same.
+  and for long runs or large `method_lr`; with fresh rotations the exponential is as cheap or
+  slightly cheaper.
 - **Where the rotations' time goes, and the gap to the targets.** Beyond plain's work, a
   RotoGrad-family step does batched `K x m x m` products (each about one `8 x 256 x 256`
   `bmm`, 1.3 ms on 2 quiet threads here, about 1/15 of plain's 20 ms step): `R z` in `fork`, `R^T H` in
