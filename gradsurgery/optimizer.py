@@ -355,7 +355,8 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         return {"optimizer": self.optimizer.state_dict(), "method": self.method.state_dict(),
                 "generator": self.generator.get_state(), "num_tasks": self.num_tasks, "weight_ema": self._ema,
                 "rotation": None if self.rotations is None else
-                {"coop": self.rotations.coop, **{k: v.clone() for k, v in self.rotations.state_dict().items()}}}
+                {"coop": self.rotations.coop, "param": self._rotation_param_name(),
+                 **{k: v.clone() for k, v in self.rotations.state_dict().items()}}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("num_tasks") != self.num_tasks:
@@ -364,15 +365,26 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         if (state_dict.get("rotation") is None) != (self.rotations is None):
             raise ValueError("this checkpoint and this optimizer disagree on rotations (one has them, the "
                              "other not); build the optimizer with the same method and rotation= option")
+        saved_param = (state_dict.get("rotation") or {}).get("param", "expm")
+        if self.rotations is not None and saved_param != self._rotation_param_name():
+            raise ValueError(f"this checkpoint's rotations are parametrised by {saved_param!r}, this optimizer's by "
+                             f"{self._rotation_param_name()!r}: the same generators give other rotations; build the "
+                             f"optimizer with rotation_param={saved_param!r}")
         self.optimizer.load_state_dict(state_dict["optimizer"])
         self.method.load_state_dict(state_dict["method"])
         self.generator.set_state(state_dict["generator"])
         if self.rotations is not None:
             saved = dict(state_dict["rotation"])
+            saved.pop("param", None)
             self.rotations.coop = saved.pop("coop")
             self.rotations.load_state_dict(saved)
         self._ema = state_dict.get("weight_ema")
         self._path = None
+
+    def _rotation_param_name(self) -> str:
+        """The rotations' parametrisation as saved in ``state_dict`` (a user function: its name)."""
+        param = self.rotations.param
+        return param if isinstance(param, str) else getattr(param, "__qualname__", "custom")
 
     def __repr__(self) -> str:
         return (f"MultiTaskOptimizer(method={self.method!r}, num_tasks={self.num_tasks},\n"

@@ -220,3 +220,23 @@ def test_ddp_equals_single_process_on_global_batch(tmp_path):
         assert max_diff(ranks[0][method], reference) < 1e-6, method
         assert all(torch.equal(a, b) for a, b in zip(ranks[0][method], ranks[1][method])), method
         assert reference[-1].abs().max().item() > 0  # the rotations were trained
+
+
+def test_checkpoint_of_another_parametrisation_is_refused_and_nothing_changes():
+    """The same generators give other rotations under the other map: a Cayley checkpoint
+    loaded into an exponential optimizer is refused before anything is restored."""
+    import copy
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(3))]
+    cay = gs.MultiTaskOptimizer(torch.optim.SGD(params, lr=0.1), "rotograd", num_tasks=2, rep_size=4,
+                                rotation_param="cayley")
+    exp = gs.MultiTaskOptimizer(torch.optim.SGD([torch.nn.Parameter(torch.randn(3))], lr=0.1), "rotograd",
+                                num_tasks=2, rep_size=4)
+    saved = cay.state_dict()
+    assert saved["rotation"]["param"] == "cayley"
+    before = copy.deepcopy(exp.state_dict())
+    with pytest.raises(ValueError, match="rotation_param='cayley'"):
+        exp.load_state_dict(saved)
+    after = exp.state_dict()
+    assert all(torch.equal(after["rotation"][k], v) for k, v in before["rotation"].items() if isinstance(v, torch.Tensor))
+    cay.load_state_dict(copy.deepcopy(saved))  # the same parametrisation loads

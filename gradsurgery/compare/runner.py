@@ -23,7 +23,7 @@ from .results import TIME_REFERENCE, Results, Run
 #: ``rotation_shape`` and ``post_shape`` shape the rotations of rotation methods (e.g. the
 #: channels of a feature map: ``rotation_shape=C, post_shape=(H, W)``), ``rotation=True``
 #: adds rotations to any method.
-OPTIMIZER_OPTIONS = ("method_lr", "level", "rotation", "rep_size", "rotation_shape", "post_shape")
+OPTIMIZER_OPTIONS = ("method_lr", "level", "rotation", "rep_size", "rotation_shape", "post_shape", "rotation_param")
 #: Where the methods decide (:class:`MultiTaskOptimizer`'s ``level``).
 LEVELS = ("rep", "params")
 _PROTOCOL = ("tasks", "metrics", "higher_is_better", "rep_size", "build", "optimizer",
