@@ -1,6 +1,6 @@
 """The benchmark script runs end to end (``--smoke``: tiny model, one configuration) and
 its table and JSON have the promised structure. Times are not checked: this is about the
-script, the performance itself is guarded by tests/test_structural_guards.py."""
+script, the performance itself is guarded by tests/test_cost_model.py."""
 import json
 import subprocess
 import sys
@@ -34,8 +34,9 @@ def test_every_registered_method_has_a_row(smoke):
     rep = {r["method"] for r in report["records"] if r["lib"] == "gradsurgery" and r["level"] == "rep"}
     assert rep == set(gs.methods.available())
     for r in report["records"]:
-        if r["lib"] == "gradsurgery" and r["level"] == "rep":
-            assert "time_ratio" in r and "memory_ratio" in r, (r["key"], r.get("notes"))
+        if r["lib"] == "gradsurgery" and r["level"] == "rep":  # measured, or its defaults need more tasks
+            needs_tasks = "needs at least 3 tasks" in " ".join(r.get("notes", []))  # (Krum, TrimmedMean at K=2)
+            assert ("time_ratio" in r and "memory_ratio" in r) or needs_tasks, (r["key"], r.get("notes"))
 
 
 def test_reference_rows_are_measured_or_explained(smoke):
@@ -80,7 +81,8 @@ def test_table_matches_json(smoke):
             assert row[1] == "skipped"
     machine = report["machine"]
     assert machine["cpu"] and machine["torch_threads"] == 1
-    assert "Machine: " in markdown and "1 threads" in markdown and "OMP_WAIT_POLICY=PASSIVE" in markdown
+    assert "Machine: " in markdown and "1 threads" in markdown
+    assert "OpenMP/MKL environment variables" in markdown and "OMP_WAIT_POLICY=PASSIVE" not in markdown
 
 
 def test_targets_are_listed(smoke):
