@@ -510,8 +510,8 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         """The Gram the method decides from (and the stats report), when it needs one."""
         if isinstance(path, paths.ParamsPath):
             path.build_jacobian(retain_graph=retain)
-        if path.summed or (self.kind is LossWeighting and not isinstance(path, paths.RotatedPath)):
-            return None
+        if self.kind is LossWeighting and not isinstance(path, paths.RotatedPath):
+            return None  # the task gradients are only added up (SummedPath); rotations need the Gram
         return path.gram()
 
     def _decide(self, path, gram: Tensor | None, values: Tensor, present: list[bool] | None,

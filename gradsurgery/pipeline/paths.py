@@ -40,8 +40,6 @@ class StackedPath:
     autograd call returns every task's gradient stacked.
     """
 
-    summed = False
-
     def __init__(self, shared: Sequence[Tensor], num_tasks: int, single: bool):
         self.shared, self.num_tasks, self.single = tuple(shared), num_tasks, single
         self.leaves = self._leaves()
@@ -114,8 +112,6 @@ class SummedPath(StackedPath):
     gradients of a shared input in plain backward (the last task's first), so that
     ``sum`` equals plain backward bit for bit. :attr:`grads` holds the sums; the per-task
     gradients stay in :attr:`task_grads` until the finite check (to name a bad task)."""
-
-    summed = True
 
     def __init__(self, shared: Sequence[Tensor], num_tasks: int, single: bool):
         self.by_tensor = [[t.detach().requires_grad_() for _ in range(num_tasks)] for t in shared]
