@@ -77,21 +77,8 @@ class UPGrad(GramWeighting):
 
     def project(self, gram: Tensor, u: Tensor) -> Tensor:
         """``v = argmin_{v >= u} v^T M v`` for each row of ``u``, on the (regularised) Gram
-        scaled to a unit diagonal, ``M' = S^{-1} M S^{-1}``, ``S = diag(sqrt(M_kk))``, and
-        ``v = S^{-1} v'`` with ``v' = argmin_{v' >= S u} v'^T M' v'`` (the same problem): the
-        solver's tolerance then holds for every task's constraint, whatever its gradient's
-        norm (without it, with norms 1e-3..1e3 a small task's constraint was lost in
-        rounding and the result conflicted with it, cosine -0.9). A zero row keeps scale 1.
-        Each row of ``S u`` is divided by its largest entry and the result multiplied back
-        (``v`` is positively homogeneous in ``u``), so tiny gradients keep their constraints."""
-        m = self.regularized(gram)
-        diag = m.diagonal()
-        scale = torch.where(diag > 0, diag.clamp_min(0).sqrt(), 1)
-        target = u * scale  # each row brought to unit size too (v is linear in u): the solver's
-        size = target.abs().amax(-1, keepdim=True)  # tolerances are on that scale
-        size = torch.where(size > 0, size, 1)
-        v = project_dual_cone(m / (scale[:, None] * scale[None, :]), target / size) * size
-        return v / scale
+        (:func:`~gradsurgery.numerics.qp.project_dual_cone`, exact and scale-robust)."""
+        return project_dual_cone(self.regularized(gram), u)
 
     def weights(self, gram: Tensor, losses: Tensor) -> Tensor:
         return self.project(gram, torch.diag(self.preferences(gram))).sum(0)

@@ -139,7 +139,12 @@ def project_dual_cone(gram: Tensor, u: Tensor, iterations: int = 100) -> Tensor:
     (the dual of the projection problem, Quinton & Rey 2024, Prop. 1). Returns ``v``
     (``R x K``). KKT: ``M v >= 0`` (so ``<g_k, G^T v> >= 0``: no task conflicts with the
     result) with ``(M v)_k = 0`` where ``v_k > u_k``. Solved exactly, without regularising
-    ``M``, in float64 on the normalised Gram: for ``K <= DUAL_CONE_ENUMERATION_MAX_TASKS``
+    ``M``, in float64 on the same problem rescaled so that the solver's tolerances hold for
+    every task's constraint whatever its gradient's norm: the Gram scaled to a unit
+    diagonal, ``M' = S^-1 M S^-1`` with ``S = diag(sqrt(M_kk))`` (1 for a zero row), and each
+    row of ``S u`` divided by its largest entry (``v`` is positively homogeneous in ``u``);
+    ``v = S^-1 v'``. (Without it, norms 1e-3..1e3 apart, or opposed 1e-10-sized gradients,
+    left a small task in conflict with the result.) For ``K <= DUAL_CONE_ENUMERATION_MAX_TASKS``
     every free set ``F`` gets ``v_F = -M_FF^+ M_FA u_A``, ``v_A = u_A``; the candidate meeting
     the KKT conditions (primal and dual feasibility, to 1e-10 relative) with the least
     objective is returned. For larger ``K``, ``iterations`` steps of accelerated projected
@@ -147,8 +152,14 @@ def project_dual_cone(gram: Tensor, u: Tensor, iterations: int = 100) -> Tensor:
     system on it gives the point (kept when it meets the KKT conditions).
     """
     k = gram.shape[0]
-    m = normalized64(gram)
-    u64 = u.to(torch.float64)
+    m = gram.to(torch.float64)
+    diag = m.diagonal()
+    scale = torch.where(diag > 0, diag.clamp_min(0).sqrt(), 1)
+    m = m / (scale[:, None] * scale[None, :])
+    u64 = u.to(torch.float64) * scale
+    size = u64.abs().amax(-1, keepdim=True)
+    size = torch.where(size > 0, size, 1)
+    u64 = u64 / size
     if k <= DUAL_CONE_ENUMERATION_MAX_TASKS:
         free = torch.cat([torch.zeros(1, k, dtype=torch.bool, device=m.device), supports(k, m.device)])
         v = _box_candidates(m, u64[:, None, :].expand(-1, free.shape[0], -1), free[None].expand(u64.shape[0], -1, -1))
@@ -169,7 +180,7 @@ def project_dual_cone(gram: Tensor, u: Tensor, iterations: int = 100) -> Tensor:
         tol = 1e-10 * (1 + u64.abs().amax(-1, keepdim=True))
         ok = ((polished >= u64 - tol) & (mv >= -tol)).all(-1, keepdim=True)
         v = torch.where(ok, polished, v)
-    return torch.maximum(v, u64).to(gram.dtype)
+    return (torch.maximum(v, u64) * size / scale).to(gram.dtype)
 
 
 def _box_candidates(m: Tensor, u: Tensor, free: Tensor) -> Tensor:
