@@ -13,7 +13,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from . import methods
-from .logging import stats_to_scalars
+from .stats import stats_to_scalars
 from .optimizer import MultiTaskOptimizer
 
 if TYPE_CHECKING:

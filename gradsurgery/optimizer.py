@@ -1,18 +1,19 @@
 """``MultiTaskOptimizer``: wraps any ``torch.optim`` optimizer and drives the pipeline."""
 from __future__ import annotations
 
-import functools
 from collections import OrderedDict
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
 
-from .methods import ElementWise, LossWeighting, Method, available, create, get, kind_of
-from .numerics.gram import compute_dtype, cosines, norms
-from .pipeline import graph, paths, stages
+from .methods import ElementWise, Method, available, create, get, kind_of
+from .methods.smoothed import Smoothed
+from .numerics.gram import compute_dtype
+from .pipeline import checks, graph, paths, stages
 from .pipeline import rotation as rot
 from .scale import amp, distributed
+from .stats import StepRecord, step_stats
 
 
 class MultiTaskOptimizer(torch.optim.Optimizer):
@@ -128,16 +129,9 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         if shared_params is not None and self.level != "params":
             raise ValueError("shared_params only applies with level='params' (the representation level "
                              "trains the backbone through z); pass level='params' or drop shared_params")
-        if weight_ema is not None and (isinstance(weight_ema, bool) or not isinstance(weight_ema, (int, float))
-                                       or not 0 <= weight_ema < 1):
-            raise ValueError(f"weight_ema must be a number in [0, 1) (the weight of the previous weights), "
-                             f"got {weight_ema!r}")
-        if weight_ema is not None and self.kind is ElementWise and not self.method.has_weights:
-            raise ValueError(f"weight_ema smooths a method's weights, but {self.method!r} combines the task "
-                             "gradients element by element and has none; drop weight_ema")
-        self.weight_ema = None if weight_ema is None else float(weight_ema)
-        if self.weight_ema is not None and self.kind is ElementWise:
-            self.method.smoothing = self._commit_smoothed
+        #: What decides each step: the method, or the method with its weights smoothed.
+        self.decider: Method | Smoothed = self.method if weight_ema is None else Smoothed(self.method, weight_ema)
+        self.weight_ema = self.decider.alpha if isinstance(self.decider, Smoothed) else None
         self.distributed_exact = bool(distributed_exact)
         group = distributed.active_group(process_group)
         if group is not None and self.distributed_exact and not distributed.is_exact(self.method):
@@ -168,13 +162,12 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
             optimizer.add_param_group(group)
         self._method_params = {id(p) for p in own}
 
-        self._path: paths.StackedPath | paths.ParamsPath | None = None
+        self._path: paths.Path | None = None
         self._checked_graph = False  # the first backward walks the graphs (graph.check_readers)
         self._head_tasks: dict[int, int] = {}  # id(head parameter) -> its task, from that walk
         self._prepared = False  # prepare() ran for this optimizer step
-        self._records: list[tuple] = []  # what each backward of this optimizer step saw (see stats)
+        self._records: list[StepRecord] = []  # what each backward of this optimizer step saw (see stats)
         self._step_done = True  # the next backward starts a new step's records
-        self._ema: Tensor | None = None  # weight_ema's running weights
         self._stats: dict[str, Tensor] | None = {}
         for name in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
                      "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
@@ -236,7 +229,8 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         if not all(t.requires_grad for t in shared):
             raise ValueError("fork(z): z does not require grad, so the backbone cannot be trained "
                              "through it; pass the backbone's output (or wrap evaluation in torch.no_grad())")
-        self._path = self._new_path(shared, single)
+        self._path = paths.new_path(self.method, shared, self.num_tasks, single, rotations=self.rotations,
+                                    shared_params=(lambda: self._shared_for(shared)) if self.level == "params" else None)
         return self._path.views
 
     def backward(self, losses: Sequence[Tensor | None], *, backbone_loss: Tensor | None = None,
@@ -263,39 +257,42 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         :mod:`gradsurgery.scale.distributed`), so every rank must call ``backward`` every step.
         """
         path = self._pending_path()
-        stacked, present = self._validate(losses, backbone_loss)
-        values = stacked.detach().to(compute_dtype(stacked.dtype))
+        loss_vector, present = self._validate(losses, backbone_loss)  # still in the graph
+        task_losses = loss_vector.detach().to(compute_dtype(loss_vector.dtype))
         scaling = amp.Scaling.of(scaler, path.shared[0].device)
         sync = self._sync_for_step()
-        values = sync.losses(values) if self._decides_from_losses(sync) else values
-        loss_weights = self._loss_weights(values)
-        objective = stacked.sum() if loss_weights is None else (stacked * loss_weights.to(stacked.dtype)).sum()
-        params = self._head_params()
-        head_grads = path.task_gradients(scaling.apply(objective), params)
-        gram = scaling.unscale_gram(self._gram(path, backbone_loss is not None or scaling.active))
+        if self._decides_from_losses(sync):
+            task_losses = sync.losses(task_losses)
+        loss_weights = self.decider.step_loss_weights(task_losses)  # pure
+        objective = (loss_vector if loss_weights is None else loss_vector * loss_weights.to(loss_vector.dtype)).sum()
+        head_params = self._head_params()
+        head_grads = path.task_gradients(scaling.scaled(objective), head_params)
+        gram = scaling.unscale_gram(path.gram(needed=self.method.uses_gram,
+                                              retain_graph=backbone_loss is not None or scaling.active))
         checked = self.check_finite or scaling.active
-        flag = self._finite_flag(values, path, gram, head_grads, backbone_loss) if checked else values.new_zeros(())
+        flag = (checks.finite_flag(task_losses, path, gram, head_grads, backbone_loss) if checked
+                else task_losses.new_zeros(()))
         total, reduced, flag, head_grads = sync.reduce(  # one all-reduce (identity when single-process)
-            gram if sync.exact else None, values if sync.exact and not self._decides_from_losses(sync) else None,
-            flag, head_grads)
-        gram, values = gram if total is None else total, values if reduced is None else reduced
+            gram if sync.exact else None,
+            task_losses if sync.exact and not self._decides_from_losses(sync) else None, flag, head_grads)
+        gram, task_losses = gram if total is None else total, task_losses if reduced is None else reduced
         if checked and not bool(torch.isfinite(flag)):  # the one host read
             if not scaling.active:
-                self._raise_nonfinite(values, loss_weights, path, backbone_loss)
-            return self._skip_overflow(path, params, head_grads, scaling.apply(backbone_loss), values)
+                checks.raise_nonfinite(task_losses, loss_weights, path, backbone_loss, self.method,
+                                       self.distributed.world_size)
+            return self._skip_overflow(path, head_params, head_grads, scaling.scaled(backbone_loss), task_losses)
         # -- accepted: from here on the step changes state ------------------------------
         self._path = None
         with scaling.method_grads(self._own_params()):
-            coefficients, combined = self._decide(path, gram, values, present, loss_weights, scaling)
-            backbone_loss = scaling.apply(self._weighted_backbone_loss(backbone_loss))
-            alignment = path.align(gram, scaling.scale, sync) if isinstance(path, paths.RotatedPath) else None
+            self._prepare_step()
+            index = None if present is None else torch.tensor(present).nonzero().flatten().to(task_losses.device)
+            coefficients, combined = self.decider.decide(path, gram, task_losses, index, loss_weights, scaling)
+            backbone_loss = scaling.scaled(self._weighted_backbone_loss(backbone_loss))
+            alignment = path.align(gram, scaling.scale, sync)
             path.shared_backward(combined, backbone_loss)
-        stages.accumulate(params, head_grads, self._head_scales(params, coefficients))
-        if self._step_done:
-            self._records, self._step_done = [], False
-        self._records.append((values, gram, None if coefficients is None else coefficients.detach(),
-                              present, alignment))
-        self._stats = None  # computed when read: nothing is spent on stats nobody reads
+        stages.accumulate(head_params, head_grads, self._head_scales(head_params, coefficients))
+        self._record(StepRecord(task_losses, gram, None if coefficients is None else coefficients.detach(),
+                                present, alignment))
 
     def step(self, closure: Callable[[], float] | None = None):
         """Steps the wrapped optimizer (which also holds the method's parameters)."""
@@ -415,18 +412,7 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
                              "no gradient; pass every backbone parameter as shared_params (or leave it None)")
         return self.shared_params, complete
 
-    def _new_path(self, shared: list[Tensor], single: bool):
-        """The path this step takes, by the method's kind (see :mod:`gradsurgery.pipeline.paths`)."""
-        k = self.num_tasks
-        if self.rotations is not None:
-            return paths.RotatedPath(self.rotations, shared, k, single)
-        if self.kind is LossWeighting:  # g = sum_k w_k g_k added up as plain backward (float32/64)
-            exact_sum = all(t.dtype == compute_dtype(t.dtype) for t in shared)
-            return (paths.SummedPath if exact_sum else paths.StackedPath)(shared, k, single)
-        inner = paths.StackedPath(shared, k, single)
-        return paths.ParamsPath(inner, *self._shared_for(shared)) if self.level == "params" else inner
-
-    def _pending_path(self):
+    def _pending_path(self) -> paths.Path:
         if self._path is None:
             raise RuntimeError("backward() was called without fork(); call views = opt.fork(z) on the "
                                "backbone's output and compute the task losses from those views")
@@ -486,63 +472,21 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         distributed surgery the global losses are needed before the task backward."""
         return sync.exact and type(self.method).loss_weights is not Method.loss_weights
 
-    def _loss_weights(self, values: Tensor) -> Tensor | None:
-        """The weights the losses are multiplied by (pure; ``weight_ema`` previews its
-        smoothing for loss-weighting methods, committed in :meth:`_decide`)."""
-        weights = self.method.loss_weights(values)
-        if self.weight_ema is not None and self.kind is LossWeighting:
-            weights = self._smoothed(torch.ones_like(values) if weights is None else weights)
-        return weights
+    @property
+    def _ema(self) -> Tensor | None:
+        """``weight_ema``'s running weights (the checkpoint's ``"weight_ema"``)."""
+        return self.decider.running if isinstance(self.decider, Smoothed) else None
 
-    def _commit_smoothed(self, weights: Tensor) -> Tensor:
-        """:meth:`_smoothed`, kept as the running weights (an element-wise method's step)."""
-        smoothed = self._smoothed(weights)
-        self._ema = smoothed.detach().clone()
-        return smoothed
+    @_ema.setter
+    def _ema(self, running: Tensor | None) -> None:
+        if isinstance(self.decider, Smoothed):
+            self.decider.running = running
 
-    def _smoothed(self, weights: Tensor) -> Tensor:
-        """``a lambda_{t-1} + (1 - a) lambdahat_t`` (``lambdahat_1`` at the first step)."""
-        if self._ema is None:
-            return weights
-        return self.weight_ema * self._ema.to(weights) + (1 - self.weight_ema) * weights
-
-    def _gram(self, path, retain: bool) -> Tensor | None:
-        """The Gram the method decides from (and the stats report), when it needs one."""
-        if isinstance(path, paths.ParamsPath):
-            path.build_jacobian(retain_graph=retain)
-        if self.kind is LossWeighting and not isinstance(path, paths.RotatedPath):
-            return None  # the task gradients are only added up (SummedPath); rotations need the Gram
-        return path.gram()
-
-    def _decide(self, path, gram: Tensor | None, values: Tensor, present: list[bool] | None,
-                loss_weights: Tensor | None, scaling: amp.Scaling) -> tuple[Tensor | None, list[Tensor] | None]:
-        """The method's decision, by kind: the coefficients of the unweighted task
-        gradients (``None`` for element-wise methods) and the combined gradient of each
-        shared tensor (``None`` at the parameter level, written to ``.grad`` already)."""
-        method, k = self.method, self.num_tasks
-        if not self._prepared:  # the optimizer step's random draws, shared by its micro-batches
-            method.prepare()
+    def _prepare_step(self) -> None:
+        """The optimizer step's random draws, shared by its micro-batches."""
+        if not self._prepared:
+            self.method.prepare()
             self._prepared = True
-        index = None if present is None else torch.tensor(present).nonzero().flatten().to(values.device)
-        if self.kind is ElementWise:
-            combined = path.combine_elements(method, values, index, scaling)
-            return (method.last_weights.to(values.dtype) if method.has_weights else None), combined
-        if self.kind is LossWeighting:
-            method.update(values)
-            if self.weight_ema is not None:
-                self._ema = loss_weights.detach().clone()
-            c = torch.ones_like(values)
-        else:
-            c = method.weights(gram if index is None else gram[index][:, index], values)
-            if self.weight_ema is not None:
-                c = self._smoothed(c)
-                self._ema = c.detach().clone()
-        full = c if index is None else c.new_zeros(k).index_copy(0, index, c)
-        combined = path.combine(full)
-        if loss_weights is not None:
-            scale = loss_weights.to(c.dtype)
-            full = full * (scale if index is None else scale.new_ones(k).index_copy(0, index, scale))
-        return full, combined
 
     def _weighted_backbone_loss(self, backbone_loss: Tensor | None) -> Tensor | None:
         if backbone_loss is None:
@@ -560,50 +504,21 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         factors = self.method.head_weights(coefficients)
         return [None if (t := self._head_tasks.get(id(p))) is None else factors[t] for p in params]
 
-    def _finite_flag(self, values: Tensor, path, gram: Tensor | None,
-                     head_grads: list[Tensor | None], backbone_loss: Tensor | None) -> Tensor:
-        """A 0-d tensor: 0 when the losses, the task gradients, the heads' gradients and
-        ``backbone_loss`` are all finite, NaN otherwise (no host read; under
-        ``torch.distributed`` it is summed across ranks with the Gram)."""
-        checks = [values, path.probe(gram).to(values.dtype)]
-        present = [g for g in head_grads if g is not None]
-        if present:
-            checks.append(torch.stack(torch._foreach_norm(present)).to(values.dtype))
-        if backbone_loss is not None:
-            checks.append(backbone_loss.detach().reshape(1).to(values.dtype))
-        return (torch.cat(checks) * 0).sum()
-
-    def _raise_nonfinite(self, values: Tensor, loss_weights: Tensor | None, path,
-                         backbone_loss: Tensor | None) -> None:
-        """Names what was not finite (a second look, after the one read said so)."""
-        bad_loss = (~torch.isfinite(values)).nonzero().flatten().tolist()
-        if bad_loss:
-            raise ValueError(f"non-finite loss for task(s) {bad_loss} (values {values.tolist()}); "
-                             "nothing was changed: skip this batch or lower the learning rate")
-        if loss_weights is not None and not bool(torch.isfinite(loss_weights).all()):
-            raise ValueError(f"the loss weights of {self.method!r} are not finite for the losses {values.tolist()}; "
-                             f"it needs {self.method.loss_domain or 'other losses'}. Nothing was changed")
-        if backbone_loss is not None and not torch.isfinite(backbone_loss).all():
-            raise ValueError("backbone_loss is not finite; nothing was changed")
-        bad_task = (~torch.isfinite(path.rows()).all(1)).nonzero().flatten().tolist()
-        where = f"task(s) {bad_task}" if bad_task else "the heads' parameters"
-        if self.distributed.world_size > 1 and not bad_task:
-            where = "the heads' parameters or on another rank"
-        raise FloatingPointError(f"non-finite gradient in {where} although the losses are finite; "
-                                 "nothing was changed (use a GradScaler for mixed precision)")
-
-    def _skip_overflow(self, path, params: list[Tensor], head_grads: list[Tensor | None],
-                       backbone_loss: Tensor | None, values: Tensor) -> None:
-        """Overflow under a GradScaler: the method is not consulted, so its state (RNG,
-        counters, initial losses, parameters) stays as it was; NaN goes through the
-        backbone (under DDP its all-reduce runs on every rank as usual) and into the
-        method's parameters' gradients, so ``scaler.step`` skips the step."""
+    def _skip_overflow(self, path: paths.Path, head_params: list[Tensor], head_grads: list[Tensor | None],
+                       backbone_loss: Tensor | None, task_losses: Tensor) -> None:
+        """Overflow under a GradScaler: NaN into the step (see
+        :func:`gradsurgery.pipeline.checks.overflow_backward`); the stats say so."""
         self._path = None
-        path.nan_backward(backbone_loss)
-        stages.accumulate(params, head_grads)
-        amp.mark_overflow(self._own_params())
+        checks.overflow_backward(path, head_params, head_grads, backbone_loss, self._own_params())
         self._records, self._step_done = [], True
-        self._stats = {"losses": values, "overflow": torch.ones((), dtype=torch.bool)}
+        self._stats = {"losses": task_losses, "overflow": torch.ones((), dtype=torch.bool)}
+
+    def _record(self, record: StepRecord) -> None:
+        """Keeps what an accepted ``backward`` saw; the stats are computed when read."""
+        if self._step_done:
+            self._records, self._step_done = [], False
+        self._records.append(record)
+        self._stats = None  # computed when read: nothing is spent on stats nobody reads
 
     def _own_params(self) -> list[Tensor]:
         """The method's parameters and the rotations' (the group stepped at ``method_lr``)."""
@@ -623,33 +538,8 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         """What the backward calls of the last optimizer step saw and decided (detached
         tensors; see the class docstring), computed when first read after a step."""
         if self._stats is None:
-            records = [self._record_stats(*record) for record in self._records]
-            n = len(records)
-            self._stats = {key: functools.reduce(torch.logical_or, [r[key] for r in records])
-                           if records[0][key].dtype == torch.bool else sum(r[key] for r in records) / n
-                           for key in records[0]}
-            self._stats["micro_batches"] = torch.tensor(n)
+            self._stats = step_stats(self._records, self.num_tasks)
         return self._stats
-
-    def _record_stats(self, values: Tensor, gram: Tensor | None, coefficients: Tensor | None,
-                      present: list[bool] | None, alignment: Tensor | None) -> dict[str, Tensor]:
-        """The stats of one ``backward``, the same keys for every method (NaN for what was
-        not measured or absent)."""
-        k = self.num_tasks
-        nan = values.new_full((k,), float("nan"))
-        mask = None if present is None else torch.tensor(present, device=values.device)
-        stats = {"losses": values if mask is None else nan.masked_scatter(mask, values),
-                 "weights": nan if coefficients is None else coefficients.to(values.dtype).clone(),
-                 "grad_norms": nan if gram is None else norms(gram).to(values.dtype),
-                 "cosines": nan[:, None].expand(k, k).clone() if gram is None else cosines(gram).to(values.dtype),
-                 "present": torch.ones(k, dtype=torch.bool, device=values.device) if mask is None else mask}
-        if mask is not None:
-            absent = ~mask
-            stats["grad_norms"] = stats["grad_norms"].masked_fill(absent, float("nan"))
-            stats["cosines"] = stats["cosines"].masked_fill(absent[:, None] | absent[None, :], float("nan"))
-        if alignment is not None:
-            stats["rotation_losses"] = alignment
-        return stats
 
 
 def _subset_methods() -> list[str]:

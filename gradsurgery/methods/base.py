@@ -33,10 +33,49 @@ parameters' objective into their ``.grad`` (see ``uw.py`` and ``gradnorm.py``).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, NamedTuple, Protocol
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from ..scale.amp import Scaling
+
+
+class Decision(NamedTuple):
+    """What a method decided in one ``backward``."""
+
+    #: Each unweighted task gradient's coefficient in ``g`` (the method's ``c`` times its
+    #: loss weights; ``None`` for an element-wise method without weights).
+    coefficients: Tensor | None
+    #: ``g`` for each shared tensor (``None``: already written to the parameters' ``.grad``).
+    combined: list[Tensor] | None
+
+
+class TaskGradients(Protocol):
+    """The task gradients a method combines (a pipeline path, or a plain ``K x N`` matrix
+    in :mod:`gradsurgery.testing`)."""
+
+    def combine(self, coefficients: Tensor) -> list[Tensor] | None:
+        """``g = c^T G`` (``c``: ``K`` coefficients, absent tasks 0)."""
+        ...
+
+    def combine_elements(self, method: ElementWise, losses: Tensor, present: Tensor | None,
+                         scaling: Scaling) -> list[Tensor] | None:
+        """``g = method.combine(G, L, z)`` over the ``present`` tasks' rows."""
+        ...
+
+
+class Smoothing(Protocol):
+    """``weight_ema``'s running weights (see :class:`gradsurgery.methods.smoothed.Smoothed`)."""
+
+    def smooth(self, weights: Tensor) -> Tensor:
+        """``a lambda_{t-1} + (1 - a) weights`` (pure)."""
+        ...
+
+    def commit(self, weights: Tensor) -> Tensor:
+        """Keeps ``weights`` as the running weights; returns them."""
+        ...
 
 
 class Method:
@@ -73,6 +112,7 @@ class Method:
     levels: ClassVar[tuple[str, ...]] = ("rep", "params")
     loss_domain: ClassVar[str | None] = None
     observes_losses: ClassVar[bool] = False
+    uses_gram: ClassVar[bool] = True  # the decision reads the Gram (not a LossWeighting's)
     weights_heads: bool = False
 
     num_tasks: int
@@ -138,6 +178,41 @@ class Method:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.extra_repr()})"
 
+    # -- the decision, by kind ----------------------------------------------------------
+    def step_loss_weights(self, losses: Tensor, smoothing: Smoothing | None = None) -> Tensor | None:
+        """The weights the pipeline multiplies the losses by this step: :meth:`loss_weights`
+        (a :class:`LossWeighting` smooths them with ``weight_ema``). Pure."""
+        return self.loss_weights(losses)
+
+    def decide(self, grads: TaskGradients, gram: Tensor | None, losses: Tensor, present: Tensor | None,
+               loss_weights: Tensor | None, scaling: Scaling, smoothing: Smoothing | None = None) -> Decision:
+        """The step's decision (each kind implements it; may update the method's state).
+
+        Args:
+            grads: the task gradients of the loss-weighted losses (``loss_weights``).
+            gram: their ``K x K`` Gram (float32 or wider, unscaled); ``None`` when not formed.
+            losses: the present tasks' detached losses (unweighted, float32 or wider).
+            present: the indices of the present tasks (``None``: all are).
+            loss_weights: what the losses were multiplied by (``None``: ones).
+            scaling: the loss scale of a ``GradScaler`` step (element-wise methods decide on
+                the unscaled gradients).
+            smoothing: ``weight_ema``'s running weights, when it is on.
+        """
+        raise TypeError(f"{type(self).__name__} subclasses Method directly; subclass one of its kinds: "
+                        "gradsurgery.methods.GramWeighting (weights(gram, losses)), LossWeighting "
+                        "(loss_weights(losses)) or ElementWise (combine(grads, losses, rep))")
+
+    def _weighted_decision(self, grads: TaskGradients, c: Tensor, present: Tensor | None,
+                           loss_weights: Tensor | None) -> Decision:
+        """``g = c^T G`` with ``c`` spread over the ``K`` tasks (absent: 0); the coefficients
+        of the unweighted gradients are ``c`` times the loss weights."""
+        full = c if present is None else c.new_zeros(self.num_tasks).index_copy(0, present, c)
+        combined = grads.combine(full)
+        if loss_weights is not None:
+            scale = loss_weights.to(c.dtype)
+            full = full * (scale if present is None else scale.new_ones(self.num_tasks).index_copy(0, present, scale))
+        return Decision(full, combined)
+
     def extra_repr(self) -> str:
         return ""
 
@@ -151,6 +226,22 @@ class LossWeighting(Method):
         """Commits the step's state (history, counters, the gradient of learnable
         weights), once per accepted ``backward``; ``losses`` are the ``K`` detached
         values (unweighted)."""
+
+    uses_gram: ClassVar[bool] = False
+
+    def step_loss_weights(self, losses: Tensor, smoothing: Smoothing | None = None) -> Tensor | None:
+        weights = self.loss_weights(losses)
+        if smoothing is None:
+            return weights
+        return smoothing.smooth(torch.ones_like(losses) if weights is None else weights)
+
+    def decide(self, grads: TaskGradients, gram: Tensor | None, losses: Tensor, present: Tensor | None,
+               loss_weights: Tensor | None, scaling: Scaling, smoothing: Smoothing | None = None) -> Decision:
+        """``g = sum_k w_k g_k``: the task gradients, already loss-weighted, added up."""
+        self.update(losses)
+        if smoothing is not None and loss_weights is not None:
+            smoothing.commit(loss_weights)  # smoothed by step_loss_weights
+        return self._weighted_decision(grads, torch.ones_like(losses), present, loss_weights)
 
 
 class GramWeighting(Method):
@@ -166,6 +257,16 @@ class GramWeighting(Method):
         """
         raise NotImplementedError(f"{type(self).__name__} must implement weights(gram, losses)")
 
+    def decide(self, grads: TaskGradients, gram: Tensor | None, losses: Tensor, present: Tensor | None,
+               loss_weights: Tensor | None, scaling: Scaling, smoothing: Smoothing | None = None) -> Decision:
+        """``g = c^T G``, ``c = weights(M, L)`` over the present tasks' Gram."""
+        if gram is None:
+            raise ValueError(f"{self!r} decides from the Gram, but none was formed")
+        c = self.weights(gram if present is None else gram[present][:, present], losses)
+        if smoothing is not None:
+            c = smoothing.commit(smoothing.smooth(c))
+        return self._weighted_decision(grads, c, present, loss_weights)
+
 
 class ElementWise(Method):
     """A method that needs the task gradients' elements: ``g = combine(G, L, z)``. It
@@ -177,7 +278,8 @@ class ElementWise(Method):
     """
 
     has_weights: ClassVar[bool] = False
-    #: Set by the optimizer for ``weight_ema``: smooths the weights of :meth:`use_weights`.
+    #: ``weight_ema``'s smoothing of the weights of :meth:`use_weights`, set by :meth:`decide`
+    #: for the duration of the combination.
     smoothing: Callable[[Tensor], Tensor] | None = None
     #: The weights of the last combination (``None`` for a method without weights).
     last_weights: Tensor | None = None
@@ -201,6 +303,18 @@ class ElementWise(Method):
                 ``grads[k]``); ``None`` at the parameter level.
         """
         raise NotImplementedError(f"{type(self).__name__} must implement combine(grads, losses, rep)")
+
+    def decide(self, grads: TaskGradients, gram: Tensor | None, losses: Tensor, present: Tensor | None,
+               loss_weights: Tensor | None, scaling: Scaling, smoothing: Smoothing | None = None) -> Decision:
+        """``g = combine(G, L, z)``; the coefficients are the weights it combined with."""
+        if smoothing is not None:
+            self.smoothing = lambda weights: smoothing.commit(smoothing.smooth(weights))
+        try:
+            combined = grads.combine_elements(self, losses, present, scaling)
+        finally:
+            self.smoothing = None
+        weights = self.last_weights
+        return Decision(weights.to(losses.dtype) if self.has_weights and weights is not None else None, combined)
 
 
 #: The kinds, in the order :func:`kind_of` checks them.

@@ -1,5 +1,6 @@
-"""The paths from the forked views to the shared backward, one small class each, all with
-the same stages (see :mod:`.stages` for the functions they are made of):
+"""The paths from the forked views to the shared backward: one protocol, :class:`Path`,
+and one small class per way of forming the task gradients (the functions they are made of
+are in :mod:`.stages`):
 
 * :class:`SummedPath` -- loss weighting: the task gradients are added up as plain
   ``sum(L).backward()`` adds them; no ``K x N`` matrix, no Gram.
@@ -10,20 +11,25 @@ the same stages (see :mod:`.stages` for the functions they are made of):
 * :class:`ParamsPath` -- the parameter level: ``J = G dz/dtheta``, the method decides from
   ``J``'s Gram and ``c^T J`` goes straight into the shared parameters' ``.grad``.
 
-A path is built by ``fork`` and lives until the ``backward`` that consumes it. Several
-shared tensors (``fork((a, b))``) are one task gradient over all of them: the Gram is the
-sum of the per-tensor Grams and the combination applies to each tensor.
+:func:`new_path` picks one; it is built by ``fork`` and lives until the ``backward`` that
+consumes it. Several shared tensors (``fork((a, b))``) are one task gradient over all of
+them: the Gram is the sum of the per-tensor Grams and the combination applies to each tensor.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from torch import Tensor
 
+from ..methods.base import ElementWise, LossWeighting, Method
+from ..numerics.gram import compute_dtype
 from ..numerics.gram import gram as gram_of
 from . import params_level, stages
 from . import rotation as rot
+
+if TYPE_CHECKING:
+    from ..scale.amp import Scaling
 
 
 def _per_task(by_tensor: list[list[Tensor]], single: bool) -> list:
@@ -33,7 +39,84 @@ def _per_task(by_tensor: list[list[Tensor]], single: bool) -> list:
     return [tuple(views[k] for views in by_tensor) for k in range(len(by_tensor[0]))]
 
 
-class StackedPath:
+class Path:
+    """What every path does, in the order ``backward`` calls it: :meth:`task_gradients`,
+    :meth:`gram`, :meth:`combine` (or :meth:`combine_elements`), :meth:`align` (a no-op
+    but for rotations), :meth:`shared_backward`. ``views`` are what ``fork`` returns."""
+
+    shared: tuple[Tensor, ...]
+    num_tasks: int
+    single: bool
+    views: list[Any]
+
+    def reader(self, node: Any, nr: int) -> tuple[int, int] | None:
+        """``(task, tensor index)`` when the autograd edge ``(node, nr)`` is a view of this
+        fork (the heads' graphs are checked against it), else ``None``."""
+        raise NotImplementedError
+
+    def task_gradients(self, objective: Tensor, params: list[Tensor]) -> list[Tensor | None]:
+        """Forms the task gradients of ``objective`` and returns its gradients w.r.t.
+        ``params`` (the heads'), in one autograd call; nothing is written to ``.grad``."""
+        raise NotImplementedError
+
+    def gram(self, needed: bool, retain_graph: bool) -> Tensor | None:
+        """The ``K x K`` Gram of the task gradients (float32 or wider), ``None`` when this
+        path forms none. ``needed``: the method decides from it (a rotated path forms it
+        anyway, for the rotations); ``retain_graph``: the backbone's graph is needed afterwards."""
+        return None
+
+    def flat_task_gradients(self) -> Tensor:
+        """The ``K x N`` task gradients, flat over every shared tensor (copies; for error
+        messages only)."""
+        raise NotImplementedError
+
+    def nonfinite_indicator(self, gram: Tensor | None) -> Tensor:
+        """A small tensor that is non-finite exactly when a task gradient is."""
+        raise NotImplementedError
+
+    def combine(self, coefficients: Tensor) -> list[Tensor] | None:
+        """``g = c^T G`` for each shared tensor (``None``: written to ``.grad`` already)."""
+        raise NotImplementedError
+
+    def combine_elements(self, method: ElementWise, losses: Tensor, present: Tensor | None,
+                         scaling: Scaling) -> list[Tensor] | None:
+        """An element-wise method's ``g``, decided on the unscaled gradients of the
+        ``present`` tasks (``scaling``: the loss scale of a GradScaler step, if any)."""
+        raise TypeError(f"{type(self).__name__} does not hold the task gradients' elements")
+
+    def align(self, gram: Tensor | None, loss_scale: Tensor | None, sync: Any) -> Tensor | None:
+        """Trains what the path learns (rotations); returns its losses. Nothing by default."""
+        return None
+
+    def shared_backward(self, combined: list[Tensor] | None, backbone_loss: Tensor | None) -> None:
+        """One backward pass through the backbone: ``z.backward(g)`` and ``backbone_loss``."""
+        if combined is not None:
+            stages.shared_backward(self.shared, combined, backbone_loss)
+        elif backbone_loss is not None:
+            torch.autograd.backward(backbone_loss)
+
+    def nan_backward(self, backbone_loss: Tensor | None) -> None:
+        """NaN through the backbone (an overflow under a GradScaler: the step is skipped)."""
+        stages.shared_backward(self.shared, [torch.full_like(t, float("nan")) for t in self.shared], backbone_loss)
+
+
+def new_path(method: Method, shared: list[Tensor], num_tasks: int, single: bool, *,
+             rotations: rot.Rotations | None, shared_params: Callable[[], tuple[list[Tensor], bool]] | None) -> Path:
+    """The path this step takes: rotated with rotations; summed for loss weighting
+    (``g = sum_k w_k g_k`` added up as plain backward, exact in float32/64; stacked without
+    a Gram in lower precision); the parameter level over a stacked path when
+    ``shared_params`` (the parameters and whether they are complete) is given."""
+    if rotations is not None:
+        return RotatedPath(rotations, shared, num_tasks, single)
+    if isinstance(method, LossWeighting):
+        if all(t.dtype == compute_dtype(t.dtype) for t in shared):
+            return SummedPath(shared, num_tasks, single)
+        return StackedPath(shared, num_tasks, single)
+    inner = StackedPath(shared, num_tasks, single)
+    return inner if shared_params is None else ParamsPath(inner, *shared_params())
+
+
+class StackedPath(Path):
     """``G`` as one ``K x t.shape`` tensor per shared tensor ``t``.
 
     The views are ``leaf.unbind(0)`` of an expanded (never copied) detached alias, so one
@@ -51,34 +134,33 @@ class StackedPath:
     def _leaves(self) -> list[Tensor]:
         return [t.detach().unsqueeze(0).expand(self.num_tasks, *t.shape).requires_grad_() for t in self.shared]
 
-    def reader(self, node, nr: int) -> tuple[int, int] | None:
-        """``(task, tensor index)`` when the autograd edge ``(node, nr)`` is a view of this
-        fork (the heads' graphs are checked against it), else ``None``."""
+    def reader(self, node: Any, nr: int) -> tuple[int, int] | None:
         i = self._unbinds.get(id(node))
         return None if i is None else (nr, i)
 
     def task_gradients(self, objective: Tensor, params: list[Tensor]) -> list[Tensor | None]:
-        """Fills :attr:`grads` and returns the gradients of ``objective`` w.r.t. ``params``
-        (the heads'), in one autograd call; nothing is written to ``.grad``."""
+        """Fills :attr:`grads`; see :meth:`Path.task_gradients`."""
         out = torch.autograd.grad(objective, [*self.leaves, *params], allow_unused=True)
         n = len(self.leaves)
         self.grads = [g if g is not None else torch.zeros_like(leaf) for g, leaf in zip(out[:n], self.leaves)]
         return list(out[n:])
 
-    def gram(self) -> Tensor:
-        """``G G^T`` over all shared tensors (float32 or wider)."""
+    def gram(self, needed: bool = True, retain_graph: bool = False) -> Tensor | None:
+        """``G G^T`` over all shared tensors (float32 or wider), when ``needed``."""
+        if not needed:
+            return None
+        return self._gram()
+
+    def _gram(self) -> Tensor:
         total = gram_of(self.grads[0])
         for g in self.grads[1:]:
             total = total + gram_of(g)
         return total
 
-    def rows(self) -> Tensor:
-        """The ``K x N`` task gradients, flat over every shared tensor (copies; for error
-        messages and checks only)."""
+    def flat_task_gradients(self) -> Tensor:
         return torch.cat([g.reshape(self.num_tasks, -1) for g in self.grads], 1)
 
-    def probe(self, gram: Tensor | None) -> Tensor:
-        """A small tensor that is non-finite exactly when a task gradient is."""
+    def nonfinite_indicator(self, gram: Tensor | None) -> Tensor:
         if gram is not None:
             return gram.diagonal()
         return torch.stack([g.reshape(self.num_tasks, -1).sum(1) for g in self.grads]).sum(0)
@@ -87,26 +169,19 @@ class StackedPath:
         """``g = c^T G`` for each shared tensor."""
         return [stages.combine(coefficients, g) for g in self.grads]
 
-    def combine_elements(self, method, losses: Tensor, present: Tensor | None, scaling) -> list[Tensor]:
-        """An element-wise method's ``g`` (one shared tensor only), decided on the
-        unscaled gradients (``scaling``: the loss scale of a GradScaler step, if any)."""
+    def combine_elements(self, method: ElementWise, losses: Tensor, present: Tensor | None,
+                         scaling: Scaling) -> list[Tensor]:
+        """See :meth:`Path.combine_elements` (one shared tensor only)."""
         if not self.single:
             raise ValueError(f"{method!r} combines the task gradients element by element, which is defined on "
                              "one shared tensor; fork a single tensor (concatenate the features) or use a "
                              "Gram-based method")
         grads = self.grads[0] if present is None else self.grads[0][present]
-        g = scaling.apply(method.combine(scaling.unscale(grads), losses, self.shared[0].detach()))
+        g = scaling.scaled(method.combine(scaling.unscale(grads), losses, self.shared[0].detach()))
         return [g.reshape(self.shared[0].shape).to(self.grads[0].dtype)]
 
-    def shared_backward(self, combined: list[Tensor], backbone_loss: Tensor | None) -> None:
-        stages.shared_backward(self.shared, combined, backbone_loss)
 
-    def nan_backward(self, backbone_loss: Tensor | None) -> None:
-        """NaN through the backbone (an overflow under a GradScaler: the step is skipped)."""
-        stages.shared_backward(self.shared, [torch.full_like(t, float("nan")) for t in self.shared], backbone_loss)
-
-
-class SummedPath(StackedPath):
+class SummedPath(Path):
     """Loss weighting: ``K`` separate detached leaves per shared tensor, and
     :meth:`task_gradients` adds their gradients up in the order autograd adds the heads'
     gradients of a shared input in plain backward (the last task's first), so that
@@ -119,9 +194,9 @@ class SummedPath(StackedPath):
         self.shared, self.num_tasks, self.single = tuple(shared), num_tasks, single
         self.views = _per_task(self.by_tensor, single)
         self._leaf_ids = {id(v): (k, i) for i, views in enumerate(self.by_tensor) for k, v in enumerate(views)}
-        self.grads = []
+        self.grads: list[Tensor] = []
 
-    def reader(self, node, nr: int) -> tuple[int, int] | None:
+    def reader(self, node: Any, nr: int) -> tuple[int, int] | None:
         variable = getattr(node, "variable", None)
         return None if variable is None else self._leaf_ids.get(id(variable))
 
@@ -133,14 +208,11 @@ class SummedPath(StackedPath):
         self.grads = [_sum_as_autograd(grads, t) for grads, t in zip(self.task_grads, self.shared)]
         return list(out[len(flat):])
 
-    def gram(self) -> Tensor:
-        raise TypeError("a loss-weighting path forms no Gram")
-
-    def rows(self) -> Tensor:
+    def flat_task_gradients(self) -> Tensor:
         return torch.cat([torch.stack([torch.zeros_like(t) if g is None else g for g in grads]).reshape(self.num_tasks, -1)
                           for grads, t in zip(self.task_grads, self.shared)], 1)
 
-    def probe(self, gram: Tensor | None) -> Tensor:
+    def nonfinite_indicator(self, gram: Tensor | None) -> Tensor:
         return torch.stack([g.sum() for g in self.grads])
 
     def combine(self, coefficients: Tensor) -> list[Tensor]:
@@ -192,20 +264,24 @@ class RotatedPath(StackedPath):
         self.grads[0] = rot.unrotate(self.rotations, self.rotation, self.rotated)
         return out
 
+    def gram(self, needed: bool = True, retain_graph: bool = False) -> Tensor:
+        return self._gram()  # the rotations align with it
+
     def rotated_gram(self, gram: Tensor) -> Tensor:
         """The Gram of the rotated tensor's gradients (``gram`` itself for one tensor)."""
         return gram if self.single else gram_of(self.grads[0])
 
-    def align(self, gram: Tensor, loss_scale: Tensor | None, sync) -> Tensor:
+    def align(self, gram: Tensor | None, loss_scale: Tensor | None, sync: Any) -> Tensor:
         """Trains the rotations (see :func:`gradsurgery.pipeline.rotation.align`); frees the
         exponential's graph and the rotated gradients."""
+        assert gram is not None  # a rotated path always forms the Gram
         out = rot.align(self.rotations, self.rotation, self.scale, self.shared[0], self.grads[0], self.rotated,
                         self.rotated_gram(gram), loss_scale, sync)
         self.rotated, self.rotation = None, None
         return out
 
 
-class ParamsPath:
+class ParamsPath(Path):
     """The parameter level over a :class:`StackedPath`: ``J = G dz/dtheta`` (one batched
     vector-Jacobian product), the Gram ``J J^T``, and ``c^T J`` written to ``.grad``.
 
@@ -216,10 +292,11 @@ class ParamsPath:
 
     def __init__(self, inner: StackedPath, shared_params: list[Tensor], complete: bool = True):
         self.inner, self.shared_params, self.complete = inner, shared_params, complete
+        self.shared, self.num_tasks, self.single, self.views = inner.shared, inner.num_tasks, inner.single, inner.views
         self.jacobian: params_level.Jacobian | None = None
 
-    def __getattr__(self, name):  # the inner path's views, grads, rows, readers, ...
-        return getattr(self.inner, name)
+    def reader(self, node: Any, nr: int) -> tuple[int, int] | None:
+        return self.inner.reader(node, nr)
 
     def task_gradients(self, objective: Tensor, params: list[Tensor]) -> list[Tensor | None]:
         return self.inner.task_gradients(objective, params)
@@ -228,30 +305,32 @@ class ParamsPath:
         self.jacobian = params_level.jacobian(self.inner.shared, self.shared_params, self.inner.grads,
                                               retain_graph=retain_graph or not self.complete)
 
-    def gram(self) -> Tensor:
-        return self.jacobian.gram()
+    def gram(self, needed: bool = True, retain_graph: bool = False) -> Tensor:
+        self.build_jacobian(retain_graph)
+        return self._built().gram()
 
-    def probe(self, gram: Tensor | None) -> Tensor:
-        return self.inner.probe(gram)
+    def _built(self) -> params_level.Jacobian:
+        if self.jacobian is None:
+            raise RuntimeError("the Jacobian is formed by gram() first")
+        return self.jacobian
+
+    def flat_task_gradients(self) -> Tensor:
+        return self.inner.flat_task_gradients()
+
+    def nonfinite_indicator(self, gram: Tensor | None) -> Tensor:
+        return self.inner.nonfinite_indicator(gram)
 
     def combine(self, coefficients: Tensor) -> list[Tensor] | None:
         if not self.complete:
             self.jacobian = None
             return self.inner.combine(coefficients)
-        self.jacobian.accumulate(coefficients=coefficients)
+        self._built().accumulate(coefficients=coefficients)
         return None
 
-    def combine_elements(self, method, losses: Tensor, present: Tensor | None, scaling) -> None:
-        flat = self.jacobian.flat()
-        combined = scaling.apply(method.combine(scaling.unscale(flat if present is None else flat[present]),
-                                                losses, None))
-        self.jacobian.accumulate(combined=combined.reshape(-1))
-
-    def shared_backward(self, combined: list[Tensor] | None, backbone_loss: Tensor | None) -> None:
-        if combined is not None:
-            self.inner.shared_backward(combined, backbone_loss)
-        elif backbone_loss is not None:
-            torch.autograd.backward(backbone_loss)
-
-    def nan_backward(self, backbone_loss: Tensor | None) -> None:
-        self.inner.nan_backward(backbone_loss)
+    def combine_elements(self, method: ElementWise, losses: Tensor, present: Tensor | None,
+                         scaling: Scaling) -> None:
+        jacobian = self._built()
+        flat = jacobian.flat()
+        combined = scaling.scaled(method.combine(scaling.unscale(flat if present is None else flat[present]),
+                                                 losses, None))
+        jacobian.accumulate(combined=combined.reshape(-1))

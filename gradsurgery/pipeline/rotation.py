@@ -215,11 +215,13 @@ def unrotate(rotations: Rotations, rotation: Tensor, rotated_grads: Tensor) -> T
     (``rotation``: ``R``, ``K x m x m``)."""
     k, shape = rotated_grads.shape[0], rotated_grads.shape
     r = rotation.detach().to(rotated_grads.dtype)
-    flat = rotated_grads.reshape(k, *_lfp(rotations, shape[1:]))
+    flat = rotated_grads.reshape(k, *_lead_feat_post(rotations, shape[1:]))
     return rotations.rotate(flat, r.transpose(-2, -1)).view(shape)
 
 
-def _lfp(rotations: Rotations, shape: Sequence[int]) -> tuple[int, int, int]:
+def _lead_feat_post(rotations: Rotations, shape: Sequence[int]) -> tuple[int, int, int]:
+    """The ``(lead, feat, post)`` sizes a tensor of ``shape`` is viewed as for rotating
+    (see :meth:`Rotations.layout`)."""
     lead, feat, post, _ = rotations.layout(shape)
     return lead, feat, post
 
@@ -243,12 +245,12 @@ def align(rotations: Rotations, rotation: Tensor, scale: float, z: Tensor, grads
             :class:`gradsurgery.scale.distributed.Sync`: the terms are those of the global batch.
     """
     k = grads.shape[0]
-    lfp = _lfp(rotations, grads.shape[1:])
+    lead_feat_post = _lead_feat_post(rotations, grads.shape[1:])
     norms = gram.diagonal().clamp_min(0).sqrt()
     mean_norm = gram.sum().clamp_min(0).sqrt() / k
     coefficients = torch.where(norms > 0, mean_norm / (k * torch.where(norms > 0, norms, 1)), 0)
-    reference = stages.combine(coefficients, grads).reshape(lfp)
-    h = rotated_grads.reshape(k, *lfp)
+    reference = stages.combine(coefficients, grads).reshape(lead_feat_post)
+    h = rotated_grads.reshape(k, *lead_feat_post)
     if loss_scale is not None:  # decide on the unscaled gradients
         reference, h = reference / loss_scale.to(reference.dtype), h / loss_scale.to(h.dtype)
     r = rotation.detach().to(grads.dtype)
@@ -258,7 +260,7 @@ def align(rotations: Rotations, rotation: Tensor, scale: float, z: Tensor, grads
     grad_r = (2 * scale) * torch.einsum("klip,ljp->kij", diff[..., :m, :], reference[..., :m, :])
     task_r = None
     if rotations.coop:
-        flat_z = z.detach().reshape(lfp)
+        flat_z = z.detach().reshape(lead_feat_post)
         task_r = torch.einsum("klip,ljp->kij", h[..., :m, :], flat_z[..., :m, :])
     if sync is not None:  # does the loss average over the batch dim? (see Rotations.layout)
         n_rot, n_post = len(rotations.rotation_shape), len(rotations.post_shape)

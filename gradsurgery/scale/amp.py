@@ -34,8 +34,8 @@ class Scaling:
     def active(self) -> bool:
         return self.scale is not None
 
-    def apply(self, t: Tensor | None) -> Tensor | None:
-        """``t`` times the scale (the losses the backward passes run on)."""
+    def scaled(self, t: Tensor | None) -> Tensor | None:
+        """``t`` times the loss scale (the losses the backward passes run on)."""
         return t if self.scale is None or t is None else t * self.scale
 
     def unscale(self, t: Tensor) -> Tensor:
