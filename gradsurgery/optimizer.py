@@ -155,11 +155,11 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         self.method.bind(num_tasks, device=first.device, dtype=dtype, generator=self.generator)
         own = self._own_params()
         if own:
-            group: dict[str, Any] = {"params": own, "name": "method", "lr": optimizer.param_groups[0]["lr"]
-                                     if method_lr is None else method_lr}
+            method_group: dict[str, Any] = {"params": own, "name": "method", "lr": optimizer.param_groups[0]["lr"]
+                                            if method_lr is None else method_lr}
             if "weight_decay" in optimizer.defaults:
-                group["weight_decay"] = 0.0  # never decay rotations or task weights
-            optimizer.add_param_group(group)
+                method_group["weight_decay"] = 0.0  # never decay rotations or task weights
+            optimizer.add_param_group(method_group)
         self._method_params = {id(p) for p in own}
 
         self._path: paths.Path | None = None
@@ -214,7 +214,7 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         evaluation); otherwise the next call must be :meth:`backward`.
         """
         single = isinstance(z, Tensor)
-        shared = [z] if single else list(z) if isinstance(z, (tuple, list)) else None
+        shared: list[Tensor] | None = [z] if isinstance(z, Tensor) else list(z) if isinstance(z, (tuple, list)) else None
         if not shared or not all(isinstance(t, Tensor) and t.is_floating_point() and t.dim() >= 1 for t in shared):
             raise TypeError("fork(z) takes the backbone's output: a floating-point tensor with a leading batch "
                             f"dimension, or a tuple/list of such tensors; got {_describe(z)}")
@@ -257,31 +257,27 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         :mod:`gradsurgery.scale.distributed`), so every rank must call ``backward`` every step.
         """
         path = self._pending_path()
-        loss_vector, present = self._validate(losses, backbone_loss)  # still in the graph
-        task_losses = loss_vector.detach().to(compute_dtype(loss_vector.dtype))
+        loss_vector, present = self._validate(losses, backbone_loss)  # the present losses, still in the graph
         scaling = amp.Scaling.of(scaler, path.shared[0].device)
         sync = self._sync_for_step()
+        task_losses = loss_vector.detach().to(compute_dtype(loss_vector.dtype))
         if self._decides_from_losses(sync):
             task_losses = sync.losses(task_losses)
         loss_weights = self.decider.step_loss_weights(task_losses)  # pure
-        objective = (loss_vector if loss_weights is None else loss_vector * loss_weights.to(loss_vector.dtype)).sum()
+        # task gradients -> Gram -> finite check (one host read), the one all-reduce between
         head_params = self._head_params()
+        objective = (loss_vector if loss_weights is None else loss_vector * loss_weights.to(loss_vector.dtype)).sum()
         head_grads = path.task_gradients(scaling.scaled(objective), head_params)
         gram = scaling.unscale_gram(path.gram(needed=self.method.uses_gram,
                                               retain_graph=backbone_loss is not None or scaling.active))
-        checked = self.check_finite or scaling.active
-        flag = (checks.finite_flag(task_losses, path, gram, head_grads, backbone_loss) if checked
-                else task_losses.new_zeros(()))
-        total, reduced, flag, head_grads = sync.reduce(  # one all-reduce (identity when single-process)
-            gram if sync.exact else None,
-            task_losses if sync.exact and not self._decides_from_losses(sync) else None, flag, head_grads)
-        gram, task_losses = gram if total is None else total, task_losses if reduced is None else reduced
-        if checked and not bool(torch.isfinite(flag)):  # the one host read
+        finite, gram, task_losses, head_grads = self._reduce_and_check(
+            sync, path, gram, task_losses, head_grads, backbone_loss, check=self.check_finite or scaling.active)
+        if not finite:
             if not scaling.active:
                 checks.raise_nonfinite(task_losses, loss_weights, path, backbone_loss, self.method,
                                        self.distributed.world_size)
             return self._skip_overflow(path, head_params, head_grads, scaling.scaled(backbone_loss), task_losses)
-        # -- accepted: from here on the step changes state ------------------------------
+        # -- accepted: from here on the step changes state: decide -> combine -> shared backward
         self._path = None
         with scaling.method_grads(self._own_params()):
             self._prepare_step()
@@ -380,6 +376,7 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
 
     def _rotation_param_name(self) -> str:
         """The rotations' parametrisation as saved in ``state_dict`` (a user function: its name)."""
+        assert self.rotations is not None
         param = self.rotations.param
         return param if isinstance(param, str) else getattr(param, "__qualname__", "custom")
 
@@ -472,6 +469,21 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         distributed surgery the global losses are needed before the task backward."""
         return sync.exact and type(self.method).loss_weights is not Method.loss_weights
 
+    def _reduce_and_check(self, sync: distributed.Sync | distributed.NoSync, path: paths.Path,
+                          gram: Tensor | None, task_losses: Tensor, head_grads: list[Tensor | None],
+                          backbone_loss: Tensor | None, check: bool
+                          ) -> tuple[bool, Tensor | None, Tensor, list[Tensor | None]]:
+        """The step's one all-reduce (the Gram, the losses, the finite flag, the heads'
+        gradients; the identity when single-process) and, when ``check``, its one host
+        read: whether everything was finite on every rank."""
+        flag = (checks.finite_flag(task_losses, path, gram, head_grads, backbone_loss) if check
+                else task_losses.new_zeros(()))
+        exact_losses = sync.exact and not self._decides_from_losses(sync)
+        total, reduced, flag, head_grads = sync.reduce(gram if sync.exact else None,
+                                                       task_losses if exact_losses else None, flag, head_grads)
+        gram, task_losses = gram if total is None else total, task_losses if reduced is None else reduced
+        return not check or bool(torch.isfinite(flag)), gram, task_losses, head_grads
+
     @property
     def _ema(self) -> Tensor | None:
         """``weight_ema``'s running weights (the checkpoint's ``"weight_ema"``)."""
@@ -522,7 +534,7 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
 
     def _own_params(self) -> list[Tensor]:
         """The method's parameters and the rotations' (the group stepped at ``method_lr``)."""
-        return self.method.parameters() + ([self.rotations.skew_params] if self.rotations is not None else [])
+        return [*self.method.parameters(), *([self.rotations.skew_params] if self.rotations is not None else [])]
 
     def _sync_for_step(self) -> distributed.Sync | distributed.NoSync:
         """The distributed context, after the first step's check that the ranks agree."""

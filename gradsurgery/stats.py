@@ -41,7 +41,7 @@ def step_stats(records: Sequence[StepRecord], num_tasks: int) -> dict[str, Tenso
     (a flag: any of them), and ``micro_batches`` their count."""
     per_call = [record_stats(record, num_tasks) for record in records]
     stats = {key: functools.reduce(torch.logical_or, [r[key] for r in per_call])
-             if per_call[0][key].dtype == torch.bool else sum(r[key] for r in per_call) / len(per_call)
+             if per_call[0][key].dtype == torch.bool else torch.stack([r[key] for r in per_call]).sum(0) / len(per_call)
              for key in per_call[0]}
     stats["micro_batches"] = torch.tensor(len(per_call))
     return stats
@@ -90,7 +90,7 @@ def stats_to_scalars(stats: Mapping[str, Tensor], prefix: str = "") -> dict[str,
             names.append(f"{prefix}{key}")
             values.append(value.reshape(1))
         elif value.dim() == 2 and key in PAIRWISE and value.shape[0] == value.shape[1]:
-            i, j = torch.triu_indices(*value.shape, offset=1)
+            i, j = torch.triu_indices(value.shape[0], value.shape[1], offset=1)
             names += [f"{prefix}{key}/{a}_{b}" for a, b in zip(i.tolist(), j.tolist())]
             values.append(value[i, j])
         else:

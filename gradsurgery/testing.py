@@ -2,13 +2,13 @@
 registered or not, and the project's own tests run them over every registered method.
 
 A method's *update* is what the backbone receives for ``K`` task gradients ``G`` (a
-``K x N`` matrix) and losses ``L``, computed the way the pipeline computes it for the
-method's kind:
+``K x N`` matrix) and losses ``L``, computed as the pipeline computes it: the rows of ``G``
+weighted by ``w = loss_weights(L)`` (when not ``None``), then the method's own
+:meth:`~gradsurgery.methods.Method.decide`:
 
-* :class:`~gradsurgery.methods.GramWeighting`: ``d = c^T G`` with ``c = weights(G G^T, L)``;
-* :class:`~gradsurgery.methods.LossWeighting`: ``d = w^T G`` with ``w = loss_weights(L)``
-  (ones when ``None``), then ``update(L)``;
-* :class:`~gradsurgery.methods.ElementWise`: ``d = combine(G, L, z)``.
+* :class:`~gradsurgery.methods.GramWeighting`: ``d = c^T G_w`` with ``c = weights(G_w G_w^T, L)``;
+* :class:`~gradsurgery.methods.LossWeighting`: ``d = w^T G``, then ``update(L)``;
+* :class:`~gradsurgery.methods.ElementWise`: ``d = combine(G_w, L, z)``.
 
 The properties (each an ``assert_*`` function raising ``AssertionError``):
 
@@ -36,12 +36,14 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
-from .methods import ElementWise, GramWeighting, LossWeighting, Method, registry
+from .methods import ElementWise, Method, registry
+from .scale.amp import Scaling
 
 __all__ = ["check_method", "Report", "factory_for", "degenerate_cases", "conflicting_gradients", "update",
            "assert_finite", "assert_scale", "assert_permutation", "assert_resume", "assert_trains", "is_random"]
@@ -70,39 +72,47 @@ def factory_for(method: str | type[Method], **options: Any) -> Factory:
     return make
 
 
+class _Rows:
+    """The task gradients as a plain ``K x N`` matrix, combined as the pipeline combines
+    them (:class:`gradsurgery.methods.base.TaskGradients`)."""
+
+    def __init__(self, grads: Tensor, rep: Tensor | None):
+        self.grads, self.rep = grads, rep
+
+    def combine(self, coefficients: Tensor) -> list[Tensor]:
+        return [coefficients.to(self.grads.dtype) @ self.grads]
+
+    def combine_elements(self, method: ElementWise, losses: Tensor, present: Tensor | None,
+                         scaling: Scaling) -> list[Tensor]:
+        grads, rep = self.grads, self.rep
+        if rep is None and "params" in method.levels:
+            return [method.combine(grads, losses, None)]
+        rep = torch.ones_like(grads[0]) if rep is None else rep  # N samples of one feature each
+        return [method.combine(grads.unsqueeze(-1), losses, rep.reshape(-1, 1)).squeeze(-1)]
+
+
 def update(method: Method, grads: Tensor, losses: Tensor, rep: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """One optimizer step's decision of ``method`` (``prepare``, the kind's decision,
+    """One optimizer step's decision of ``method`` (``prepare``, :meth:`Method.decide`,
     ``after_step``): ``(d, scale)`` where ``d`` is the update for the task gradients ``grads``
     (``K x N``) and ``losses``, and ``scale`` the size of the terms ``d`` is summed from
     (``||d|| + sum_k |c_k| ||g_k||``; ``||d|| + sum_k ||g_k||`` for an element-wise method),
-    the scale comparisons of ``d`` are made on. An element-wise method that decides at the
-    parameter level (``"params" in levels``) receives ``grads`` as the flat ``K x P`` matrix
-    and ``rep=None``; one that decides at the representation level only receives ``grads``
-    as ``N`` samples of one feature and ``rep`` (ones by default)."""
+    the scale comparisons of ``d`` are made on. ``grads`` are weighted by the method's loss
+    weights first, as the pipeline's task backward weights them. An
+    element-wise method that decides at the parameter level (``"params" in levels``)
+    receives ``grads`` as the flat ``K x P`` matrix and ``rep=None``; one that decides at the
+    representation level only receives ``grads`` as ``N`` samples of one feature and
+    ``rep`` (ones by default)."""
     for p in method.parameters():
         p.grad = None
     method.prepare()
+    loss_weights = method.loss_weights(losses)
+    weighted = grads if loss_weights is None else loss_weights.to(grads.dtype)[:, None] * grads
+    gram = weighted @ weighted.T if method.uses_gram else None
+    coefficients, combined = method.decide(_Rows(weighted, rep), gram, losses, None, loss_weights, Scaling(None))
+    assert combined is not None
+    d = combined[0]
     norms = grads.norm(dim=1)
-    if isinstance(method, GramWeighting):
-        c = method.weights(grads @ grads.T, losses)
-        d = c.to(grads.dtype) @ grads
-        terms = (c.abs().to(norms.dtype) * norms).sum()
-    elif isinstance(method, LossWeighting):
-        w = method.loss_weights(losses)
-        c = torch.ones_like(losses) if w is None else w
-        method.update(losses)
-        d = c.to(grads.dtype) @ grads
-        terms = (c.abs().to(norms.dtype) * norms).sum()
-    elif isinstance(method, ElementWise):
-        if rep is None and "params" in method.levels:
-            d = method.combine(grads, losses, None)
-        else:  # the representation level's form: N samples of one feature each
-            rep = torch.ones_like(grads[0]) if rep is None else rep
-            d = method.combine(grads.unsqueeze(-1), losses, rep.reshape(-1, 1)).squeeze(-1)
-        terms = norms.sum()
-    else:
-        raise TypeError(f"{type(method).__name__} subclasses Method directly; subclass GramWeighting, "
-                        "LossWeighting or ElementWise")
+    terms = norms.sum() if coefficients is None else (coefficients.abs().to(norms.dtype) * norms).sum()
     method.after_step()
     return d, d.norm() + terms
 
@@ -155,9 +165,10 @@ def assert_finite(make: Factory, grads: Tensor, losses: Tensor | None = None, st
     deliberate error (``ValueError``, ``FloatingPointError``)."""
     k = grads.shape[0]
     losses = _losses(k, 0) if losses is None else losses
+    method: Method | None = None
     for step in range(steps):
         try:
-            method = make(k, 0) if step == 0 else method
+            method = make(k, 0) if method is None else method
             d, _ = update(method, grads, losses)
         except DELIBERATE:
             return
@@ -239,6 +250,7 @@ def _roundtrip(obj: Any) -> Any:
 
 
 def _snapshot(method: Method) -> dict[str, Any]:
+    assert method.generator is not None  # bound
     return {"state": method.state_dict(), "params": [p.detach().clone() for p in method.parameters()],
             "generator": method.generator.get_state()}
 
@@ -248,6 +260,7 @@ def _restore(method: Method, snapshot: dict[str, Any]) -> None:
     with torch.no_grad():
         for p, value in zip(method.parameters(), snapshot["params"]):
             p.copy_(value)
+    assert method.generator is not None  # bound
     method.generator.set_state(snapshot["generator"])
 
 
@@ -275,7 +288,8 @@ def assert_resume(make: Factory, steps: list[Tensor], losses: list[Tensor], spli
         b, _ = update(resumed, grads, loss)
         assert torch.equal(a, b), f"step {step}: the resumed method's update differs by {float((a - b).norm()):.3g}"
         for p, q in zip(method.parameters(), resumed.parameters()):
-            assert (p.grad is None) == (q.grad is None) and (p.grad is None or torch.equal(p.grad, q.grad)), (
+            assert (p.grad is None) == (q.grad is None) and (
+                p.grad is None or q.grad is None or torch.equal(p.grad, q.grad)), (
                 f"step {step}: the resumed method's parameter gradients differ")
 
 
@@ -303,7 +317,7 @@ def assert_trains(method: str | type[Method], num_tasks: int = 3, steps: int = 4
     def build(seed: int, level: str):
         torch.manual_seed(seed)
         model = _Model(num_tasks, size).to(D)
-        rotation = {"rep_size": size} if cls.rotation else {}
+        rotation: dict[str, Any] = {"rep_size": size} if cls.rotation else {}
         opt = MultiTaskOptimizer(torch.optim.Adam(model.parameters(), lr=1e-2), cls(**options), num_tasks=num_tasks,
                                  method_lr=1e-2, level=level, **rotation)
         return model, opt
@@ -391,13 +405,13 @@ def check_method(method: str | type[Method], *, num_tasks: tuple[int, ...] = (1,
     for k in num_tasks:
         cases = list(degenerate_cases(k))
         for case, grads in cases:
-            run(f"finite, K={k}, {case}", lambda: assert_finite(make, grads))
+            run(f"finite, K={k}, {case}", partial(assert_finite, make, grads))
             if scale:
-                run(f"scale, K={k}, {case}", lambda: assert_scale(make, grads))
+                run(f"scale, K={k}, {case}", partial(assert_scale, make, grads))
         gen = torch.Generator().manual_seed(k)
         steps = [torch.randn(k, 5, generator=gen, dtype=D) for _ in range(4)]
         losses = [torch.rand(k, generator=gen, dtype=D) + 0.1 for _ in range(4)]
-        run(f"resume, K={k}", lambda: assert_resume(make, steps, losses, split=2))
+        run(f"resume, K={k}", partial(assert_resume, make, steps, losses, split=2))
         if k >= 2 and permutation:
             perm = torch.roll(torch.arange(k), 1)
             try:
@@ -409,8 +423,8 @@ def check_method(method: str | type[Method], *, num_tasks: tuple[int, ...] = (1,
                 report.skipped.append(f"permutation, K={k}: the method draws random numbers")
             else:
                 for case, grads in cases:
-                    run(f"permutation, K={k}, {case}", lambda: assert_permutation(make, [grads, grads], perm))
-                run(f"permutation, K={k}, several steps", lambda: assert_permutation(make, steps, perm, losses[0]))
+                    run(f"permutation, K={k}, {case}", partial(assert_permutation, make, [grads, grads], perm))
+                run(f"permutation, K={k}, several steps", partial(assert_permutation, make, steps, perm, losses[0]))
     run("trains and resumes through MultiTaskOptimizer", lambda: assert_trains(method, **options))
     if report.failed:
         raise AssertionError(str(report))

@@ -248,7 +248,7 @@ class RotatedPath(StackedPath):
         self.rotations = rotations
         z = shared[0]
         lead, feat, post, self.scale = rotations.layout(z.shape)
-        self.rotation = rotations.matrices()
+        self.rotation: Tensor | None = rotations.matrices()
         with torch.no_grad():
             rotated = rotations.rotate(z.detach().reshape(lead, feat, post), self.rotation.to(z.dtype))
         self._rotated_leaf = rotated.view(num_tasks, *z.shape).requires_grad_()
@@ -260,6 +260,7 @@ class RotatedPath(StackedPath):
 
     def task_gradients(self, objective: Tensor, params: list[Tensor]) -> list[Tensor | None]:
         out = super().task_gradients(objective, params)
+        assert self.rotation is not None  # until align()
         self.rotated = self.grads[0]
         self.grads[0] = rot.unrotate(self.rotations, self.rotation, self.rotated)
         return out
@@ -274,7 +275,7 @@ class RotatedPath(StackedPath):
     def align(self, gram: Tensor | None, loss_scale: Tensor | None, sync: Any) -> Tensor:
         """Trains the rotations (see :func:`gradsurgery.pipeline.rotation.align`); frees the
         exponential's graph and the rotated gradients."""
-        assert gram is not None  # a rotated path always forms the Gram
+        assert gram is not None and self.rotation is not None and self.rotated is not None  # after gram()
         out = rot.align(self.rotations, self.rotation, self.scale, self.shared[0], self.grads[0], self.rotated,
                         self.rotated_gram(gram), loss_scale, sync)
         self.rotated, self.rotation = None, None

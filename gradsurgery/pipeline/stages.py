@@ -1,13 +1,19 @@
-"""The stages of the backward pipeline, in the order they run::
+"""The functions the paths of :mod:`.paths` share: ``combine`` (``g = c^T G``),
+``shared_backward`` (one ``z.backward(g)`` through the backbone) and ``accumulate`` (the
+heads' gradients into ``.grad``).
+
+The pipeline's stages, in the order ``MultiTaskOptimizer.backward`` runs them::
 
     fork -> task gradients -> Gram -> decide -> combine -> shared backward
 
-``fork`` gives each task a detached alias of the shared representation ``z``; one autograd
-call over the (weighted) task losses fills every task's gradient ``G[k] = dL_k/dz_k`` (the
-heads are disjoint, so nothing mixes) without touching the backbone; the method decides
-coefficients ``c`` from the ``K x K`` Gram ``G G^T``; ``g = c^T G`` goes back through the
-backbone in a single ``z.backward(g)``. The paths of :mod:`.paths` are made of these
-functions; :class:`gradsurgery.MultiTaskOptimizer` drives them and owns the state.
+``fork`` gives each task a detached alias of the shared representation ``z``
+(:func:`.paths.new_path`); one autograd call over the (weighted) task losses fills every
+task's gradient ``G[k] = dL_k/dz_k`` (``Path.task_gradients``; the heads are disjoint, so
+nothing mixes) without touching the backbone; the method decides coefficients ``c`` from
+the ``K x K`` Gram ``G G^T`` (``Path.gram``, then ``Method.decide``); ``g = c^T G``
+(:func:`combine`) goes back through the backbone in a single ``z.backward(g)``
+(:func:`shared_backward`). :class:`gradsurgery.MultiTaskOptimizer` drives them and owns
+the state.
 """
 from __future__ import annotations
 
@@ -15,7 +21,6 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
-
 
 
 def combine(coefficients: Tensor, grads: Tensor) -> Tensor:
@@ -30,7 +35,8 @@ def shared_backward(shared: Sequence[Tensor], grads: Sequence[Tensor], backbone_
     """One backward pass through the backbone: ``z.backward(g)`` for every shared tensor at
     once, plus the gradient of ``backbone_loss`` (a regulariser of the shared parameters)
     in the same pass."""
-    tensors, seeds = list(shared), list(grads)
+    tensors: list[Tensor] = list(shared)
+    seeds: list[Tensor | None] = list(grads)
     if backbone_loss is not None:
         tensors.append(backbone_loss)
         seeds.append(None)
@@ -43,8 +49,9 @@ def accumulate(params: list[Tensor], grads: list[Tensor | None], scales: list[Te
     for i, (p, g) in enumerate(zip(params, grads)):
         if g is None:
             continue
-        if scales is not None and scales[i] is not None:
-            g = g * scales[i].to(g.dtype)
+        scale = None if scales is None else scales[i]
+        if scale is not None:
+            g = g * scale.to(g.dtype)
         if p.grad is None:
             p.grad = g
         else:

@@ -12,7 +12,7 @@ that ``scaler.unscale_`` / ``scaler.step`` treat them like every other gradient.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, overload
 
 import torch
 from torch import Tensor
@@ -34,6 +34,10 @@ class Scaling:
     def active(self) -> bool:
         return self.scale is not None
 
+    @overload
+    def scaled(self, t: Tensor) -> Tensor: ...
+    @overload
+    def scaled(self, t: None) -> None: ...
     def scaled(self, t: Tensor | None) -> Tensor | None:
         """``t`` times the loss scale (the losses the backward passes run on)."""
         return t if self.scale is None or t is None else t * self.scale
