@@ -32,16 +32,17 @@ sys.path.append(str(Path(__file__).resolve().parent.parent))  # gradsurgery from
 
 import _workloads as W  # noqa: E402
 import gradsurgery as gs  # noqa: E402
-from gradsurgery.pipeline import paths, rotation, stages  # noqa: E402
+from gradsurgery.pipeline import checks, paths, rotation, stages  # noqa: E402
 
 #: Functions and methods timed, where they exist (owner, names).
 STAGES = [(stages, ["combine", "shared_backward", "accumulate"]),
+          (checks, ["finite_flag"]),
           (rotation, ["unrotate", "align"]),
           (rotation.Rotations, ["matrices", "rotate"]),
           (paths.StackedPath, ["__init__", "task_gradients", "gram", "combine", "shared_backward"]),
           (paths.SummedPath, ["__init__", "task_gradients", "gram", "combine"]),
           (paths.RotatedPath, ["__init__", "task_gradients"]),
-          (gs.MultiTaskOptimizer, ["_validate", "_finite_flag", "_record_stats", "_head_params", "_decide", "_gram"])]
+          (gs.MultiTaskOptimizer, ["_validate", "_reduce_and_check", "_head_params"])]
 
 
 #: ``--clock``: wall time, or the process's CPU time (all threads; steadier on a machine

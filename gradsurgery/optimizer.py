@@ -7,7 +7,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
-from .methods import ElementWise, Method, available, create, get, kind_of
+from .methods import Method, available, create, get, kind_of
 from .methods.smoothed import Smoothed
 from .numerics.gram import compute_dtype
 from .pipeline import checks, graph, paths, stages
@@ -121,7 +121,7 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         self.rep_size = rep_size
         self.check_finite = bool(check_finite)
         self.method = create(method, **method_options)
-        self.kind = kind_of(self.method)
+        kind_of(self.method)  # a TypeError for a bare Method, before anything is built
         self.level = self.method.levels[0] if level is None else level
         if self.level not in self.method.levels:
             raise ValueError(f"{self.method!r} decides at level(s) {list(self.method.levels)} only (see its card); "
@@ -230,7 +230,7 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
             raise ValueError("fork(z): z does not require grad, so the backbone cannot be trained "
                              "through it; pass the backbone's output (or wrap evaluation in torch.no_grad())")
         self._path = paths.new_path(self.method, shared, self.num_tasks, single, rotations=self.rotations,
-                                    shared_params=(lambda: self._shared_for(shared)) if self.level == "params" else None)
+                                    level=self.level, shared_params=self.shared_params, candidates=self._head_params)
         return self._path.views
 
     def backward(self, losses: Sequence[Tensor | None], *, backbone_loss: Tensor | None = None,
@@ -270,8 +270,9 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         head_grads = path.task_gradients(scaling.scaled(objective), head_params)
         gram = scaling.unscale_gram(path.gram(needed=self.method.uses_gram,
                                               retain_graph=backbone_loss is not None or scaling.active))
-        finite, gram, task_losses, head_grads = self._reduce_and_check(
-            sync, path, gram, task_losses, head_grads, backbone_loss, check=self.check_finite or scaling.active)
+        finite, gram, task_losses, head_grads = checks.reduce_and_check(
+            sync, path, gram, task_losses, head_grads, backbone_loss, check=self.check_finite or scaling.active,
+            reduce_losses=not self._decides_from_losses(sync))
         if not finite:
             if not scaling.active:
                 checks.raise_nonfinite(task_losses, loss_weights, path, backbone_loss, self.method,
@@ -391,24 +392,6 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         return [p for g in self.param_groups for p in g["params"]
                 if p.requires_grad and id(p) not in self._method_params]
 
-    def _shared_for(self, shared: list[Tensor]) -> tuple[list[Tensor], bool]:
-        """The shared parameters of ``level="params"`` (``shared_params``, or the wrapped
-        optimizer's parameters the shared tensors depend on) and whether they are all of
-        those (see :class:`gradsurgery.pipeline.paths.ParamsPath`)."""
-        found = graph.shared_parameters(shared, self._head_params())
-        if self.shared_params is None and not found:
-            raise ValueError("level='params' found no shared parameter: z depends on none of the wrapped "
-                             "optimizer's parameters. Put the backbone's parameters in the optimizer, or "
-                             "pass shared_params=backbone.parameters()")
-        if self.shared_params is None:
-            return found, True
-        complete = {id(p) for p in found} <= {id(p) for p in self.shared_params}
-        if not complete and self.kind is ElementWise:
-            raise ValueError(f"{self.method!r} combines the Jacobian of shared_params element by element, so the "
-                             f"other {len(found) - len(self.shared_params)} parameter(s) of the backbone would get "
-                             "no gradient; pass every backbone parameter as shared_params (or leave it None)")
-        return self.shared_params, complete
-
     def _pending_path(self) -> paths.Path:
         if self._path is None:
             raise RuntimeError("backward() was called without fork(); call views = opt.fork(z) on the "
@@ -468,21 +451,6 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         """Whether the method's loss weights may depend on the losses, so that under exact
         distributed surgery the global losses are needed before the task backward."""
         return sync.exact and type(self.method).loss_weights is not Method.loss_weights
-
-    def _reduce_and_check(self, sync: distributed.Sync | distributed.NoSync, path: paths.Path,
-                          gram: Tensor | None, task_losses: Tensor, head_grads: list[Tensor | None],
-                          backbone_loss: Tensor | None, check: bool
-                          ) -> tuple[bool, Tensor | None, Tensor, list[Tensor | None]]:
-        """The step's one all-reduce (the Gram, the losses, the finite flag, the heads'
-        gradients; the identity when single-process) and, when ``check``, its one host
-        read: whether everything was finite on every rank."""
-        flag = (checks.finite_flag(task_losses, path, gram, head_grads, backbone_loss) if check
-                else task_losses.new_zeros(()))
-        exact_losses = sync.exact and not self._decides_from_losses(sync)
-        total, reduced, flag, head_grads = sync.reduce(gram if sync.exact else None,
-                                                       task_losses if exact_losses else None, flag, head_grads)
-        gram, task_losses = gram if total is None else total, task_losses if reduced is None else reduced
-        return not check or bool(torch.isfinite(flag)), gram, task_losses, head_grads
 
     @property
     def _ema(self) -> Tensor | None:

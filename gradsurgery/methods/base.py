@@ -20,8 +20,10 @@ Lifecycle, driven by :class:`gradsurgery.MultiTaskOptimizer`:
 1. ``bind(num_tasks, device=..., dtype=..., generator=...)`` once: creates parameters.
 2. every ``backward``, after the input was validated: ``loss_weights(losses)`` (pure: it
    must not change any state, it runs before validation ends), ``prepare()`` (the step's
-   random draws), then the kind's decision: ``update`` / ``weights`` / ``combine`` (may
-   update state: counters, initial losses, gradients of the method's own parameters).
+   random draws), then :meth:`Method.decide`, which each kind implements over its own hook:
+   ``update`` / ``weights`` / ``combine`` (may update state: counters, initial losses,
+   gradients of the method's own parameters). ``weight_ema`` wraps the method in
+   :class:`gradsurgery.methods.smoothed.Smoothed`.
 3. ``after_step()`` after the wrapped optimizer stepped (e.g. renormalise weights).
 4. ``observe(losses)`` when the user passes the losses measured after the step (FAMO),
    ``end_epoch()`` when the user marks the end of an epoch (DWA).
@@ -178,6 +180,9 @@ class Method:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.extra_repr()})"
 
+    def extra_repr(self) -> str:
+        return ""
+
     # -- the decision, by kind ----------------------------------------------------------
     def step_loss_weights(self, losses: Tensor, smoothing: Smoothing | None = None) -> Tensor | None:
         """The weights the pipeline multiplies the losses by this step: :meth:`loss_weights`
@@ -213,21 +218,18 @@ class Method:
             full = full * (scale if present is None else scale.new_ones(self.num_tasks).index_copy(0, present, scale))
         return Decision(full, combined)
 
-    def extra_repr(self) -> str:
-        return ""
-
 
 class LossWeighting(Method):
     """A method that only weights the losses: ``g = sum_k w_k g_k``, ``w`` from
     :meth:`~Method.loss_weights` (``None``: ones). The heads get ``w_k dL_k`` too, so the
     step equals ``sum_k w_k L_k`` backpropagated plainly; no ``K x N`` matrix is formed."""
 
+    uses_gram: ClassVar[bool] = False
+
     def update(self, losses: Tensor) -> None:
         """Commits the step's state (history, counters, the gradient of learnable
         weights), once per accepted ``backward``; ``losses`` are the ``K`` detached
         values (unweighted)."""
-
-    uses_gram: ClassVar[bool] = False
 
     def step_loss_weights(self, losses: Tensor, smoothing: Smoothing | None = None) -> Tensor | None:
         weights = self.loss_weights(losses)
@@ -307,12 +309,14 @@ class ElementWise(Method):
     def decide(self, grads: TaskGradients, gram: Tensor | None, losses: Tensor, present: Tensor | None,
                loss_weights: Tensor | None, scaling: Scaling, smoothing: Smoothing | None = None) -> Decision:
         """``g = combine(G, L, z)``; the coefficients are the weights it combined with."""
-        if smoothing is not None:
-            self.smoothing = lambda weights: smoothing.commit(smoothing.smooth(weights))
-        try:
+        if smoothing is None:
             combined = grads.combine_elements(self, losses, present, scaling)
-        finally:
-            self.smoothing = None
+        else:
+            self.smoothing = lambda weights: smoothing.commit(smoothing.smooth(weights))
+            try:
+                combined = grads.combine_elements(self, losses, present, scaling)
+            finally:
+                del self.smoothing
         weights = self.last_weights
         return Decision(weights.to(losses.dtype) if self.has_weights and weights is not None else None, combined)
 

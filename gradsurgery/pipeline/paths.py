@@ -25,7 +25,7 @@ from torch import Tensor
 from ..methods.base import ElementWise, LossWeighting, Method
 from ..numerics.gram import compute_dtype
 from ..numerics.gram import gram as gram_of
-from . import params_level, stages
+from . import graph, params_level, stages
 from . import rotation as rot
 
 if TYPE_CHECKING:
@@ -100,12 +100,12 @@ class Path:
         stages.shared_backward(self.shared, [torch.full_like(t, float("nan")) for t in self.shared], backbone_loss)
 
 
-def new_path(method: Method, shared: list[Tensor], num_tasks: int, single: bool, *,
-             rotations: rot.Rotations | None, shared_params: Callable[[], tuple[list[Tensor], bool]] | None) -> Path:
+def new_path(method: Method, shared: list[Tensor], num_tasks: int, single: bool, *, rotations: rot.Rotations | None,
+             level: str, shared_params: list[Tensor] | None, candidates: Callable[[], list[Tensor]]) -> Path:
     """The path this step takes: rotated with rotations; summed for loss weighting
-    (``g = sum_k w_k g_k`` added up as plain backward, exact in float32/64; stacked without
-    a Gram in lower precision); the parameter level over a stacked path when
-    ``shared_params`` (the parameters and whether they are complete) is given."""
+    (``g = sum_k w_k g_k`` added up as plain backward, exact in float32/64; stacked in lower
+    precision); at ``level="params"`` the parameter level over a stacked path (its
+    parameters: ``shared_params``, or the ``candidates`` the shared tensors depend on)."""
     if rotations is not None:
         return RotatedPath(rotations, shared, num_tasks, single)
     if isinstance(method, LossWeighting):
@@ -113,7 +113,28 @@ def new_path(method: Method, shared: list[Tensor], num_tasks: int, single: bool,
             return SummedPath(shared, num_tasks, single)
         return StackedPath(shared, num_tasks, single)
     inner = StackedPath(shared, num_tasks, single)
-    return inner if shared_params is None else ParamsPath(inner, *shared_params())
+    if level != "params":
+        return inner
+    return ParamsPath(inner, *_params_of(method, shared, shared_params, candidates()))
+
+
+def _params_of(method: Method, shared: list[Tensor], given: list[Tensor] | None,
+               candidates: list[Tensor]) -> tuple[list[Tensor], bool]:
+    """The shared parameters of ``level="params"`` (``given``, or the ``candidates`` the
+    shared tensors depend on) and whether they are all of those (see :class:`ParamsPath`)."""
+    found = graph.shared_parameters(shared, candidates)
+    if given is None and not found:
+        raise ValueError("level='params' found no shared parameter: z depends on none of the wrapped "
+                         "optimizer's parameters. Put the backbone's parameters in the optimizer, or "
+                         "pass shared_params=backbone.parameters()")
+    if given is None:
+        return found, True
+    complete = {id(p) for p in found} <= {id(p) for p in given}
+    if not complete and isinstance(method, ElementWise):
+        raise ValueError(f"{method!r} combines the Jacobian of shared_params element by element, so the "
+                         f"other {len(found) - len(given)} parameter(s) of the backbone would get "
+                         "no gradient; pass every backbone parameter as shared_params (or leave it None)")
+    return given, complete
 
 
 class StackedPath(Path):
