@@ -81,6 +81,8 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
 
     Attributes:
         method: the :class:`~gradsurgery.methods.Method` in use.
+        decider: what decides each step: :attr:`method`, or with ``weight_ema`` the method
+            wrapped in :class:`gradsurgery.methods.smoothed.Smoothed` (its running weights).
         rotations: the :class:`gradsurgery.pipeline.rotation.Rotations` (``None`` without).
         stats: what the last ``backward`` saw and decided (detached tensors):
             the same keys for every method: ``losses``, ``weights`` (each unweighted task
