@@ -10,12 +10,12 @@ from contextlib import contextmanager
 
 import pytest
 import torch
+from core_helpers import make, wrapped_step
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import gradsurgery as gs
-from core_helpers import make, wrapped_step
 from gradsurgery.pipeline import params_level
 
 D = torch.float64
@@ -103,7 +103,7 @@ def test_gram_flat_and_combination_equal_per_task_autograd(every_layer, build, l
 def test_linear_layer_gram_is_the_blocks_gram(rows, d_in, d_out, k, bias, seed):
     gen = torch.Generator().manual_seed(seed)
     weight = torch.randn(d_out, d_in, generator=gen, dtype=D)
-    layer = params_level.LinearLayer(weight=weight, bias=torch.zeros(d_out, dtype=D) if bias else None, node=None,
+    layer = params_level.LinearLayer(weight=weight, bias=torch.zeros(d_out, dtype=D) if bias else None,
                                      inputs=torch.randn(rows, d_in, generator=gen, dtype=D),
                                      grads=torch.randn(k, rows, d_out, generator=gen, dtype=D))
     flat = torch.cat([b.reshape(k, -1) for _, b in layer.blocks()], 1)

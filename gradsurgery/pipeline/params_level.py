@@ -44,12 +44,13 @@ representation-level one (``z.backward(c^T G)``), which is the same gradient.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
-from torch.autograd.graph import GradientEdge
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from ..numerics.gram import compute_dtype
 
@@ -68,16 +69,25 @@ def layerwise_cheaper(k: int, rows: int, d_in: int, d_out: int, bias: bool) -> b
     return layerwise < block
 
 
+class LinearUse(NamedTuple):
+    """A linear map found in the graph: its ``addmm``/``mm`` node (whose output gradient
+    is ``g``), parameters and saved inputs ``a`` (``R x d_in``)."""
+
+    node: Any
+    weight: Tensor
+    bias: Tensor | None
+    inputs: Tensor
+
+
 @dataclass
 class LinearLayer:
-    """A linear layer's factors: inputs ``a`` (``R x d_in``) and, once the batched product
-    ran, the task gradients ``g`` of its output (``K x R x d_out``)."""
+    """A linear layer's factors: inputs ``a`` (``R x d_in``) and the task gradients ``g``
+    of its output (``K x R x d_out``)."""
 
     weight: Tensor
     bias: Tensor | None
-    node: object  # the addmm/mm autograd node whose output gradient is g
     inputs: Tensor
-    grads: Tensor | None = None
+    grads: Tensor
 
     def gram(self, dtype: torch.dtype) -> Tensor:
         """``M_ij = <g_i, (a a^T + 1) g_j>`` (``+ 1`` with a bias)."""
@@ -142,6 +152,7 @@ class Jacobian:
                 _add_grad(p, combined[offset:offset + p.numel()].view(p.shape))
                 offset += p.numel()
         else:
+            assert coefficients is not None, "pass coefficients or combined"
             for p, block in zip(self.params, self.blocks):
                 if block is not None:
                     dtype = compute_dtype(block.dtype)
@@ -168,20 +179,19 @@ def jacobian(shared: Sequence[Tensor], params: list[Tensor], grads: Sequence[Ten
     gradient. Parameters the shared tensors do not reach through a differentiable path get
     zero blocks."""
     k = grads[0].shape[0]
-    layers = linear_layers(shared, params, k) if LAYERWISE else []
-    covered = {id(p) for layer in layers for p in (layer.weight, layer.bias) if p is not None}
+    uses = linear_uses(shared, params, k) if LAYERWISE else []
+    covered = {id(p) for use in uses for p in (use.weight, use.bias) if p is not None}
     rest = [p for p in params if id(p) not in covered]
-    inputs: list[Tensor | GradientEdge] = [GradientEdge(layer.node, 0) for layer in layers]
-    out = torch.autograd.grad(list(shared), [*inputs, *rest], [g.to(t.dtype) for g, t in zip(grads, shared)],
+    edges = [GradientEdge(use.node, 0) for use in uses] + [get_gradient_edge(p) for p in rest]
+    out = torch.autograd.grad(list(shared), edges, [g.to(t.dtype) for g, t in zip(grads, shared)],
                               is_grads_batched=True, retain_graph=retain_graph, allow_unused=True)
-    for layer, g in zip(layers, out):
-        layer.grads = g
+    layers = [LinearLayer(use.weight, use.bias, use.inputs, g) for use, g in zip(uses, out)]
     computed = {id(p): b if b is not None else torch.zeros(k, *p.shape, dtype=p.dtype, device=p.device)
-                for p, b in zip(rest, out[len(layers):])}
+                for p, b in zip(rest, out[len(uses):])}
     return Jacobian(params=list(params), blocks=[computed.get(id(p)) for p in params], layers=layers)
 
 
-def linear_layers(shared: Sequence[Tensor], params: list[Tensor], k: int) -> list[LinearLayer]:
+def linear_uses(shared: Sequence[Tensor], params: list[Tensor], k: int) -> list[LinearUse]:
     """The linear maps in the shared tensors' graph whose layer-wise Gram is cheaper (see
     :func:`layerwise_cheaper`): an ``addmm(b, a, W^T)`` or ``mm(a, W^T)`` node (what
     ``nn.Linear`` records, under autocast too) whose weight ``W`` is one of ``params``
@@ -189,8 +199,9 @@ def linear_layers(shared: Sequence[Tensor], params: list[Tensor], k: int) -> lis
     its own Jacobian block and the layer is taken without it."""
     wanted = {id(p) for p in params}
     readers: dict[int, int] = {}  # id(node) -> number of graph edges into it
-    nodes, seen = [], set()
-    stack = [t.grad_fn for t in shared if t.grad_fn is not None]
+    nodes: list[Any] = []
+    seen: set[int] = set()
+    stack: list[Any] = [t.grad_fn for t in shared if t.grad_fn is not None]
     while stack:
         node = stack.pop()
         if id(node) in seen:
@@ -201,7 +212,7 @@ def linear_layers(shared: Sequence[Tensor], params: list[Tensor], k: int) -> lis
             if child is not None:
                 readers[id(child)] = readers.get(id(child), 0) + 1
                 stack.append(child)
-    layers = []
+    uses = []
     for node in nodes:
         name = type(node).__name__
         if name not in ("AddmmBackward0", "MmBackward0"):
@@ -222,11 +233,11 @@ def linear_layers(shared: Sequence[Tensor], params: list[Tensor], k: int) -> lis
         if inputs is None or inputs.dim() != 2 or inputs.shape[1] != weight.shape[1]:
             continue
         if layerwise_cheaper(k, inputs.shape[0], weight.shape[1], weight.shape[0], bias is not None):
-            layers.append(LinearLayer(weight=weight, bias=bias, node=node, inputs=inputs.detach()))
-    return layers
+            uses.append(LinearUse(node, weight, bias, inputs.detach()))
+    return uses
 
 
-def _leaf(node, readers: dict[int, int], through: tuple[str, ...]) -> Tensor | None:
+def _leaf(node: Any, readers: dict[int, int], through: tuple[str, ...]) -> Tensor | None:
     """The parameter behind ``node`` when the chain from it is ``through`` (in order), then
     any autocast casts (``ToCopyBackward0``), then its gradient accumulator, with every
     node on the way read by one edge only; else ``None``."""
