@@ -1,6 +1,10 @@
 """Parameter-level surgery against torchjd 0.18 (``mtl_backward`` + the same aggregator),
 and representation-level loss-only methods against plain backward.
 
+The ``gs:<method>:blocks`` rows run gradsurgery with its layer-wise Gram switched off
+(``params_level.LAYERWISE = False`` around each step: every layer's ``K x p`` Jacobian
+block formed, the 0.1 behaviour), in the same run as the default rows.
+
 Usage::
 
     python benchmarks/params_level.py            # K in {2, 8, 32}: several minutes on 2 cores
@@ -33,6 +37,8 @@ import _workloads as W  # noqa: E402
 
 #: (gradsurgery method, torchjd aggregator) pairs compared at the parameter level
 PAIRS = [("upgrad", "UPGrad"), ("mgda", "MGDA"), ("pcgrad", "PCGrad")]
+#: methods also measured with Jacobian blocks only (no layer-wise Gram)
+BLOCKS = ["upgrad"]
 #: loss-only methods: representation level, target <= 1.03x plain
 LOSS_ONLY = ["uw", "dwa", "rlw", "famo"]
 
@@ -41,9 +47,32 @@ def rows(k: int) -> list[dict]:
     out = []
     for ours, theirs in PAIRS:
         out.append({"lib": "gradsurgery", "method": ours, "level": "params", "key": f"gs:{ours}"})
+        if ours in BLOCKS:
+            out.append({"lib": "gradsurgery", "method": ours, "level": "params", "key": f"gs:{ours}:blocks",
+                        "blocks": True})
         out.append({"lib": "torchjd", "method": theirs, "key": f"jd:{theirs}"})
     out += [{"lib": "gradsurgery", "method": m, "level": "rep", "key": f"gs:{m}:rep"} for m in LOSS_ONLY]
     return out
+
+
+def build(row: dict, p: W.Problem):
+    """:func:`_workloads.build`, and for a ``blocks`` row a step with the layer-wise Gram
+    off (installed as ``W.build`` so that the forked measuring children use it)."""
+    step = _build(row, p)
+    if not row.get("blocks"):
+        return step
+    from gradsurgery.pipeline import params_level
+
+    def blocks_step() -> None:
+        params_level.LAYERWISE = False
+        try:
+            step()
+        finally:
+            params_level.LAYERWISE = True
+    return blocks_step
+
+
+_build, W.build = W.build, build
 
 
 def main() -> None:
@@ -93,18 +122,22 @@ def render(table: list[dict], threads: int, env: dict[str, str] | None = None,
     by = {(r["k"], r["row"]): r for r in table}
     setting = ", ".join(f"{k}={v}" for k, v in (env or {}).items()) or "none set (the defaults)"
     where = "" if load is None else f"; load average {load[0]:.2f} at start, {load[1]:.2f} at end"
-    lines = [f"Parameter level vs torchjd 0.18 (CPU, {threads} threads; OpenMP/MKL environment variables: "
-             f"{setting}{where}; ratios to plain backward; "
-             "time: median [IQR] of paired ratios; memory: peak RSS above imports)", "",
-             "| K | method | gradsurgery time | torchjd time | gs / torchjd | gradsurgery memory | torchjd memory |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [(f"Parameter level vs torchjd 0.18 (CPU, {threads} threads; OpenMP/MKL environment variables: "
+              f"{setting}{where}; ratios to plain backward; "
+              "time: median [IQR] of paired ratios; memory: peak RSS above imports)"), "",
+             ("| K | method | gradsurgery time | blocks only time | torchjd time | gs / torchjd | "
+              "gradsurgery memory | blocks only memory | torchjd memory |"),
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    none = {"time": None, "q25": None, "q75": None, "memory": None}
     for k in sorted({r["k"] for r in table}):
         for ours, theirs in PAIRS:
             a, b = by[(k, f"gs:{ours}")], by[(k, f"jd:{theirs}")]
+            old = by.get((k, f"gs:{ours}:blocks"), none)
             speed = None if a["time"] is None or b["time"] is None else a["time"] / b["time"]
             lines.append(f"| {k} | {ours} | {fmt(a['time'])}x [{fmt(a['q25'])}-{fmt(a['q75'])}] | "
+                         f"{fmt(old['time'])}x [{fmt(old['q25'])}-{fmt(old['q75'])}] | "
                          f"{fmt(b['time'])}x [{fmt(b['q25'])}-{fmt(b['q75'])}] | {fmt(speed)} | "
-                         f"{fmt(a['memory'])}x | {fmt(b['memory'])}x |")
+                         f"{fmt(a['memory'])}x | {fmt(old['memory'])}x | {fmt(b['memory'])}x |")
     lines += ["", "Representation-level loss-only methods (target <= 1.03x plain):", "",
               "| K | method | time | memory |", "| --- | --- | --- | --- |"]
     for k in sorted({r["k"] for r in table}):
