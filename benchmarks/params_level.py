@@ -9,6 +9,7 @@ Usage::
 
     python benchmarks/params_level.py            # K in {2, 8, 32}: several minutes on 2 cores
     python benchmarks/params_level.py --quick    # K in {2, 8}, fewer rounds
+    python benchmarks/params_level.py --targets --k 8 32   # UPGrad rows only (the targets')
 
 Model (shared with ``step_time.py``, see ``_workloads.py``): MLP backbone 64-1024-1024-256,
 heads 256-256-1 with MSE losses, Adam, batch 256. Every number is a ratio to plain
@@ -43,15 +44,15 @@ BLOCKS = ["upgrad"]
 LOSS_ONLY = ["uw", "dwa", "rlw", "famo"]
 
 
-def rows(k: int) -> list[dict]:
+def rows(k: int, pairs=PAIRS, loss_only=LOSS_ONLY) -> list[dict]:
     out = []
-    for ours, theirs in PAIRS:
+    for ours, theirs in pairs:
         out.append({"lib": "gradsurgery", "method": ours, "level": "params", "key": f"gs:{ours}"})
         if ours in BLOCKS:
             out.append({"lib": "gradsurgery", "method": ours, "level": "params", "key": f"gs:{ours}:blocks",
                         "blocks": True})
         out.append({"lib": "torchjd", "method": theirs, "key": f"jd:{theirs}"})
-    out += [{"lib": "gradsurgery", "method": m, "level": "rep", "key": f"gs:{m}:rep"} for m in LOSS_ONLY]
+    out += [{"lib": "gradsurgery", "method": m, "level": "rep", "key": f"gs:{m}:rep"} for m in loss_only]
     return out
 
 
@@ -78,18 +79,23 @@ _build, W.build = W.build, build
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--targets", action="store_true", help="UPGrad's rows only (plain, layer-wise, "
+                        "blocks only, torchjd), written to params_level-targets.{json,md}")
+    parser.add_argument("--k", type=int, nargs="+", help="the numbers of tasks (default 2 8 32; --quick: 2 8)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    ks = (2, 8) if args.quick else (2, 8, 32)
+    ks = tuple(args.k or ((2, 8) if args.quick else (2, 8, 32)))
+    selected = {"pairs": PAIRS[:1], "loss_only": []} if args.targets else {}
     timing = ({"min_rounds": 3, "max_rounds": 3, "budget_s": 0.0, "warmup": 1} if args.quick
               else {"min_rounds": 5, "max_rounds": 9, "budget_s": 3.0})
     jobs = []
     for k in ks:
         config = W.Config(d=256, k=k).as_dict()
-        jobs.append({"kind": "time", "config": config, "rows": rows(k), "timing": timing, "timeout_s": 1800})
+        jobs.append({"kind": "time", "config": config, "rows": rows(k, **selected), "timing": timing,
+                     "timeout_s": 1800})
         plain = {"lib": "plain", "method": "sum", "key": "plain"}
-        jobs.append({"kind": "memory", "config": config, "rows": [plain] + rows(k), "timeout_s": 1800})
+        jobs.append({"kind": "memory", "config": config, "rows": [plain] + rows(k, **selected), "timeout_s": 1800})
     env = {k: v for k, v in sorted(os.environ.items()) if k.startswith(("OMP_", "MKL_", "KMP_", "GOMP_"))}
     load = os.getloadavg()[0]
     results = _measure.run_jobs(jobs, args.threads, lambda m: print(m, file=sys.stderr, flush=True))
@@ -97,13 +103,13 @@ def main() -> None:
     table = []
     for k, (times, memory) in zip(ks, zip(results[::2], results[1::2])):
         plain_mb = memory["plain"].get("peak_mb")
-        for row in rows(k):
+        for row in rows(k, **selected):
             t, m = times.get(row["key"], {}), memory.get(row["key"], {})
             table.append({"k": k, "row": row["key"], "time": t.get("ratio"), "q25": t.get("q25"),
                           "q75": t.get("q75"), "row_ms": t.get("row_ms"), "plain_ms": t.get("plain_ms"),
                           "memory": None if "peak_mb" not in m or not plain_mb else m["peak_mb"] / plain_mb,
                           "error": t.get("error") or m.get("error")})
-    suffix = "-quick" if args.quick else ""
+    suffix = ("-quick" if args.quick else "") + ("-targets" if args.targets else "")
     out = HERE / "results"
     out.mkdir(exist_ok=True)
     (out / f"params_level{suffix}.json").write_text(json.dumps(
@@ -131,6 +137,8 @@ def render(table: list[dict], threads: int, env: dict[str, str] | None = None,
     none = {"time": None, "q25": None, "q75": None, "memory": None}
     for k in sorted({r["k"] for r in table}):
         for ours, theirs in PAIRS:
+            if (k, f"gs:{ours}") not in by:
+                continue
             a, b = by[(k, f"gs:{ours}")], by[(k, f"jd:{theirs}")]
             old = by.get((k, f"gs:{ours}:blocks"), none)
             speed = None if a["time"] is None or b["time"] is None else a["time"] / b["time"]
@@ -138,12 +146,13 @@ def render(table: list[dict], threads: int, env: dict[str, str] | None = None,
                          f"{fmt(old['time'])}x [{fmt(old['q25'])}-{fmt(old['q75'])}] | "
                          f"{fmt(b['time'])}x [{fmt(b['q25'])}-{fmt(b['q75'])}] | {fmt(speed)} | "
                          f"{fmt(a['memory'])}x | {fmt(old['memory'])}x | {fmt(b['memory'])}x |")
-    lines += ["", "Representation-level loss-only methods (target <= 1.03x plain):", "",
-              "| K | method | time | memory |", "| --- | --- | --- | --- |"]
-    for k in sorted({r["k"] for r in table}):
-        for m in LOSS_ONLY:
-            r = by[(k, f"gs:{m}:rep")]
-            lines.append(f"| {k} | {m} | {fmt(r['time'])}x [{fmt(r['q25'])}-{fmt(r['q75'])}] | {fmt(r['memory'])}x |")
+    loss_only = [(k, m) for k in sorted({r["k"] for r in table}) for m in LOSS_ONLY if (k, f"gs:{m}:rep") in by]
+    if loss_only:
+        lines += ["", "Representation-level loss-only methods (target <= 1.03x plain):", "",
+                  "| K | method | time | memory |", "| --- | --- | --- | --- |"]
+    for k, m in loss_only:
+        r = by[(k, f"gs:{m}:rep")]
+        lines.append(f"| {k} | {m} | {fmt(r['time'])}x [{fmt(r['q25'])}-{fmt(r['q75'])}] | {fmt(r['memory'])}x |")
     errors = [f"- {r['row']} (K={r['k']}): {r['error']}" for r in table if r.get("error")]
     return "\n".join(lines + (["", "Errors:"] + errors if errors else [])) + "\n"
 
