@@ -10,6 +10,7 @@ Usage::
     python benchmarks/params_level.py            # K in {2, 8, 32}: several minutes on 2 cores
     python benchmarks/params_level.py --quick    # K in {2, 8}, fewer rounds
     python benchmarks/params_level.py --targets --k 8 32   # UPGrad rows only (the targets')
+    python benchmarks/params_level.py --targets --k 8 32 --threads 1 --cpu-time   # loaded machine
 
 Model (shared with ``step_time.py``, see ``_workloads.py``): MLP backbone 64-1024-1024-256,
 heads 256-256-1 with MSE losses, Adam, batch 256. Every number is a ratio to plain
@@ -26,6 +27,8 @@ import argparse
 import json
 import os
 import sys
+import time
+import types
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -81,10 +84,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--targets", action="store_true", help="UPGrad's rows only (plain, layer-wise, "
                         "blocks only, torchjd), written to params_level-targets.{json,md}")
+    parser.add_argument("--cpu-time", action="store_true", help="time each step by the process's CPU time "
+                        "instead of the wall clock: with --threads 1, the compute alone, which other processes "
+                        "on a loaded machine do not inflate (results: params_level-...-cpu.{json,md})")
     parser.add_argument("--k", type=int, nargs="+", help="the numbers of tasks (default 2 8 32; --quick: 2 8)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.cpu_time:  # _measure times with time.perf_counter: give it the CPU clock instead
+        _measure.time = types.SimpleNamespace(perf_counter=time.process_time, time=time.time)
     ks = tuple(args.k or ((2, 8) if args.quick else (2, 8, 32)))
     selected = {"pairs": PAIRS[:1], "loss_only": []} if args.targets else {}
     timing = ({"min_rounds": 3, "max_rounds": 3, "budget_s": 0.0, "warmup": 1} if args.quick
@@ -109,19 +117,21 @@ def main() -> None:
                           "q75": t.get("q75"), "row_ms": t.get("row_ms"), "plain_ms": t.get("plain_ms"),
                           "memory": None if "peak_mb" not in m or not plain_mb else m["peak_mb"] / plain_mb,
                           "error": t.get("error") or m.get("error")})
-    suffix = ("-quick" if args.quick else "") + ("-targets" if args.targets else "")
+    suffix = "".join(name for name, on in (("-quick", args.quick), ("-targets", args.targets),
+                                           ("-cpu", args.cpu_time)) if on)
     out = HERE / "results"
     out.mkdir(exist_ok=True)
     (out / f"params_level{suffix}.json").write_text(json.dumps(
-        {"threads": args.threads, "torch": torch.__version__, "environment": env, "load_average": load,
+        {"threads": args.threads, "clock": "cpu" if args.cpu_time else "wall", "torch": torch.__version__,
+         "environment": env, "load_average": load,
          "rows": table}, indent=1))
-    md = render(table, args.threads, env, load)
+    md = render(table, args.threads, env, load, "CPU time" if args.cpu_time else "wall time")
     (out / f"params_level{suffix}.md").write_text(md)
     print(md)
 
 
 def render(table: list[dict], threads: int, env: dict[str, str] | None = None,
-           load: tuple[float, float] | None = None) -> str:
+           load: tuple[float, float] | None = None, clock: str = "wall time") -> str:
     def fmt(x, spec=".2f"):
         return "—" if x is None else format(x, spec)
 
@@ -130,7 +140,7 @@ def render(table: list[dict], threads: int, env: dict[str, str] | None = None,
     where = "" if load is None else f"; load average {load[0]:.2f} at start, {load[1]:.2f} at end"
     lines = [(f"Parameter level vs torchjd 0.18 (CPU, {threads} threads; OpenMP/MKL environment variables: "
               f"{setting}{where}; ratios to plain backward; "
-              "time: median [IQR] of paired ratios; memory: peak RSS above imports)"), "",
+              f"time ({clock}): median [IQR] of paired ratios; memory: peak RSS above imports)"), "",
              ("| K | method | gradsurgery time | blocks only time | torchjd time | gs / torchjd | "
               "gradsurgery memory | blocks only memory | torchjd memory |"),
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
