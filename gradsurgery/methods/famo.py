@@ -14,10 +14,11 @@ much each log-loss decreased: with the losses ``L'`` measured after the step,
 
 and ``xi`` takes one Adam step (``w_lr``, default 0.025, with weight decay ``gamma``,
 default 1e-3: the authors' runs on NYUv2, CelebA and QM9, Cranial-XIX/FAMO
-``experiments/*/run.sh``; their argparse default 0.01 is the Cityscapes run's). The
-authors' runs also clip the shared parameters' gradient to norm 1:
-``torch.nn.utils.clip_grad_norm_(backbone.parameters(), 1.0)`` between ``opt.backward`` and
-``opt.step()`` does exactly that. Those new losses are passed by
+``experiments/*/run.sh``; their argparse default 0.01 is the Cityscapes run's). No
+clipping: the authors' ``WeightMethod.backward`` (``methods/weight_methods.py``) calls
+``clip_grad_norm_(shared_parameters, max_norm)`` before ``loss.backward()``, right after the
+trainer's ``optimizer.zero_grad()``, so it clips nothing; LibMTL's ``FAMO`` does not clip.
+The new losses are passed by
 :meth:`gradsurgery.MultiTaskOptimizer.observe` (``opt.observe(losses)`` after
 ``opt.step()``, e.g. the losses of the same batch re-evaluated under ``torch.no_grad()``,
 as in the paper, or the next batch's losses to save a forward pass). The logits have their
