@@ -82,7 +82,8 @@ class ExcessMTL(ElementWise):
         signal = grads.reshape(k, -1) if rep is None or rep.dim() == 0 else grads.reshape(k, grads.shape[1], -1).sum(1)
         previous = self.weights
         alive = previous > 0
-        signal = torch.where(alive[:, None], signal.to(self.weights.dtype) / torch.where(alive, previous, 1)[:, None], 0)
+        ratio = signal.to(self.weights.dtype) / torch.where(alive, previous, 1)[:, None]
+        signal = torch.where(alive[:, None], ratio, 0)
         if self.squares is not None and self.squares.shape != signal.shape:
             raise ValueError(f"excess_mtl accumulates squared gradients over {self.squares.shape[1]} features "
                              f"(or parameters), got {signal.shape[1]} features; the representation's per-sample "

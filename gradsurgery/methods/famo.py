@@ -54,7 +54,8 @@ class FAMO(LossWeighting):
         self._min_losses = None if min_losses is None else [float(v) for v in min_losses]
         self.previous: Tensor | None = None
 
-    def bind(self, num_tasks, *, device, dtype, generator):
+    def bind(self, num_tasks: int, *, device: torch.device, dtype: torch.dtype,
+             generator: torch.Generator) -> None:
         super().bind(num_tasks, device=device, dtype=dtype, generator=generator)
         if self._min_losses is not None and len(self._min_losses) != num_tasks:
             raise ValueError(f"min_losses has {len(self._min_losses)} entries but num_tasks={num_tasks}")

@@ -3,10 +3,10 @@ gradient vectors -- the general least-squares path and the two-gradient path -- 
 torchjd 0.18's ConFIG on the same matrices, and end to end with its defaults."""
 import pytest
 import torch
-
-import gradsurgery as gs
 from core_helpers import backbone_grads_for, head_grads_plain, make, task_grads, wrapped_step
 from gradient_cases import CASES, gradient_matrix, losses_for
+
+import gradsurgery as gs
 
 
 def official_config(grads: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:

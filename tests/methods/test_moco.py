@@ -7,12 +7,12 @@ import io
 
 import pytest
 import torch
+from core_helpers import head_grads_plain, make, wrapped_step
+from gradient_cases import CASES, PROPERTY, gradient_matrix, gradient_sequences, losses_for
 from hypothesis import given
 from hypothesis import strategies as st
 
 import gradsurgery as gs
-from core_helpers import head_grads_plain, make, wrapped_step
-from gradient_cases import CASES, PROPERTY, gradient_matrix, gradient_sequences, losses_for
 
 D = torch.float64
 LIBMTL = dict(beta=0.5, normalize=True, scale_by_tasks=False, decay="step")
@@ -125,7 +125,7 @@ def test_equals_libmtl_update(k, kind, seed):
     losses = [losses_for(k, seed + t) for t in range(4)]
     expected = reference_libmtl(seq, losses)
     method, outs = steps(seq, losses, **LIBMTL)
-    for out, (d, lambd) in zip(outs, expected):
+    for out, (d, _) in zip(outs, expected):
         torch.testing.assert_close(out, d, rtol=1e-10, atol=1e-12 * float(d.abs().max().clamp_min(1)))
     torch.testing.assert_close(method.state_dict()["lambda"], expected[-1][1], rtol=1e-10, atol=1e-14)
 

@@ -3,14 +3,14 @@ authors' update (Trade-Off-MOL) and LibMTL's three-sample variant, re-derived he
 against torchjd 0.18's ``MoDoWeighting``; the two-batch design (halves of one batch)."""
 from __future__ import annotations
 
-
 import pytest
-from hypothesis import given, strategies as st
 import torch
-
-import gradsurgery as gs
 from core_helpers import head_grads_plain, make, wrapped_step
 from gradient_cases import CASES, PROPERTY, gradient_matrix, gradient_sequences
+from hypothesis import given
+from hypothesis import strategies as st
+
+import gradsurgery as gs
 
 D = torch.float64
 
