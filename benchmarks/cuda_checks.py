@@ -175,7 +175,7 @@ def weights_timing() -> dict:
                 gs.numerics.eigh._uses_torch = lambda a, _s, use=solver == "torch": use
             try:
                 times = []
-                for i in range(23):
+                for _ in range(23):
                     torch.cuda.synchronize()
                     start = time.perf_counter()
                     method.weights(gram, losses)

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.append(str(Path(__file__).resolve().parent.parent))  # gradsurgery from this checkout
 
 import _workloads as W  # noqa: E402
+
 import gradsurgery as gs  # noqa: E402
 from gradsurgery.pipeline import checks, paths, rotation, stages  # noqa: E402
 
@@ -176,9 +177,15 @@ def main() -> None:
             timer.times.clear()
             plain_t.clear()
             ratios, tp, ts = [], [], []
-            for r in range(args.rounds):
-                a = clock(); plain(); b = clock(); step(); c = clock()
-                tp.append(b - a); ts.append(c - b); ratios.append((c - b) / (b - a))
+            for _ in range(args.rounds):
+                a = clock()
+                plain()
+                b = clock()
+                step()
+                c = clock()
+                tp.append(b - a)
+                ts.append(c - b)
+                ratios.append((c - b) / (b - a))
             n = args.rounds
             print(f"\n=== {method}, d={args.d}, K={k}: step {1e3 * statistics.median(ts):.1f} ms vs plain "
                   f"{1e3 * statistics.median(tp):.1f} ms, ratio {statistics.median(ratios):.3f} "

@@ -64,7 +64,11 @@ def main() -> None:
         f()
     for _ in range(args.rounds):
         for name, f in steps.items():
-            t0 = time.perf_counter(); plain(); t1 = time.perf_counter(); f(); t2 = time.perf_counter()
+            t0 = time.perf_counter()
+            plain()
+            t1 = time.perf_counter()
+            f()
+            t2 = time.perf_counter()
             ratios[name].append((t2 - t1) / (t1 - t0))
             ms["plain"].append(t1 - t0)
             ms[name].append(t2 - t1)

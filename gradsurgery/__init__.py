@@ -17,7 +17,11 @@ from .stats import stats_to_scalars
 from .optimizer import MultiTaskOptimizer
 
 if TYPE_CHECKING:
-    from . import compare, compat, data, integrations, testing
+    from . import compare
+    from . import compat as compat  # the lazy subpackages, for type checkers
+    from . import data as data
+    from . import integrations as integrations
+    from . import testing as testing
 
 __version__ = "0.1.0"
 

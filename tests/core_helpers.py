@@ -60,7 +60,7 @@ def task_grads(model: Model, x, ys) -> torch.Tensor:
     with plain autograd, one task at a time, independently of gradsurgery."""
     z = model.rep(x).detach()
     rows = []
-    for k, (head, y) in enumerate(zip(model.heads, ys)):
+    for head, y in zip(model.heads, ys):
         zk = z.clone().requires_grad_()
         loss = nn.functional.mse_loss(head(zk).squeeze(-1), y)
         rows.append(torch.autograd.grad(loss, zk)[0].flatten())
@@ -146,7 +146,7 @@ def representative_methods() -> list[str]:
         return bool(method.parameters())
 
     for kind in (gs.methods.LossWeighting, gs.methods.GramWeighting, gs.methods.ElementWise):
-        first(lambda cls: issubclass(cls, kind) and "rep" in cls.levels and not cls.rotation)
+        first(lambda cls, kind=kind: issubclass(cls, kind) and "rep" in cls.levels and not cls.rotation)
     first(lambda cls: "rep" in cls.levels and not cls.rotation and has_parameters(cls))
     first(lambda cls: cls.rotation)
     return chosen

@@ -11,11 +11,12 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from spawn_helpers import max_diff, run_ranks
 from torch import nn
 
 import gradsurgery as gs
-from spawn_helpers import max_diff, run_ranks
 from gradsurgery import compat
 from gradsurgery.numerics.cayley import cayley
 from gradsurgery.numerics.expm import skew
@@ -238,5 +239,6 @@ def test_checkpoint_of_another_parametrisation_is_refused_and_nothing_changes():
     with pytest.raises(ValueError, match="rotation_param='cayley'"):
         exp.load_state_dict(saved)
     after = exp.state_dict()
-    assert all(torch.equal(after["rotation"][k], v) for k, v in before["rotation"].items() if isinstance(v, torch.Tensor))
+    assert all(torch.equal(after["rotation"][k], v) for k, v in before["rotation"].items()
+               if isinstance(v, torch.Tensor))
     cay.load_state_dict(copy.deepcopy(saved))  # the same parametrisation loads

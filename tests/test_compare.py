@@ -163,8 +163,9 @@ def test_diverged_and_failed_runs_are_recorded(broken_methods):
     with pytest.warns(RuntimeWarning, match="solver exploded"):
         r = gs.compare("regression", ["_test_nan_after_2", "_test_raises"], seeds=[0, 1], epochs=2, progress=False)
     status = {(run.method, run.seed): run.status for run in r.runs}
-    assert status == {("mean", 0): "ok", ("mean", 1): "ok", ("_test_nan_after_2", 0): "diverged",
-                      ("_test_nan_after_2", 1): "diverged", ("_test_raises", 0): "failed", ("_test_raises", 1): "failed"}
+    assert status == {("mean", 0): "ok", ("mean", 1): "ok",
+                      ("_test_nan_after_2", 0): "diverged", ("_test_nan_after_2", 1): "diverged",
+                      ("_test_raises", 0): "failed", ("_test_raises", 1): "failed"}
     nan_run = r.runs_of("_test_nan_after_2")[0]
     assert nan_run.steps == 3 and "non-finite" in nan_run.error  # the NaN step ran, the next loss was NaN
     text = r.table()

@@ -16,15 +16,12 @@ The first tests check that the instruments do catch what they guard against.
 """
 from __future__ import annotations
 
-import inspect
-
 import pytest
 import torch
 from torch import nn
 from torch._C._functorch import is_batchedtensor, is_legacy_batchedtensor
 
 import gradsurgery as gs
-from gradsurgery.numerics import expm as numerics_expm
 from gradsurgery.pipeline import rotation
 
 K, D, BATCH, STEPS = 3, 6, 5, 3

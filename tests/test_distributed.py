@@ -11,10 +11,10 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
+from spawn_helpers import max_diff, run_ranks
 from torch import nn
 
 import gradsurgery as gs
-from spawn_helpers import max_diff, run_ranks
 from gradsurgery.scale.distributed import average_gradients
 
 WORLD = 2

@@ -4,9 +4,9 @@ optimizer's and the method's state, the generator, the pending fork. After a rej
 the bad batch."""
 import pytest
 import torch
+from core_helpers import assert_same, make, representative_methods, snapshot, wrapped_step
 
 import gradsurgery as gs
-from core_helpers import assert_same, make, representative_methods, snapshot, wrapped_step
 
 #: the detailed checks run on one method of each kind; the no-trace check on every method
 METHODS = representative_methods()

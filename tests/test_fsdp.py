@@ -15,10 +15,10 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
+from spawn_helpers import max_diff, run_ranks
 from torch import nn
 
 import gradsurgery as gs
-from spawn_helpers import max_diff, run_ranks
 
 fsdp = pytest.importorskip("torch.distributed.fsdp")
 if not hasattr(fsdp, "fully_shard"):  # torch < 2.6 has FSDP2 under _composable only

@@ -12,10 +12,10 @@ import copy
 
 import pytest
 import torch
+from core_helpers import make, wrapped_step
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import gradsurgery as gs
-from core_helpers import make, wrapped_step
 
 LOSS_ONLY = [name for name in gs.methods.available()
              if issubclass(gs.methods.get(name), gs.methods.LossWeighting) and not gs.methods.get(name).rotation]

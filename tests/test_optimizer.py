@@ -6,10 +6,17 @@ import warnings
 
 import pytest
 import torch
+from core_helpers import (
+    assert_same,
+    backbone_grads_for,
+    make,
+    representative_methods,
+    snapshot,
+    task_grads,
+    wrapped_step,
+)
 
 import gradsurgery as gs
-from core_helpers import (assert_same, backbone_grads_for, make, representative_methods, snapshot, task_grads,
-                          wrapped_step)
 
 #: one method of each kind, the first with parameters and the first rotation method
 BUILTINS = representative_methods()
@@ -175,8 +182,8 @@ def test_host_reads_during_backward(method, check_finite, monkeypatch):
             for name in READS:
                 original = getattr(torch.Tensor, name)
 
-                def spy(self, *args, _name=name, _original=original, **kwargs):
-                    calls.append(_name)
+                def spy(self, *args, _name=name, _original=original, _calls=calls, **kwargs):
+                    _calls.append(_name)
                     return _original(self, *args, **kwargs)
 
                 patch.setattr(torch.Tensor, name, spy)

@@ -3,9 +3,9 @@ parameters. Checked against an independent computation: per-task ``autograd.grad
 backbone's parameters, the Gram, a fresh method's weights, the combination."""
 import pytest
 import torch
+from core_helpers import assert_same, backbone_grads_for, head_grads_plain, make, snapshot, task_grads, wrapped_step
 
 import gradsurgery as gs
-from core_helpers import assert_same, backbone_grads_for, head_grads_plain, make, snapshot, task_grads, wrapped_step
 
 D = torch.float64
 

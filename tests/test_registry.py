@@ -2,10 +2,10 @@
 user-defined method in five lines working end to end."""
 import pytest
 import torch
+from core_helpers import backbone_grads_for, head_grads_plain, make, task_grads
 
 import gradsurgery as gs
 from gradsurgery.methods import registry
-from core_helpers import backbone_grads_for, head_grads_plain, make, task_grads
 
 
 @pytest.fixture(autouse=True)

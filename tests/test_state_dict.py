@@ -5,9 +5,9 @@ import io
 
 import pytest
 import torch
+from core_helpers import assert_tree_equal, make, wrapped_step
 
 import gradsurgery as gs
-from core_helpers import assert_tree_equal, make, wrapped_step
 
 K, REP = 3, 6
 

@@ -23,8 +23,8 @@ import torch.distributed as dist
 from torch import nn
 
 import gradsurgery as gs
-from gradsurgery.numerics import eigh, expm as numerics_expm
-
+from gradsurgery.numerics import eigh
+from gradsurgery.numerics import expm as numerics_expm
 from gradsurgery.scale.distributed import is_exact
 
 K = 3

@@ -12,10 +12,9 @@ import torch
 from tqdm.auto import tqdm
 
 import gradsurgery as gs
-from gradsurgery.pipeline import params_level
 from gradsurgery.compare import Run, cli, runner
-from gradsurgery.data.toy import (PARETO_TOL, STARTS, Toy, objectives, pareto_curve, pareto_distance,
-                                  reached, task_loss)
+from gradsurgery.data.toy import PARETO_TOL, STARTS, Toy, objectives, pareto_curve, pareto_distance, reached, task_loss
+from gradsurgery.pipeline import params_level
 
 ROTATIONS = ("rotate_only", "rotograd", "rotogradnorm")
 

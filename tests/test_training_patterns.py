@@ -8,10 +8,10 @@ import copy
 
 import pytest
 import torch
+from core_helpers import assert_same, make, snapshot, task_grads, wrapped_step
 from torch import nn
 
 import gradsurgery as gs
-from core_helpers import assert_same, make, snapshot, task_grads, wrapped_step
 
 D = torch.float64
 

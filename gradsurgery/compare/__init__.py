@@ -8,6 +8,7 @@ This module is itself callable, so ``gs.compare(...)`` runs :func:`compare` whil
 import inspect as _inspect
 import sys as _sys
 import types as _types
+from typing import Any as _Any
 
 from .results import Results, Run, delta_m
 from .runner import Plan, compare, prepare
@@ -18,7 +19,7 @@ __all__ = ["compare", "prepare", "Plan", "Results", "Run", "delta_m"]
 class _CallableModule(_types.ModuleType):
     """``gradsurgery.compare(...)`` is ``gradsurgery.compare.compare(...)``."""
 
-    def __call__(self, *args, **kwargs) -> Results:
+    def __call__(self, *args: _Any, **kwargs: _Any) -> Results:
         return compare(*args, **kwargs)
 
 

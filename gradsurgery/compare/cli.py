@@ -11,8 +11,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from .. import data, methods as registry
-from .runner import LEVELS, OPTIMIZER_OPTIONS, prepare
+from .. import data
+from .. import methods as registry
+from .runner import LEVELS, OPTIMIZER_OPTIONS, Plan, prepare
 
 DEFAULT_OUT = "compare-out"
 
@@ -79,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _plan(args: argparse.Namespace):
+def _plan(args: argparse.Namespace) -> tuple[Plan, Path]:
     """Everything checked before training: names, options, seeds, the output folder and
     matplotlib."""
     methods = _split(args.methods) if args.methods is not None else None

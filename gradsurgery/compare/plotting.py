@@ -37,14 +37,14 @@ def _styles(methods: Sequence[str]) -> dict[str, dict[str, Any]]:
     return {m: {"color": cmap(i % 10), "linestyle": dashes[(i // 10) % len(dashes)]} for i, m in enumerate(methods)}
 
 
-def _mean_over_seeds(series: Sequence[Sequence[Any]]):
+def _mean_over_seeds(series: Sequence[Sequence[Any]]) -> Any:
     """Element-wise mean of the per-seed series, truncated to the shortest."""
     import numpy as np
     n = min(len(s) for s in series)
     return np.mean([np.asarray(s[:n], dtype=float) for s in series], axis=0)
 
 
-def _smooth(y, window: int):
+def _smooth(y: Any, window: int) -> Any:
     """Moving average along the first axis (``window`` steps; shorter at the start)."""
     import numpy as np
     if window <= 1 or len(y) < 2:

@@ -136,7 +136,7 @@ class Results:
         ``time_ratio``, ``finished``, ``diverged``, ``failed`` (seed counts) and, for
         every yes/no entry of the runs' ``outcome`` (e.g. the toy's ``reached``), how many
         seeds said yes (``outcome_counts``; a run that stopped reports where it stopped)."""
-        rows = []
+        rows: list[dict[str, Any]] = []
         for name in self.methods:
             runs = self.runs_of(name)
             done = [r for r in runs if r.ok]
@@ -245,8 +245,7 @@ class Results:
         from .. import data
         d = json.loads(Path(path).read_text())
         fields = set(Run.__dataclass_fields__)
-        runs = [Run(**{k: math.nan if k == "step_time" and v is None else v for k, v in r.items() if k in fields})
-                for r in d["runs"]]
+        runs = [Run(**_run_fields(r, fields)) for r in d["runs"]]
         source = data.get(d["benchmark"]) if d["benchmark"] in data.available() else None
         return cls(benchmark=d["benchmark"], tasks=d["tasks"], metrics=d["metrics"],
                    higher_is_better=d["higher_is_better"], methods=d["methods"], seeds=d["seeds"],
@@ -288,6 +287,11 @@ def _flat_outcome(outcome: dict[str, Any]) -> dict[str, Any]:
         else:
             flat[key] = value
     return flat
+
+
+def _run_fields(saved: dict[str, Any], fields: set[str]) -> dict[str, Any]:
+    """A saved run's ``Run`` fields (others dropped); a ``None`` step time is NaN again."""
+    return {k: math.nan if k == "step_time" and v is None else v for k, v in saved.items() if k in fields}
 
 
 def _no_nan(x: Any) -> Any:

@@ -14,7 +14,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .. import data, methods as registry
+from .. import data
+from .. import methods as registry
 from ..optimizer import MultiTaskOptimizer
 from .results import TIME_REFERENCE, Results, Run
 
@@ -237,7 +238,7 @@ def train_one(bench: Any, method: str, seed: int, epochs: int, options: Mapping[
     return run
 
 
-def optimizer_defaults(bench: Any, level: str, options: Mapping[str, Any]) -> dict[str, Any]:
+def optimizer_defaults(bench: Any, level: str | None, options: Mapping[str, Any]) -> dict[str, Any]:
     """What :class:`MultiTaskOptimizer` gets unless the method's ``options`` say otherwise:
     the benchmark's ``method_lr`` and ``rep_size`` (not with ``rotation_shape``, which
     replaces it) and the comparison's ``level``."""

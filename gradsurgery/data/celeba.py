@@ -46,11 +46,12 @@ class CelebaLike(TensorBenchmark):
         h = torch.randn(n, latent, generator=g)
         x = h @ torch.randn(latent, in_features, generator=g) + 0.5 * torch.randn(n, in_features, generator=g)
         labels = []
-        direction = None
+        direction: Tensor | None = None
         for k in range(num_tasks):
             group, member = divmod(k, group_size)
             if member == 0:  # a new group: a fresh direction, or the previous one negated
                 direction = -direction if group % 2 and direction is not None else torch.randn(latent, generator=g)
+            assert direction is not None  # set at k = 0 (member 0)
             w = direction + 0.3 * torch.randn(latent, generator=g)
             score = h @ w / w.norm()
             rate = 0.1 + 0.4 * k / (num_tasks - 1)

@@ -37,7 +37,7 @@ def require_matplotlib() -> None:
         raise ImportError(f"plots need matplotlib: {PLOT_INSTALL}") from None
 
 
-def figure(rows: int = 1, cols: int = 1, size: tuple[float, float] = (6.0, 4.0), **kwargs: Any):
+def figure(rows: int = 1, cols: int = 1, size: tuple[float, float] = (6.0, 4.0), **kwargs: Any) -> Any:
     """A new ``Figure`` with a ``rows x cols`` array of axes (``size`` per panel)."""
     from matplotlib.figure import Figure
     fig = Figure(figsize=(size[0] * cols, size[1] * rows), layout="constrained")

@@ -18,7 +18,9 @@ code (yifei-he/ExcessMTL; LibMTL's ``ExcessMTL``), the first step records the ba
 The official ``w * exp(eta r)``, renormalised, is computed in log space (the same update,
 without overflow). A task whose baseline is 0 (no gradient yet: absent from the first
 batches) records it at its first non-zero excess, its weight unchanged until then (the
-official code divides by 0). ``robust_step_size`` defaults to LibMTL's 1e-2.
+official code divides by 0). ``robust_step_size`` defaults to 1, the authors' published
+command (yifei-he/ExcessMTL ``README.md``: ``--robust_step_size 1``); their argparse default
+(``LibMTL/LibMTL/config.py``) is 1e-2, at which the weights barely move from 1.
 
 Level: either. At the representation level the statistics use the batch-summed gradients
 ``sum_i dL_k/dz_i`` (LibMTL's ``rep_grad`` convention: the features persist from batch to
@@ -27,8 +29,9 @@ batch, the samples do not); the update ``g`` keeps the per-sample shape.
 Heads: the official ``sum_k w_k L_k`` backward gives head ``k`` the gradient ``w_k dL_k`` of
 the weights just updated. Here :meth:`loss_weights` gives the heads the weights as they
 stand before the step (the heads' gradients are computed before the method sees the task
-gradients), one step behind, a factor ``exp(eta r_k)`` from the official (1 +- ~1e-2 at the
-default step). The task gradients the method receives are those of the weighted losses;
+gradients), one step behind, a factor ``exp(eta r_k)`` up to renormalisation from the
+official (``r_k`` the excess ratio, about 1: a factor of order ``e^{+-1}`` between tasks at
+the default ``eta = 1``). The task gradients the method receives are those of the weighted losses;
 it divides the weights out before its statistics (a weight that underflowed to exactly 0,
 which the official update never revives either, keeps its statistics frozen).
 """
@@ -51,7 +54,7 @@ class ExcessMTL(ElementWise):
 
     has_weights = True
 
-    def __init__(self, robust_step_size: float = 1e-2, n_warmup_steps: int = 1):
+    def __init__(self, robust_step_size: float = 1.0, n_warmup_steps: int = 1):
         if not (isinstance(robust_step_size, (int, float)) and math.isfinite(robust_step_size)
                 and robust_step_size > 0):
             raise ValueError(f"robust_step_size must be a finite number > 0, got {robust_step_size!r}")
@@ -79,7 +82,8 @@ class ExcessMTL(ElementWise):
         signal = grads.reshape(k, -1) if rep is None or rep.dim() == 0 else grads.reshape(k, grads.shape[1], -1).sum(1)
         previous = self.weights
         alive = previous > 0
-        signal = torch.where(alive[:, None], signal.to(self.weights.dtype) / torch.where(alive, previous, 1)[:, None], 0)
+        ratio = signal.to(self.weights.dtype) / torch.where(alive, previous, 1)[:, None]
+        signal = torch.where(alive[:, None], ratio, 0)
         if self.squares is not None and self.squares.shape != signal.shape:
             raise ValueError(f"excess_mtl accumulates squared gradients over {self.squares.shape[1]} features "
                              f"(or parameters), got {signal.shape[1]} features; the representation's per-sample "

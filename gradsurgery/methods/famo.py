@@ -14,10 +14,11 @@ much each log-loss decreased: with the losses ``L'`` measured after the step,
 
 and ``xi`` takes one Adam step (``w_lr``, default 0.025, with weight decay ``gamma``,
 default 1e-3: the authors' runs on NYUv2, CelebA and QM9, Cranial-XIX/FAMO
-``experiments/*/run.sh``; their argparse default 0.01 is the Cityscapes run's). The
-authors' runs also clip the shared parameters' gradient to norm 1:
-``torch.nn.utils.clip_grad_norm_(backbone.parameters(), 1.0)`` between ``opt.backward`` and
-``opt.step()`` does exactly that. Those new losses are passed by
+``experiments/*/run.sh``; their argparse default 0.01 is the Cityscapes run's). No
+clipping: the authors' ``WeightMethod.backward`` (``methods/weight_methods.py``) calls
+``clip_grad_norm_(shared_parameters, max_norm)`` before ``loss.backward()``, right after the
+trainer's ``optimizer.zero_grad()``, so it clips nothing; LibMTL's ``FAMO`` does not clip.
+The new losses are passed by
 :meth:`gradsurgery.MultiTaskOptimizer.observe` (``opt.observe(losses)`` after
 ``opt.step()``, e.g. the losses of the same batch re-evaluated under ``torch.no_grad()``,
 as in the paper, or the next batch's losses to save a forward pass). The logits have their
@@ -53,7 +54,8 @@ class FAMO(LossWeighting):
         self._min_losses = None if min_losses is None else [float(v) for v in min_losses]
         self.previous: Tensor | None = None
 
-    def bind(self, num_tasks, *, device, dtype, generator):
+    def bind(self, num_tasks: int, *, device: torch.device, dtype: torch.dtype,
+             generator: torch.Generator) -> None:
         super().bind(num_tasks, device=device, dtype=dtype, generator=generator)
         if self._min_losses is not None and len(self._min_losses) != num_tasks:
             raise ValueError(f"min_losses has {len(self._min_losses)} entries but num_tasks={num_tasks}")

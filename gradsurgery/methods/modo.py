@@ -12,7 +12,9 @@ estimated without bias from two **independent** samples ``G_1, G_2``:
 
 ``samples=2`` (the authors' Trade-Off-MOL code): ``G`` is the whole batch, i.e. the mean of
 the two samples' gradients. ``samples=3`` (LibMTL's MoDo): a third sample ``G_3`` alone
-makes the update, ``g = lambda^T G_3``.
+makes the update, ``g = lambda^T G_3``. ``gamma`` defaults to 1e-3, the authors' runs
+(Trade-Off-MOL ``LibMTL/examples/office/run_office.sh``, ``nyu/run_nyu.sh``; also LibMTL's);
+their argparse default is 0.1.
 
 **Independent samples from one batch** (see ``docs/two_batches.md``). The user's loop does
 not change: the batch is split along its first dimension into ``samples`` contiguous parts
@@ -82,7 +84,7 @@ class MoDo(ElementWise):
 
     levels = ("rep",)
 
-    def __init__(self, gamma: float = 0.1, rho: float = 0.1, samples: int = 2):
+    def __init__(self, gamma: float = 1e-3, rho: float = 0.1, samples: int = 2):
         if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma > 0):
             raise ValueError(f"gamma (the step size of lambda) must be a finite number > 0, got {gamma!r}")
         if not (isinstance(rho, (int, float)) and math.isfinite(rho) and rho >= 0):

@@ -20,6 +20,8 @@ factorisation's status, so nothing reads on the host (``I - X/2`` is never singu
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -34,7 +36,7 @@ def cayley(x: Tensor) -> Tensor:
 class _Cayley(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
+    def forward(ctx: Any, x: Tensor) -> Tensor:
         a = -0.5 * x
         a.diagonal(dim1=-2, dim2=-1).add_(1.0)
         p = torch.stack([torch.linalg.inv_ex(a[k])[0] for k in range(a.shape[0])])  # see Batching
@@ -45,7 +47,7 @@ class _Cayley(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, g: Tensor):
+    def backward(ctx: Any, g: Tensor) -> Tensor:
         p, = ctx.saved_tensors
         pt = p.mT
         h = pt @ g @ pt

@@ -9,7 +9,6 @@ from torch import Tensor
 
 from .cuda_graphs import replay
 
-
 #: Solvers of :func:`symmetric_eigh`: ``"torch"`` is ``torch.linalg.eigh`` (LAPACK on the CPU,
 #: cuSOLVER on CUDA, which reads its error code on the host: a device sync), ``"jacobi"`` is
 #: :func:`jacobi_eigh` (tensor ops only), ``"auto"`` the former on the CPU, the latter elsewhere.
@@ -88,8 +87,8 @@ def _round_robin(k: int, device: torch.device) -> tuple[Tensor, Tensor]:
     for r in range(players - 1):
         circle = [0] + [1 + (j + r) % (players - 1) for j in range(players - 1)]
         pairs = [sorted((circle[i], circle[players - 1 - i])) for i in range(players // 2)]
-        p, q = zip(*[(a, b) for a, b in pairs if b < k])
-        p, q = torch.tensor(p), torch.tensor(q)
+        firsts, seconds = zip(*[(a, b) for a, b in pairs if b < k])
+        p, q = torch.tensor(firsts), torch.tensor(seconds)
         reads.append(torch.cat([p * k + p, q * k + q, p * k + q]))
         writes.append(torch.cat([p * k + p, q * k + q, p * k + q, q * k + p]))
     return torch.stack(reads).to(device), torch.stack(writes).to(device)
@@ -99,7 +98,8 @@ def _jacobi(a: Tensor, *, vectors: bool, sweeps: int | None = None) -> tuple[Ten
     """:func:`_jacobi_sweeps`, through :func:`replay` (one CUDA-graph launch on CUDA)."""
     if sweeps is not None or a.shape[-1] == 1:
         return _jacobi_sweeps(a, vectors=vectors, sweeps=sweeps)
-    return replay(_jacobi_sweeps, a, vectors=vectors)
+    values, vecs = replay(_jacobi_sweeps, a, vectors=vectors)
+    return values, vecs
 
 
 def _jacobi_sweeps(a: Tensor, *, vectors: bool, sweeps: int | None = None) -> tuple[Tensor, Tensor]:

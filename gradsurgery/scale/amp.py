@@ -12,7 +12,7 @@ that ``scaler.unscale_`` / ``scaler.step`` treat them like every other gradient.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, overload
+from typing import ContextManager, Iterator, overload
 
 import torch
 from torch import Tensor
@@ -27,7 +27,7 @@ class Scaling:
         self.scale = scale
 
     @classmethod
-    def of(cls, scaler, device: torch.device) -> "Scaling":
+    def of(cls, scaler: torch.amp.GradScaler | None, device: torch.device) -> "Scaling":
         return cls(loss_scale(scaler, device))
 
     @property
@@ -48,12 +48,12 @@ class Scaling:
     def unscale_gram(self, gram: Tensor | None) -> Tensor | None:
         return gram if self.scale is None or gram is None else unscale_gram(gram, self.scale)
 
-    def method_grads(self, params: list[Tensor]):
+    def method_grads(self, params: list[Tensor]) -> ContextManager[None]:
         """See :func:`method_grads_scaled`."""
         return method_grads_scaled(params, self.scale)
 
 
-def loss_scale(scaler, device: torch.device) -> Tensor | None:
+def loss_scale(scaler: torch.amp.GradScaler | None, device: torch.device) -> Tensor | None:
     """The scaler's current scale as a 0-d float32 tensor on ``device`` (no host read), or
     ``None`` without a scaler or with a disabled one."""
     if scaler is None:

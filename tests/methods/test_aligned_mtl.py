@@ -4,9 +4,9 @@ Cases (``gradient_cases``): K = 2..6 random task gradients, a zero row, duplicat
 (rank-deficient Grams), exactly opposed rows, norms six orders apart; three scale modes."""
 import pytest
 import torch
+from gradient_cases import CASES, gradient_matrix
 
 import gradsurgery as gs
-from gradient_cases import CASES, gradient_matrix
 
 D = torch.float64
 
@@ -94,6 +94,7 @@ def test_params_level_end_to_end_is_the_authors_step():
     sum of the aligned gradients, the heads their own loss gradients
     (``scale_decoder_grad=False``)."""
     import copy
+
     from core_helpers import make
     k = 3
     model, x, ys = make(k, seed=8, batch=6)

@@ -4,10 +4,11 @@ import copy
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from core_helpers import make
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import gradsurgery as gs
-from core_helpers import make
 
 #: Tolerance relative to the largest gradient entry: float64/float32 rounding of the
 #: same sums in another order; float16/bfloat16: the wrapper adds the task gradients in

@@ -3,10 +3,10 @@ gradient vectors -- the general least-squares path and the two-gradient path -- 
 torchjd 0.18's ConFIG on the same matrices, and end to end with its defaults."""
 import pytest
 import torch
-
-import gradsurgery as gs
 from core_helpers import backbone_grads_for, head_grads_plain, make, task_grads, wrapped_step
 from gradient_cases import CASES, gradient_matrix, losses_for
+
+import gradsurgery as gs
 
 
 def official_config(grads: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -104,6 +104,21 @@ def test_opposed_pair_and_all_zero_give_zero():
     assert torch.equal(direction(g), torch.zeros_like(g[0]))
     z = torch.zeros(3, 5, dtype=torch.float64)
     assert torch.equal(direction(z), torch.zeros(5, dtype=torch.float64))
+
+
+def test_two_tasks_duplicate_parallel_and_zero_rows():
+    """Where the official two-gradient path (``ConFIG_update_double``) has no answer: a zero
+    row gives NaN there (its ``g / ||g||``), while the one formula gives the other gradient
+    (``C = diag(1, 0)``, ``C^+ 1 = e_1``); duplicate ``g, g`` and parallel ``g, 3 g`` rows have
+    equal cosines along ``g`` and the sum of the projections as length: ``2 g`` and ``4 g``."""
+    g = gradient_matrix(2, "random", 3)[0]
+    zero = torch.zeros_like(g)
+    assert torch.isnan(official_config_double(g, zero)).all()
+    scale = float(g.abs().max())
+    for rows, want in (((g, zero), g), ((zero, g), g), ((g, g), 2 * g), ((g, 3 * g), 4 * g)):
+        out = direction(torch.stack(rows))
+        assert torch.isfinite(out).all()
+        torch.testing.assert_close(out, want, rtol=0, atol=1e-12 * 4 * scale)
 
 
 def test_bad_options_raise():

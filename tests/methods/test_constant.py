@@ -2,10 +2,10 @@
 against torchjd 0.18's Constant on the same matrices, and end to end."""
 import pytest
 import torch
-
-import gradsurgery as gs
 from core_helpers import backbone_grads_for, head_grads_plain, make, task_grads, wrapped_step
 from gradient_cases import CASES, gradient_matrix, losses_for
+
+import gradsurgery as gs
 
 
 def bound(k, **opts):

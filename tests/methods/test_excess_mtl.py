@@ -5,12 +5,13 @@ from __future__ import annotations
 import io
 
 import pytest
-from hypothesis import given, strategies as st
 import torch
-
-import gradsurgery as gs
 from core_helpers import head_grads_plain, make, wrapped_step
 from gradient_cases import CASES, PROPERTY, gradient_matrix, gradient_sequences
+from hypothesis import given
+from hypothesis import strategies as st
+
+import gradsurgery as gs
 
 D = torch.float64
 
@@ -78,8 +79,16 @@ def test_equals_official_update(k, kind, seed):
     torch.testing.assert_close(method.state_dict()["weights"], expected[-1], rtol=1e-9, atol=1e-12)
 
 
-def test_default_step_size_is_libmtl_config():
-    assert gs.methods.create("excess_mtl").robust_step_size == 1e-2
+def test_default_step_size_is_the_authors_published_run():
+    """yifei-he/ExcessMTL ``README.md``'s command runs ``--robust_step_size 1`` (the argparse
+    default in ``LibMTL/LibMTL/config.py`` is 1e-2): the official update at step size 1, with
+    the method's defaults."""
+    seq = sequence(3, "random", 7, n_steps=6)
+    expected = reference_excess_mtl(seq, robust_step_size=1.0)
+    method, outs = steps(seq)
+    for g, out, w in zip(seq, outs, expected):
+        torch.testing.assert_close(out, w @ g, rtol=0, atol=1e-9 * float(w.abs().max() * g.abs().max()))
+    assert float((expected[-1] - 1).abs().max()) > 0.05  # the weights moved: not the 1e-2 regime
 
 
 @pytest.mark.parametrize("k", range(2, 7))

@@ -2,10 +2,10 @@
 its effect end to end (heads and backbone weighted), and its error on non-positive losses."""
 import pytest
 import torch
-
-import gradsurgery as gs
 from core_helpers import backbone_grads_for, head_grads_plain, make, task_grads, wrapped_step
 from gradient_cases import losses_for
+
+import gradsurgery as gs
 
 
 def libmtl_gls_weights(losses: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,8 @@ import gradsurgery as gs
 D = torch.float64
 
 
-def official_graddrop(grads: torch.Tensor, rep: torch.Tensor | None, u: torch.Tensor, leak: float = 0.0) -> torch.Tensor:
+def official_graddrop(grads: torch.Tensor, rep: torch.Tensor | None, u: torch.Tensor,
+                      leak: float = 0.0) -> torch.Tensor:
     """The authors' update, re-derived from LibMTL ``LibMTL/weighting/GradDrop.py``
     (``GradDrop.backward``; paper Alg. 1): with the per-task gradients ``grads`` (``K x B x
     ...``) of the representation ``rep`` (``B x ...``),

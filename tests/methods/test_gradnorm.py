@@ -6,11 +6,12 @@ import copy
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from core_helpers import backbone_grads_for, make, task_grads, wrapped_step
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import gradsurgery as gs
-from core_helpers import backbone_grads_for, make, task_grads, wrapped_step
 
 D = torch.float64
 

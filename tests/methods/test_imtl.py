@@ -7,10 +7,10 @@ import copy
 
 import pytest
 import torch
-
-import gradsurgery as gs
 from core_helpers import make
 from gradient_cases import gradient_matrix, losses_for
+
+import gradsurgery as gs
 
 D = torch.float64
 

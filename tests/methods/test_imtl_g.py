@@ -6,9 +6,9 @@ Cases (``gradient_cases``): K = 2..6 random rows and norms six orders apart (clo
 duplicate and opposed rows (rank-deficient: torchjd's form) and a zero row."""
 import pytest
 import torch
+from gradient_cases import CASES, gradient_matrix
 
 import gradsurgery as gs
-from gradient_cases import CASES, gradient_matrix
 
 D = torch.float64
 

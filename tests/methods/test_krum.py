@@ -5,10 +5,10 @@ import itertools
 
 import pytest
 import torch
-
-import gradsurgery as gs
 from core_helpers import backbone_grads_for, head_grads_plain, make, task_grads, wrapped_step
 from gradient_cases import CASES, gradient_matrix, losses_for
+
+import gradsurgery as gs
 
 
 def paper_scores(grads: torch.Tensor, f: int, squared: bool = True) -> list[float]:

@@ -13,14 +13,15 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
-
-import gradsurgery as gs
-from gradsurgery.numerics import qp
-from gradsurgery.numerics.gram import normalized64
-from gradsurgery.methods.mgda import MGDA
 from core_helpers import backbone_grads_for, make, task_grads
 from gradient_cases import CASES, gradient_matrix, losses_for
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import gradsurgery as gs
+from gradsurgery.methods.mgda import MGDA
+from gradsurgery.numerics import qp
+from gradsurgery.numerics.gram import normalized64
 
 #: KKT residual tolerance relative to max_k ||g_k||^2 (the solvers work in float64).
 KKT_TOL = 1e-9
@@ -347,6 +348,7 @@ def test_weight_heads_end_to_end_is_the_authors_scaled_backward():
     step: ``sum_t lambda_t L_t`` backpropagated plainly (heads and backbone), ``lambda`` the
     min-norm weights of the representation gradients (exhaustive solver, here unique)."""
     import copy
+
     from scipy.optimize import nnls
     model, x, ys = make(3, seed=5, rep_shape=(4,), batch=5)
     reference = copy.deepcopy(model)

@@ -3,14 +3,14 @@ authors' update (Trade-Off-MOL) and LibMTL's three-sample variant, re-derived he
 against torchjd 0.18's ``MoDoWeighting``; the two-batch design (halves of one batch)."""
 from __future__ import annotations
 
-
 import pytest
-from hypothesis import given, strategies as st
 import torch
-
-import gradsurgery as gs
 from core_helpers import head_grads_plain, make, wrapped_step
 from gradient_cases import CASES, PROPERTY, gradient_matrix, gradient_sequences
+from hypothesis import given
+from hypothesis import strategies as st
+
+import gradsurgery as gs
 
 D = torch.float64
 
@@ -114,9 +114,18 @@ def test_equals_torchjd_modo_weighting(k):
     torch.testing.assert_close(method.state_dict()["lambda"], lambd, rtol=1e-10, atol=1e-14)
 
 
-def test_defaults_are_the_authors():
+def test_defaults_are_the_authors_runs():
+    """``gamma = 1e-3``: heshandevaka/Trade-Off-MOL ``LibMTL/examples/office/run_office.sh``
+    (``gamma="1e-3"``, passed as ``--gamma_modo``) and ``LibMTL/examples/nyu/run_nyu.sh``; the
+    argparse default of ``LibMTL/LibMTL/config.py`` (and the README command, which sets no
+    hyper-parameter) is 0.1. ``rho = 0.1`` (``--rho_modo``, no run overrides it). The update
+    at the defaults is Trade-Off-MOL's at ``gamma = 1e-3``, not at 0.1."""
     m = gs.methods.create("modo")
-    assert (m.gamma, m.rho, m.samples) == (0.1, 0.1, 2)
+    assert (m.gamma, m.rho, m.samples) == (1e-3, 0.1, 2)
+    seq = [per_sample(3, "random", 10 * t, 4) for t in range(4)]
+    expected = reference_modo([batch_means(s, 2) for s in seq], gamma=1e-3, rho=0.1)
+    method, _ = run(seq)
+    torch.testing.assert_close(method.state_dict()["lambda"], expected[-1][1], rtol=1e-10, atol=1e-14)
 
 
 @pytest.mark.parametrize("v", [torch.tensor([0.2, 0.3, 0.5]), torch.tensor([3.0, -1.0, 0.5, 0.5]),

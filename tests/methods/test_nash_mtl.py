@@ -9,9 +9,9 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from gradient_cases import gradient_matrix
 
 import gradsurgery as gs
-from gradient_cases import gradient_matrix
 
 cp = pytest.importorskip("cvxpy", reason="the reference runs the authors' convex programs (cvxpy + ecos)")
 pytest.importorskip("ecos", reason="the authors' code solves with ECOS")
@@ -222,6 +222,7 @@ def test_params_level_weight_heads_end_to_end_is_the_authors_backward(max_norm):
     parameter Jacobian: the heads keep the unclipped ``alpha_k`` (the authors clip the shared
     parameters only)."""
     import copy
+
     from core_helpers import make
     k = 3
     model, x, ys = make(k, seed=2, batch=6)

@@ -7,12 +7,13 @@ import copy
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from core_helpers import backbone_grads_for, head_grads_plain, make, task_grads
+from gradient_cases import CASES, gradient_matrix
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import gradsurgery as gs
 from gradsurgery.methods.pcgrad import PCGrad, project_conflicting, visiting_orders
-from core_helpers import backbone_grads_for, head_grads_plain, make, task_grads
-from gradient_cases import CASES, gradient_matrix
 
 
 def reference_pcgrad(grads: np.ndarray, orders) -> np.ndarray:
@@ -143,7 +144,8 @@ def test_no_conflict_equals_sum(k, n, seed):
     grads = torch.from_numpy(np.abs(np.random.default_rng(seed).normal(size=(k, n))))  # all <g_i, g_j> >= 0
     method = PCGrad()
     method.bind(k, device=grads.device, dtype=grads.dtype, generator=torch.Generator().manual_seed(seed))
-    assert torch.equal(method.weights(grads @ grads.T, torch.ones(k, dtype=grads.dtype)), torch.ones(k, dtype=grads.dtype))
+    ones = torch.ones(k, dtype=grads.dtype)
+    assert torch.equal(method.weights(grads @ grads.T, ones), ones)
 
 
 @settings(max_examples=40, deadline=None)

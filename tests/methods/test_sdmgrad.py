@@ -3,14 +3,14 @@ re-derived here, and against torchjd 0.18's ``SDMGradWeighting``; three samples 
 one batch."""
 from __future__ import annotations
 
-
 import pytest
-from hypothesis import given, strategies as st
 import torch
-
-import gradsurgery as gs
 from core_helpers import head_grads_plain, make, wrapped_step
 from gradient_cases import CASES, PROPERTY, gradient_matrix, gradient_sequences
+from hypothesis import given
+from hypothesis import strategies as st
+
+import gradsurgery as gs
 
 D = torch.float64
 

@@ -6,10 +6,10 @@ import io
 
 import pytest
 import torch
-
-import gradsurgery as gs
 from core_helpers import backbone_grads_for, head_grads_plain, make, task_grads, wrapped_step
 from gradient_cases import losses_for
+
+import gradsurgery as gs
 
 
 class OfficialSTCH:
@@ -131,7 +131,7 @@ def test_end_to_end_through_end_epoch():
     model, x, ys = make(3, seed=9)
     ref = OfficialSTCH(mu=1.0, warmup_epoch=0)
     opt = gs.MultiTaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.01), "stch", num_tasks=3, warmup_epoch=0)
-    for epoch in range(2):
+    for _epoch in range(2):
         for _ in range(2):
             losses = wrapped_step(model, opt, x, ys, step=False)
             w = ref.weights(torch.stack([l.detach() for l in losses]))

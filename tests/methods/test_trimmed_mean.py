@@ -2,10 +2,10 @@
 coordinate in plain Python, against torchjd 0.18's TrimmedMean, and end to end."""
 import pytest
 import torch
+from core_helpers import backbone_grads_for, head_grads_plain, make, task_grads, wrapped_step
+from gradient_cases import CASES, gradient_matrix, losses_for
 
 import gradsurgery as gs
-from core_helpers import head_grads_plain, make, task_grads, wrapped_step, backbone_grads_for
-from gradient_cases import CASES, gradient_matrix, losses_for
 
 
 def reference_trimmed_mean(grads: torch.Tensor, t: int) -> torch.Tensor:

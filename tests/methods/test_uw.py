@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from core_helpers import make, wrapped_step
 
 import gradsurgery as gs
-from core_helpers import make, wrapped_step
 
 D = torch.float64
 
