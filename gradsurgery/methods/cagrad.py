@@ -89,6 +89,3 @@ class CAGrad(GramWeighting):
         """The authors' factor: ``K`` (``reduction="sum"``) over ``1``, ``1 + c^2`` or ``1 + c``."""
         rho = (1.0, 1 + self.c**2, 1 + self.c)[self.rescale]
         return (k if self.reduction == "sum" else 1) / rho
-
-    def extra_repr(self) -> str:
-        return f"c={self.c}, rescale={self.rescale}, reduction={self.reduction!r}"

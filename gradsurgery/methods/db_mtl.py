@@ -23,8 +23,6 @@ task's gradient norm: ``m <- ||g|| + beta / t^sigma (m - ||g||)`` from ``m = 0``
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
@@ -38,6 +36,8 @@ NORM_EPS = 1e-8
 @register("db_mtl")
 class DBMTL(ElementWise):
     """Log-loss weighting plus moving-averaged gradients equalised to the largest norm."""
+
+    state_names = ("step", "average")
 
     def __init__(self, beta: float = 0.9, beta_sigma: float = 0.0, eps: float = 1e-8):
         if not 0 <= beta < 1:
@@ -71,13 +71,3 @@ class DBMTL(ElementWise):
         else:
             combined = (self.average.max() / (self.average + NORM_EPS)) @ flat
         return combined.view(grads.shape[1:]).to(grads.dtype)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "average": None if self.average is None else self.average.clone()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step = state["step"]
-        self.average = None if state["average"] is None else state["average"].clone()
-
-    def extra_repr(self) -> str:
-        return f"beta={self.beta}, beta_sigma={self.beta_sigma}, eps={self.eps}"

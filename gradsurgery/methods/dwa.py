@@ -16,8 +16,6 @@ Level: loss weighting.
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
@@ -28,6 +26,8 @@ from .registry import register
 @register("dwa")
 class DWA(LossWeighting):
     """Weights from the ratio of the last two epochs' mean losses, softmax with temperature."""
+
+    state_names = ("history", "total", "count")
 
     def __init__(self, temperature: float = 2.0, per_step: bool = False):
         if not temperature > 0:
@@ -59,15 +59,3 @@ class DWA(LossWeighting):
             return
         self.history = [*self.history[-1:], self.total / self.count]
         self.total, self.count = None, 0
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"history": [h.clone() for h in self.history], "count": self.count,
-                "total": None if self.total is None else self.total.clone()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.history = [h.clone() for h in state["history"]]
-        self.count = state.get("count", 0)
-        self.total = None if state.get("total") is None else state["total"].clone()
-
-    def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, per_step={self.per_step}"

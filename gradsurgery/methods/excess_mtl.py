@@ -35,7 +35,6 @@ which the official update never revives either, keeps its statistics frozen).
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -48,6 +47,9 @@ from .registry import register
 @register("excess_mtl")
 class ExcessMTL(ElementWise):
     """Exponentiated-gradient task weights driven by estimated excess risks."""
+
+    state_names = ("step", "squares", "baseline", "weights")
+    legacy_empty_is_none = ("squares",)  # 0.1.0 saved None as an empty tensor
 
     has_weights = True
 
@@ -98,18 +100,3 @@ class ExcessMTL(ElementWise):
         self.step += 1
         scale = torch.where(alive, self.use_weights(self.weights) / torch.where(alive, previous, 1), 0)
         return torch.tensordot(scale.to(grads.dtype), grads, dims=1)
-
-    def state_dict(self) -> dict[str, Any]:
-        squares = torch.empty(0, dtype=self.weights.dtype) if self.squares is None else self.squares.clone()
-        return {"step": self.step, "squares": squares, "baseline": self.baseline.clone(),
-                "weights": self.weights.clone()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        like = dict(device=self.weights.device, dtype=self.weights.dtype)
-        self.step = int(state["step"])
-        self.squares = None if state["squares"].numel() == 0 else state["squares"].to(**like).clone()
-        self.baseline = state["baseline"].to(**like).clone()
-        self.weights = state["weights"].to(**like).clone()
-
-    def extra_repr(self) -> str:
-        return f"robust_step_size={self.robust_step_size}, n_warmup_steps={self.n_warmup_steps}"

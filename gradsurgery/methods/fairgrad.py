@@ -43,7 +43,6 @@ representation's, ``level="params"`` for the paper's setting.
 from __future__ import annotations
 
 import warnings
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -62,6 +61,8 @@ EARLY_EXIT = 1e-3
 @register("fairgrad")
 class FairGrad(GramWeighting):
     """Alpha-fair weights: ``M x = x^(-1/alpha)``, update ``K x^T G`` clipped to ``max_norm``."""
+
+    state_names = ("last",)
 
     subset_safe = True
 
@@ -161,12 +162,3 @@ class FairGrad(GramWeighting):
         if converged and self.on_failure == "warn":
             self.last = x.clone()
         return x
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"last": self.last.clone()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.last = state["last"].to(self.last).clone()
-
-    def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, max_norm={self.max_norm}, on_failure={self.on_failure!r}"

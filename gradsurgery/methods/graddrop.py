@@ -58,6 +58,3 @@ class GradDrop(ElementWise):
         if rep is not None and grads.dim() > 2:
             mask = mask.unsqueeze(1)
         return (mask * grads.to(mask.dtype)).sum(0).to(grads.dtype)
-
-    def extra_repr(self) -> str:
-        return f"leak={self.leak}"

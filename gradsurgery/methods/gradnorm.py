@@ -27,8 +27,6 @@ re-implementation parametrises ``w = K softmax(v)`` and skips the first epoch (w
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor, nn
 
@@ -44,6 +42,8 @@ MIN_WEIGHT = 1e-6
 class GradNorm(GramWeighting):
     """Learnable task weights balancing the task gradients' norms (see module docstring)."""
 
+    state_names = ("task_weights", "initial_losses")
+
     def __init__(self, alpha: float = 1.5, weight_heads: bool = False):
         if not alpha >= 0:
             raise ValueError(f"alpha must be >= 0, got {alpha!r}")
@@ -51,7 +51,7 @@ class GradNorm(GramWeighting):
             raise ValueError(f"weight_heads must be True (heads get w_k dL_k, the paper's sum_k w_k L_k) "
                              f"or False, got {weight_heads!r}")
         self.alpha = float(alpha)
-        self.weights_heads = weight_heads
+        self.weight_heads = weight_heads
         self.initial_losses: Tensor | None = None
 
     def bind(self, num_tasks, *, device, dtype, generator):
@@ -83,14 +83,3 @@ class GradNorm(GramWeighting):
         with torch.no_grad():
             w = self.task_weights.clamp_(min=MIN_WEIGHT)
             w.mul_(self.num_tasks / w.sum())
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"task_weights": self.task_weights.detach().clone(), "initial_losses": self.initial_losses}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        with torch.no_grad():
-            self.task_weights.copy_(state["task_weights"])
-        self.initial_losses = state["initial_losses"]
-
-    def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, weight_heads={self.weights_heads}"

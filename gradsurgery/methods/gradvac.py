@@ -25,8 +25,6 @@ here to the representation's, ``level="params"`` for the whole-model parameter s
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
@@ -39,6 +37,8 @@ from .registry import register
 @register("gradvac")
 class GradVac(GramWeighting):
     """Gradient vaccine: raise each pair's cosine towards its running target."""
+
+    state_names = ("targets",)
 
     def __init__(self, beta: float = 0.5):
         if not 0 <= beta <= 1:
@@ -87,12 +87,3 @@ class GradVac(GramWeighting):
 
     def after_step(self) -> None:
         self._keys = None  # one draw per optimizer step
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"targets": self.targets.clone()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.targets = state["targets"].clone().to(self.targets)
-
-    def extra_repr(self) -> str:
-        return f"beta={self.beta}"

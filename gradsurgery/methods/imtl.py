@@ -21,8 +21,6 @@ representation's, ``level="params"`` for the paper's setting (IMTL-L is the same
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor, nn
 
@@ -34,6 +32,8 @@ from .registry import register
 @register("imtl")
 class IMTL(GramWeighting):
     """Learned loss scales ``e^{s_k}`` (IMTL-L) and equal-projection coefficients (IMTL-G)."""
+
+    state_names = ("loss_scale",)
 
     def __init__(self, init: float = 0.0):
         if isinstance(init, bool) or not isinstance(init, (int, float)) or not abs(init) < float("inf"):
@@ -59,13 +59,3 @@ class IMTL(GramWeighting):
         else:
             self.loss_scale.grad.add_(grad)
         return equal_projection_weights(gram)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"loss_scale": self.loss_scale.detach().clone()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        with torch.no_grad():
-            self.loss_scale.copy_(state["loss_scale"])
-
-    def extra_repr(self) -> str:
-        return f"init={self.init}"

@@ -75,6 +75,3 @@ class Krum(GramWeighting):
         below, tied = scores < cut, scores == cut
         share = (n - below.sum()).to(m.dtype) / (tied.sum() * n)
         return torch.where(below, 1.0 / n, torch.where(tied, share, 0.0)).to(gram.dtype)
-
-    def extra_repr(self) -> str:
-        return f"n_byzantine={self.n_byzantine}, n_selected={self.n_selected}, squared={self.squared}"

@@ -45,7 +45,7 @@ class MGDA(GramWeighting):
             raise ValueError(f"weight_heads must be True (heads get lambda_k dL_k, the authors' code) or False, "
                              f"got {weight_heads!r}")
         self.normalization = normalization
-        self.weights_heads = weight_heads
+        self.weight_heads = weight_heads
 
     def weights(self, gram: Tensor, losses: Tensor) -> Tensor:
         if self.normalization == "none":
@@ -57,6 +57,3 @@ class MGDA(GramWeighting):
             scale = scale * losses.abs()
         inv = torch.where(scale > 0, 1 / torch.where(scale > 0, scale, 1), 0)
         return min_norm_simplex(scale_gram(gram, inv))
-
-    def extra_repr(self) -> str:
-        return f"normalization={self.normalization!r}, weight_heads={self.weights_heads}"

@@ -24,7 +24,6 @@ different samples (they share no coordinate), so ``level="rep"`` raises. ``Y`` c
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -37,6 +36,10 @@ from .registry import register
 @register("moco")
 class MoCo(ElementWise):
     """Tracked task gradients, weights by a softmax-mirror step on their Gram."""
+
+    state_names = ("step", "lambd", "y")
+    legacy_state_names = {"lambda": "lambd"}  # 0.1.0's keys
+    legacy_empty_is_none = ("y",)  # 0.1.0 saved None as an empty tensor
 
     has_weights = True
 
@@ -78,17 +81,3 @@ class MoCo(ElementWise):
         lambd = torch.softmax(lambd - (self.gamma / t**self.gamma_sigma) * (gram(y) @ lambd + self.rho * lambd), 0)
         self.step, self.y, self.lambd = t, y, lambd
         return (self.use_weights(lambd) @ y).to(grads.dtype).view(grads.shape[1:])
-
-    def state_dict(self) -> dict[str, Any]:
-        y = torch.empty(0, dtype=self.lambd.dtype) if self.y is None else self.y.clone()
-        return {"step": self.step, "lambda": self.lambd.clone(), "y": y}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step = int(state["step"])
-        self.lambd = state["lambda"].to(self.lambd.device, self.lambd.dtype).clone()
-        y = state["y"]
-        self.y = None if y.numel() == 0 else y.to(self.lambd.device, self.lambd.dtype).clone()
-
-    def extra_repr(self) -> str:
-        return (f"beta={self.beta}, beta_sigma={self.beta_sigma}, gamma={self.gamma}, "
-                f"gamma_sigma={self.gamma_sigma}, rho={self.rho}")

@@ -27,7 +27,6 @@ coordinate, so their inner products would all be 0.) Level: the representation o
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -78,6 +77,9 @@ def part_gradient(part: Tensor, batch: int) -> Tensor:
 class MoDo(ElementWise):
     """Projected-gradient task weights from a doubly sampled Gram."""
 
+    state_names = ("lambd",)
+    legacy_state_names = {"lambda": "lambd"}  # 0.1.0's keys
+
     has_weights = True
 
     levels = ("rep",)
@@ -112,12 +114,3 @@ class MoDo(ElementWise):
         third = parts[2]
         g[grads.shape[1] - third.shape[1]:] = torch.tensordot(c, third, dims=1) * (grads.shape[1] / third.shape[1])
         return g
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"lambda": self.lambd.clone()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.lambd = state["lambda"].to(self.lambd.device, torch.float64).clone()
-
-    def extra_repr(self) -> str:
-        return f"gamma={self.gamma}, rho={self.rho}, samples={self.samples}"

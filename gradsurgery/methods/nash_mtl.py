@@ -48,7 +48,6 @@ variant as faster but worse on QM9); by default here the representation's,
 from __future__ import annotations
 
 import warnings
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -66,6 +65,9 @@ LINE_SEARCH_STEPS = 31
 class NashMTL(GramWeighting):
     """Nash bargaining weights ``M alpha = 1 / alpha``."""
 
+    state_names = ("decisions", "alpha")
+    legacy_state_names = {"step": "decisions"}  # 0.1.0's keys
+
     def __init__(self, update_weights_every: int = 1, max_norm: float | None = 1.0,
                  tol: float = 1e-6, max_iter: int = 10, on_failure: str = "raise", weight_heads: bool = False):
         for name, value in (("update_weights_every", update_weights_every), ("max_iter", max_iter)):
@@ -81,18 +83,18 @@ class NashMTL(GramWeighting):
         if on_failure not in ("raise", "warn"):
             raise ValueError(f"on_failure must be 'raise' or 'warn' (keep the last solution), got {on_failure!r}")
         self.on_failure = on_failure
-        self.weights_heads = weight_heads
+        self.weight_heads = weight_heads
         self.update_weights_every = update_weights_every
         self.max_norm = None if max_norm is None else float(max_norm)
         self.tol = float(tol)
         self.max_iter = max_iter
-        self.step = 0
+        self.decisions = 0  # weights() calls so far: a new solve every update_weights_every
         self.alpha: Tensor | None = None
 
     def weights(self, gram: Tensor, losses: Tensor) -> Tensor:
-        if self.alpha is None or self.step % self.update_weights_every == 0:
+        if self.alpha is None or self.decisions % self.update_weights_every == 0:
             self.alpha = self._solve(gram)
-        self.step += 1
+        self.decisions += 1
         alpha = self.alpha.to(gram.dtype)
         self._heads = alpha  # the heads get the unclipped alpha (the authors' backward of sum_k alpha_k L_k)
         if self.max_norm is not None:
@@ -121,19 +123,6 @@ class NashMTL(GramWeighting):
                                      "task, or pass on_failure='warn' to keep the last solution")
         warnings.warn(f"{message}; keeping the last solution (on_failure='warn')", RuntimeWarning, stacklevel=2)
         return self.alpha if self.alpha is not None else m.diagonal().clamp_min(1e-300).rsqrt() / root
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "alpha": None if self.alpha is None else self.alpha.clone()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step = int(state["step"])
-        self.alpha = None if state["alpha"] is None else state["alpha"].clone()
-
-    def extra_repr(self) -> str:
-        return (f"update_weights_every={self.update_weights_every}, max_norm={self.max_norm}, "
-                f"tol={self.tol:g}, max_iter={self.max_iter}, on_failure={self.on_failure!r}, "
-                f"weight_heads={self.weights_heads}")
-
 
 def _newton(m: Tensor, alpha: Tensor, *, iterations: int) -> tuple[Tensor]:
     """``iterations`` damped Newton steps on ``f(alpha) = alpha^T M alpha / 2 - sum log alpha``

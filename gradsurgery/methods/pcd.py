@@ -33,7 +33,7 @@ representation's gradients, ``level="params"`` for that setting.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -51,6 +51,8 @@ MAX_SECONDARY = 12
 @register("pcd")
 class PCD(GramWeighting):
     """Closest direction to the primary task's with guaranteed progress for the others."""
+
+    state_names = ("sq_norm_ema", "n_steps")
 
     def __init__(self, tau: float | Sequence[float] | Tensor = 0.02, beta: float = 0.999, eps: float = 1e-8):
         try:
@@ -113,18 +115,6 @@ class PCD(GramWeighting):
         objective = 0.5 * (small_matmul(mu, ms) * mu).sum(-1) - mu @ b
         best = torch.where(kkt, objective, torch.inf).argmin()
         return torch.where(kkt.any(), mu.index_select(0, best.reshape(1))[0].clamp_min(0), 0)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"sq_norm_ema": self.sq_norm_ema.clone(), "n_steps": self.n_steps}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.sq_norm_ema = state["sq_norm_ema"].to(self.sq_norm_ema).clone()
-        self.n_steps = int(state["n_steps"])
-
-    def extra_repr(self) -> str:
-        tau = self.tau.item() if self.tau.dim() == 0 else self.tau.tolist()
-        return f"tau={tau}, beta={self.beta}, eps={self.eps}"
-
 
 def dual_active_set(a: Tensor, b: Tensor, tol: float, dependence: float = 1e-9) -> Tensor:
     """Goldfarb & Idnani's dual method for ``min mu^T A mu / 2 - b^T mu``, ``mu >= 0``, with

@@ -34,8 +34,6 @@ Heads get their own (normalised, when asked) loss gradients.
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor, nn
 
@@ -53,6 +51,7 @@ class _LossNormalization(Method):
 
     rotation = True
     levels = ("rep",)
+    state_names: tuple[str, ...] = ("steps", "initial_losses", "initial_backbone_loss", "refresh_backbone")
 
     def __init__(self, normalize_losses: bool = False, burn_in_period: int = 20):
         if isinstance(burn_in_period, bool) or not isinstance(burn_in_period, int) or burn_in_period < 0:
@@ -91,19 +90,6 @@ class _LossNormalization(Method):
             self.initial_backbone_loss = value.detach().clone()
         return 1 / self.initial_backbone_loss
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"steps": self.steps, "initial_losses": self.initial_losses,
-                "initial_backbone_loss": self.initial_backbone_loss, "refresh_backbone": self.refresh_backbone}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.steps = state["steps"]
-        self.initial_losses = state["initial_losses"]
-        self.initial_backbone_loss = state["initial_backbone_loss"]
-        self.refresh_backbone = state["refresh_backbone"]
-
-    def extra_repr(self) -> str:
-        return f"normalize_losses={self.normalize_losses}, burn_in_period={self.burn_in_period}"
-
 
 @register("rotate_only")
 class RotateOnly(_LossNormalization, LossWeighting):
@@ -116,6 +102,8 @@ class RotateOnly(_LossNormalization, LossWeighting):
 @register("rotograd")
 class RotoGrad(_LossNormalization, GramWeighting):
     """Rotations + magnitudes homogenised by relative convergence; see the module docstring."""
+
+    state_names = (*_LossNormalization.state_names, "initial_norms")
 
     def __init__(self, normalize_losses: bool = False, burn_in_period: int = 20):
         super().__init__(normalize_losses, burn_in_period)
@@ -131,17 +119,12 @@ class RotoGrad(_LossNormalization, GramWeighting):
         alphas = ratios / ratios.sum().clamp_min(EPS)
         return (alphas * n).sum() / n
 
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "initial_norms": self.initial_norms}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.initial_norms = state["initial_norms"]
-
 
 @register("rotogradnorm")
 class RotoGradNorm(_LossNormalization, GramWeighting):
     """Rotations + GradNorm's learnable magnitudes; see the module docstring."""
+
+    state_names = (*_LossNormalization.state_names, "weight_logits")
 
     def __init__(self, alpha: float = 1.5, normalize_losses: bool = False, burn_in_period: int = 20):
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0:
@@ -180,14 +163,3 @@ class RotoGradNorm(_LossNormalization, GramWeighting):
         else:
             self.weight_logits.grad.add_(grad)
         return fixed
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "weight_logits": self.weight_logits.detach().clone()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        with torch.no_grad():
-            self.weight_logits.copy_(state["weight_logits"])
-
-    def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, {super().extra_repr()}"

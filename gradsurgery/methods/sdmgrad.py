@@ -33,7 +33,7 @@ mean loss), the heads their whole batch's loss gradient. Level: the representati
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -46,6 +46,8 @@ from .registry import register
 @register("sdmgrad")
 class SDMGrad(ElementWise):
     """Direction-oriented weights by projected SGD on a triply sampled batch."""
+
+    state_names = ("w",)
 
     has_weights = True
 
@@ -110,14 +112,3 @@ class SDMGrad(ElementWise):
         g = torch.zeros_like(grads[0])
         g[:zeta.shape[1]] = update
         return g
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"w": self.w.clone()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.w = state["w"].to(self.w.device, torch.float64).clone()
-
-    def extra_repr(self) -> str:
-        pref = None if self.pref_vector is None else self.pref_vector.tolist()
-        return (f"lambda_={self.lambda_}, n_iter={self.n_iter}, lr={self.lr}, momentum={self.momentum}, "
-                f"pref_vector={pref}, max_norm={self.max_norm}, reduction={self.reduction}")

@@ -48,6 +48,3 @@ class TrimmedMean(ElementWise):
         values = grads.to(compute_dtype(grads.dtype)).sort(0).values
         kept = values.narrow(0, self.trim_number, grads.shape[0] - 2 * self.trim_number)
         return kept.mean(0).to(grads.dtype)
-
-    def extra_repr(self) -> str:
-        return f"trim_number={self.trim_number}"

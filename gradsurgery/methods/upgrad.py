@@ -82,7 +82,3 @@ class UPGrad(GramWeighting):
 
     def weights(self, gram: Tensor, losses: Tensor) -> Tensor:
         return self.project(gram, torch.diag(self.preferences(gram))).sum(0)
-
-    def extra_repr(self) -> str:
-        pref = None if self.pref_vector is None else self.pref_vector.tolist()
-        return f"pref_vector={pref}, norm_eps={self.norm_eps}, reg_eps={self.reg_eps}"

@@ -15,8 +15,6 @@ after the step was validated. Level: loss weighting, the same at either level.
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor, nn
 
@@ -27,6 +25,8 @@ from .registry import register
 @register("uw")
 class UncertaintyWeighting(LossWeighting):
     """Learnable homoscedastic-uncertainty loss weights ``exp(-s_k) / 2``."""
+
+    state_names = ("log_vars",)
 
     def __init__(self, init: float = -0.5):
         if not isinstance(init, (int, float)) or isinstance(init, bool) or init != init:
@@ -50,13 +50,3 @@ class UncertaintyWeighting(LossWeighting):
             self.log_vars.grad = grad
         else:
             self.log_vars.grad.add_(grad)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"log_vars": self.log_vars.detach().clone()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        with torch.no_grad():
-            self.log_vars.copy_(state["log_vars"])
-
-    def extra_repr(self) -> str:
-        return f"init={self.init}"
