@@ -150,9 +150,10 @@ def wrapped_state_only(optimizer: torch.optim.Optimizer, saved: dict[str, Any], 
         raise ValueError("the checkpoint's 'optimizer' entry is not a torch.optim state_dict")
     theirs = [g for g in groups if not (isinstance(g, dict) and g.get("name") == "method")]
     mine = [g for g in optimizer.param_groups if g.get("name") != "method"]
-    if len(theirs) != len(mine) or any(len(a.get("params", ())) != len(b["params"]) for a, b in zip(theirs, mine)):
+    sizes = [len(g.get("params", ())) for g in theirs]
+    if sizes != [len(g["params"]) for g in mine]:
         raise ValueError(f"the checkpoint's wrapped optimizer has param groups of sizes "
-                         f"{[len(g.get('params', ())) for g in theirs]} (the method's own left out), this one "
+                         f"{sizes} (the method's own left out), this one "
                          f"{[len(g['params']) for g in mine]}: build the model and optimizer as when the "
                          "checkpoint was written")
     current = {"state": {}, "param_groups": [dict(g, params=list(range(len(g["params"]))))
@@ -167,7 +168,7 @@ def wrapped_state_only(optimizer: torch.optim.Optimizer, saved: dict[str, Any], 
             continue
         source = next(taken)
         out_groups.append({**source, "params": group["params"]})
-        state.update({i: saved["state"][j] for i, j in zip(group["params"], source["params"]) if j in saved["state"]})
+        state.update({i: saved["state"][j] for i, j in zip(group["params"], source["params"], strict=True) if j in saved["state"]})
     return {"state": state, "param_groups": out_groups}
 
 
@@ -226,7 +227,7 @@ def _equal(a: Any, b: Any) -> bool:
         return isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape \
             and torch.equal(a.cpu().to(b.dtype), b.cpu())
     if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
     return type(a) is type(b) and a == b

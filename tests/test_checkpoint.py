@@ -7,9 +7,9 @@ import io
 
 import pytest
 import torch
+from core_helpers import assert_tree_equal, make, wrapped_step
 
 import gradsurgery as gs
-from core_helpers import assert_tree_equal, make, wrapped_step
 
 K, REP = 3, 6
 
@@ -136,7 +136,7 @@ def test_switching_method_keeps_the_wrapped_optimizers_state_only(saved, loaded)
     generator_before = target.generator.get_state()
     target.load_state_dict(state, method_state=False)
     model_params = list(model.parameters())
-    for p, q in zip(source.param_groups[0]["params"], target.param_groups[0]["params"]):
+    for p, q in zip(source.param_groups[0]["params"], target.param_groups[0]["params"], strict=True):
         assert_tree_equal(target.state[q], source.state[p])
     assert len(model_params) == len(target.param_groups[0]["params"])
     assert_tree_equal(target.method.state_dict(), method_before)

@@ -213,24 +213,24 @@ def _copy(value: Any, like: Tensor | None = None) -> Any:
     return value
 
 
-def check_option(name: str, value: Any, kind: type, *, low: float | None = None, high: float | None = None,
-                 low_open: bool = False, high_open: bool = False, what: str = "") -> Any:
-    """The one option validator: ``value`` must be a ``kind`` (``bool``, ``int`` or ``float``;
-    a bool is no number, an int is a float) within ``[low, high]`` (an end excluded when
-    ``low_open``/``high_open``; ``None``: unbounded, and NaN is refused). Returns it (a
-    float as ``float``); raises a ``ValueError`` that names the option, the value and the
-    allowed range (``what`` adds what the option means)."""
+def check_option(name: str, value: Any, kind: type, allowed: str = "", what: str = "") -> Any:
+    """The one option validator of the methods: ``value`` must be a ``kind`` (``bool``,
+    ``int`` or ``float``; a bool is not a number, an int is a float) in the interval
+    ``allowed`` (e.g. ``"[0, 1)"``, ``"(0, inf)"``; empty: any), and finite when a float.
+    Returns it (a float as ``float``); otherwise raises a ``ValueError`` that names the
+    option, the value and the allowed range (``what`` adds what the option means)."""
     numbers = (int, float) if kind is float else (kind,)
     valid = isinstance(value, numbers) and (kind is bool or not isinstance(value, bool))
-    if valid and kind is not bool:
-        valid = (value == value and (low is None or (value > low if low_open else value >= low))
-                 and (high is None or (value < high if high_open else value <= high)))
+    if valid and kind is float:
+        valid = abs(value) < float("inf")  # also refuses NaN
+    if valid and allowed:
+        low, high = (float(end) for end in allowed[1:-1].split(","))
+        valid = (value > low if allowed[0] == "(" else value >= low) and \
+            (value < high if allowed[-1] == ")" else value <= high)
     if not valid:
-        kinds = {bool: "True or False", int: "an integer", float: "a number"}[kind]
-        bounds = "" if kind is bool or (low is None and high is None) else " in " + (
-            ("(" if low_open or low is None else "[") + ("-inf" if low is None else f"{low:g}") + ", "
-            + ("inf" if high is None else f"{high:g}") + (")" if high_open or high is None else "]"))
-        raise ValueError(f"{name} must be {kinds}{bounds}{f' ({what})' if what else ''}, got {value!r}")
+        kinds = {bool: "True or False", int: "an integer", float: "a finite number"}[kind]
+        raise ValueError(f"{name} must be {kinds}{f' in {allowed}' if allowed else ''}"
+                         f"{f' ({what})' if what else ''}, got {value!r}")
     return float(value) if kind is float else value
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import LossWeighting
+from .base import LossWeighting, check_option
 from .registry import register
 
 
@@ -30,12 +30,8 @@ class DWA(LossWeighting):
     state_names = ("history", "total", "count")
 
     def __init__(self, temperature: float = 2.0, per_step: bool = False):
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature!r}")
-        if not isinstance(per_step, bool):
-            raise ValueError(f"per_step must be True or False, got {per_step!r}")
-        self.temperature = float(temperature)
-        self.per_step = per_step
+        self.temperature = check_option("temperature", temperature, float, "(0, inf)")
+        self.per_step = check_option("per_step", per_step, bool)
         self.history: list[Tensor] = []  # the last two completed periods' mean losses
         self.total: Tensor | None = None  # sum of this epoch's losses
         self.count = 0  # accepted backward calls in this epoch

@@ -34,13 +34,11 @@ which the official update never revives either, keeps its statistics frozen).
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from ..numerics.gram import compute_dtype
-from .base import ElementWise
+from .base import ElementWise, check_option
 from .registry import register
 
 
@@ -54,14 +52,9 @@ class ExcessMTL(ElementWise):
     has_weights = True
 
     def __init__(self, robust_step_size: float = 1e-2, n_warmup_steps: int = 1):
-        if not (isinstance(robust_step_size, (int, float)) and math.isfinite(robust_step_size)
-                and robust_step_size > 0):
-            raise ValueError(f"robust_step_size must be a finite number > 0, got {robust_step_size!r}")
-        if isinstance(n_warmup_steps, bool) or not isinstance(n_warmup_steps, int) or n_warmup_steps < 1:
-            raise ValueError(f"n_warmup_steps must be an integer >= 1 (the steps averaged into the baseline; "
-                             f"1 is the official code), got {n_warmup_steps!r}")
-        self.robust_step_size = float(robust_step_size)
-        self.n_warmup_steps = n_warmup_steps
+        self.robust_step_size = check_option("robust_step_size", robust_step_size, float, "(0, inf)")
+        self.n_warmup_steps = check_option("n_warmup_steps", n_warmup_steps, int, "[1, inf)",
+                                           "the steps averaged into the baseline; 1 is the official code")
 
     def bind(self, num_tasks: int, *, device: torch.device, dtype: torch.dtype,
              generator: torch.Generator) -> None:

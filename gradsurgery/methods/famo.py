@@ -31,7 +31,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .base import LossWeighting
+from .base import LossWeighting, check_option
 from .registry import register
 
 EPS = 1e-8
@@ -47,11 +47,8 @@ class FAMO(LossWeighting):
 
     def __init__(self, w_lr: float = 0.025, gamma: float = 1e-3,
                  min_losses: Sequence[float] | None = None):
-        if not w_lr > 0:
-            raise ValueError(f"w_lr must be > 0, got {w_lr!r}")
-        if not gamma >= 0:
-            raise ValueError(f"gamma must be >= 0, got {gamma!r}")
-        self.w_lr, self.gamma = float(w_lr), float(gamma)
+        self.w_lr = check_option("w_lr", w_lr, float, "(0, inf)")
+        self.gamma = check_option("gamma", gamma, float, "[0, inf)")
         self.min_losses = None if min_losses is None else [float(v) for v in min_losses]
         self.previous: Tensor | None = None
 

@@ -30,8 +30,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..numerics.grads import accumulate_grad
 from ..numerics.gram import norms
-from .base import GramWeighting
+from .base import GramWeighting, check_option
 from .registry import register
 
 #: Smallest weight kept after a step (weights must stay positive).
@@ -45,13 +46,9 @@ class GradNorm(GramWeighting):
     state_names = ("task_weights", "initial_losses")
 
     def __init__(self, alpha: float = 1.5, weight_heads: bool = False):
-        if not alpha >= 0:
-            raise ValueError(f"alpha must be >= 0, got {alpha!r}")
-        if not isinstance(weight_heads, bool):
-            raise ValueError(f"weight_heads must be True (heads get w_k dL_k, the paper's sum_k w_k L_k) "
-                             f"or False, got {weight_heads!r}")
-        self.alpha = float(alpha)
-        self.weight_heads = weight_heads
+        self.alpha = check_option("alpha", alpha, float, "[0, inf)")
+        self.weight_heads = check_option("weight_heads", weight_heads, bool,
+                                         what="True: heads get w_k dL_k, the paper's sum_k w_k L_k")
         self.initial_losses: Tensor | None = None
 
     def bind(self, num_tasks, *, device, dtype, generator):
@@ -73,10 +70,7 @@ class GradNorm(GramWeighting):
         target = (w * n).mean() * relative.pow(self.alpha)
         grad = torch.sign(w * n - target) * n
         grad = grad.to(self.task_weights.dtype)
-        if self.task_weights.grad is None:
-            self.task_weights.grad = grad
-        else:
-            self.task_weights.grad.add_(grad)
+        accumulate_grad(self.task_weights, grad)
         return w
 
     def after_step(self) -> None:

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from ..numerics.gram import small_matmul
-from .base import GramWeighting
+from .base import GramWeighting, check_option
 from .pcgrad import orders_from_keys, visiting_keys
 from .registry import register
 
@@ -41,9 +41,7 @@ class GradVac(GramWeighting):
     state_names = ("targets",)
 
     def __init__(self, beta: float = 0.5):
-        if not 0 <= beta <= 1:
-            raise ValueError(f"beta must be in [0, 1], got {beta!r}")
-        self.beta = float(beta)
+        self.beta = check_option("beta", beta, float, "[0, 1]")
         self.targets: Tensor | None = None
 
     def bind(self, num_tasks, *, device, dtype, generator):

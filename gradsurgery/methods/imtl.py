@@ -24,7 +24,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import GramWeighting
+from ..numerics.grads import accumulate_grad
+from .base import GramWeighting, check_option
 from .imtl_g import equal_projection_weights
 from .registry import register
 
@@ -36,9 +37,7 @@ class IMTL(GramWeighting):
     state_names = ("loss_scale",)
 
     def __init__(self, init: float = 0.0):
-        if isinstance(init, bool) or not isinstance(init, (int, float)) or not abs(init) < float("inf"):
-            raise ValueError(f"init must be a finite number (the initial log loss scale s), got {init!r}")
-        self.init = float(init)
+        self.init = check_option("init", init, float, what="the initial log loss scale s")
 
     def bind(self, num_tasks: int, *, device: torch.device, dtype: torch.dtype,
              generator: torch.Generator) -> None:
@@ -54,8 +53,5 @@ class IMTL(GramWeighting):
     def weights(self, gram: Tensor, losses: Tensor) -> Tensor:
         scale = torch.exp(self.loss_scale.detach().to(losses.dtype))
         grad = (scale * losses - 1).to(self.loss_scale.dtype)
-        if self.loss_scale.grad is None:
-            self.loss_scale.grad = grad
-        else:
-            self.loss_scale.grad.add_(grad)
+        accumulate_grad(self.loss_scale, grad)
         return equal_projection_weights(gram)

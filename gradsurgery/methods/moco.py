@@ -23,13 +23,11 @@ different samples (they share no coordinate), so ``level="rep"`` raises. ``Y`` c
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from ..numerics.gram import compute_dtype, gram
-from .base import ElementWise
+from .base import ElementWise, check_option
 from .registry import register
 
 
@@ -47,16 +45,11 @@ class MoCo(ElementWise):
 
     def __init__(self, beta: float = 0.5, beta_sigma: float = 0.5, gamma: float = 0.1,
                  gamma_sigma: float = 0.5, rho: float = 0.0):
-        for name, value in (("beta_sigma", beta_sigma), ("gamma", gamma), ("gamma_sigma", gamma_sigma), ("rho", rho)):
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        if not 0 < beta <= 1:
-            raise ValueError(f"beta (the tracking rate of Y) must be in (0, 1], got {beta!r}")
-        self.beta = float(beta)
-        self.beta_sigma = float(beta_sigma)
-        self.gamma = float(gamma)
-        self.gamma_sigma = float(gamma_sigma)
-        self.rho = float(rho)
+        self.beta = check_option("beta", beta, float, "(0, 1]", "the tracking rate of Y")
+        self.beta_sigma = check_option("beta_sigma", beta_sigma, float, "[0, inf)")
+        self.gamma = check_option("gamma", gamma, float, "[0, inf)")
+        self.gamma_sigma = check_option("gamma_sigma", gamma_sigma, float, "[0, inf)")
+        self.rho = check_option("rho", rho, float, "[0, inf)")
 
     def bind(self, num_tasks: int, *, device: torch.device, dtype: torch.dtype,
              generator: torch.Generator) -> None:

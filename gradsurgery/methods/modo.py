@@ -26,12 +26,10 @@ coordinate, so their inner products would all be 0.) Level: the representation o
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
-from .base import ElementWise
+from .base import ElementWise, check_option
 from .registry import register
 
 
@@ -85,16 +83,10 @@ class MoDo(ElementWise):
     levels = ("rep",)
 
     def __init__(self, gamma: float = 0.1, rho: float = 0.1, samples: int = 2):
-        if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma > 0):
-            raise ValueError(f"gamma (the step size of lambda) must be a finite number > 0, got {gamma!r}")
-        if not (isinstance(rho, (int, float)) and math.isfinite(rho) and rho >= 0):
-            raise ValueError(f"rho (the l2 regularisation of lambda) must be a finite number >= 0, got {rho!r}")
-        if isinstance(samples, bool) or not isinstance(samples, int) or samples not in (2, 3):
-            raise ValueError(f"samples must be 2 (the authors' code: update with the whole batch) or 3 "
-                             f"(LibMTL: update with a third part), got {samples!r}")
-        self.gamma = float(gamma)
-        self.rho = float(rho)
-        self.samples = samples
+        self.gamma = check_option("gamma", gamma, float, "(0, inf)", "the step size of lambda")
+        self.rho = check_option("rho", rho, float, "[0, inf)", "the l2 regularisation of lambda")
+        self.samples = check_option("samples", samples, int, "[2, 3]", "2: the authors' code, update with the "
+                                    "whole batch; 3: LibMTL, update with a third part")
 
     def bind(self, num_tasks: int, *, device: torch.device, dtype: torch.dtype,
              generator: torch.Generator) -> None:

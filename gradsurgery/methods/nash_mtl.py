@@ -54,7 +54,7 @@ from torch import Tensor
 
 from ..numerics.cuda_graphs import replay
 from ..numerics.gram import small_matmul
-from .base import GramWeighting
+from .base import GramWeighting, check_option
 from .registry import register
 
 #: Number of candidate Newton step lengths ``1, 1/2, ..., 2^-30`` the line search tries at once.
@@ -70,24 +70,16 @@ class NashMTL(GramWeighting):
 
     def __init__(self, update_weights_every: int = 1, max_norm: float | None = 1.0,
                  tol: float = 1e-6, max_iter: int = 10, on_failure: str = "raise", weight_heads: bool = False):
-        for name, value in (("update_weights_every", update_weights_every), ("max_iter", max_iter)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if max_norm is not None and not max_norm > 0:
-            raise ValueError(f"max_norm must be > 0 or None (no clipping), got {max_norm!r}")
-        if not tol > 0:
-            raise ValueError(f"tol must be > 0, got {tol!r}")
-        if not isinstance(weight_heads, bool):
-            raise ValueError(f"weight_heads must be True (heads get alpha_k dL_k, the authors' code) or False, "
-                             f"got {weight_heads!r}")
         if on_failure not in ("raise", "warn"):
             raise ValueError(f"on_failure must be 'raise' or 'warn' (keep the last solution), got {on_failure!r}")
+        self.update_weights_every = check_option("update_weights_every", update_weights_every, int, "[1, inf)")
+        self.max_norm = None if max_norm is None else check_option("max_norm", max_norm, float, "(0, inf)",
+                                                                   "None: no clipping")
+        self.tol = check_option("tol", tol, float, "(0, inf)")
+        self.max_iter = check_option("max_iter", max_iter, int, "[1, inf)")
         self.on_failure = on_failure
-        self.weight_heads = weight_heads
-        self.update_weights_every = update_weights_every
-        self.max_norm = None if max_norm is None else float(max_norm)
-        self.tol = float(tol)
-        self.max_iter = max_iter
+        self.weight_heads = check_option("weight_heads", weight_heads, bool,
+                                         what="True: heads get alpha_k dL_k, the authors' code")
         self.decisions = 0  # weights() calls so far: a new solve every update_weights_every
         self.alpha: Tensor | None = None
 

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from ..numerics.gram import scale_gram, small_matmul
 from ..numerics.qp import masked_solve, supports
-from .base import GramWeighting
+from .base import GramWeighting, check_option
 from .registry import register
 
 #: Largest number of secondary tasks whose active sets are enumerated (above: the dual
@@ -55,19 +55,17 @@ class PCD(GramWeighting):
     state_names = ("sq_norm_ema", "n_steps")
 
     def __init__(self, tau: float | Sequence[float] | Tensor = 0.02, beta: float = 0.999, eps: float = 1e-8):
+        if not isinstance(tau, (list, tuple, Tensor)):
+            tau = check_option("tau", tau, float, "[0, 1]", "or a sequence of one such value per secondary task")
         try:
             taus = torch.as_tensor(tau, dtype=torch.float64).detach().cpu().clone()
         except (TypeError, ValueError, RuntimeError):
             raise ValueError(f"tau must be a number or a sequence of numbers in [0, 1], got {tau!r}") from None
         if taus.dim() > 1 or not bool(((taus >= 0) & (taus <= 1)).all()):
             raise ValueError(f"tau must be a number in [0, 1] or one such value per secondary task, got {tau!r}")
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < 1:
-            raise ValueError(f"beta must be in [0, 1), got {beta!r}")
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < float("inf"):
-            raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
         self.tau = taus
-        self.beta = float(beta)
-        self.eps = float(eps)
+        self.beta = check_option("beta", beta, float, "[0, 1)")
+        self.eps = check_option("eps", eps, float, "[0, inf)")
 
     def bind(self, num_tasks, *, device, dtype, generator):
         if self.tau.dim() == 1 and self.tau.numel() != num_tasks - 1:

@@ -37,8 +37,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..numerics.grads import accumulate_grad
 from ..numerics.gram import norms
-from .base import GramWeighting, LossWeighting, Method
+from .base import GramWeighting, LossWeighting, Method, check_option
 from .registry import register
 
 #: Floor of gradient norms and of the sum of convergence ratios (rotograd 0.1.6).
@@ -54,10 +55,8 @@ class _LossNormalization(Method):
     state_names: tuple[str, ...] = ("steps", "initial_losses", "initial_backbone_loss", "refresh_backbone")
 
     def __init__(self, normalize_losses: bool = False, burn_in_period: int = 20):
-        if isinstance(burn_in_period, bool) or not isinstance(burn_in_period, int) or burn_in_period < 0:
-            raise ValueError(f"burn_in_period must be an integer >= 0, got {burn_in_period!r}")
-        self.normalize_losses = bool(normalize_losses)
-        self.burn_in_period = burn_in_period
+        self.normalize_losses = check_option("normalize_losses", normalize_losses, bool)
+        self.burn_in_period = check_option("burn_in_period", burn_in_period, int, "[0, inf)")
         self.steps = 0
         self.initial_losses: Tensor | None = None
         self.initial_backbone_loss: Tensor | None = None
@@ -127,10 +126,8 @@ class RotoGradNorm(_LossNormalization, GramWeighting):
     state_names = (*_LossNormalization.state_names, "weight_logits")
 
     def __init__(self, alpha: float = 1.5, normalize_losses: bool = False, burn_in_period: int = 20):
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0:
-            raise ValueError(f"alpha must be a number >= 0 (GradNorm's asymmetry), got {alpha!r}")
+        self.alpha = check_option("alpha", alpha, float, "[0, inf)", "GradNorm's asymmetry")
         super().__init__(normalize_losses, burn_in_period)
-        self.alpha = float(alpha)
 
     def bind(self, num_tasks, *, device, dtype, generator):
         super().bind(num_tasks, device=device, dtype=dtype, generator=generator)
@@ -158,8 +155,5 @@ class RotoGradNorm(_LossNormalization, GramWeighting):
         u = n.to(w.dtype) * (n.to(w.dtype) * w - target.to(w.dtype)).sign()
         e = v.exp()
         grad = e / (e + EPS).sum() * (self.num_tasks * u - u @ w)
-        if self.weight_logits.grad is None:
-            self.weight_logits.grad = grad
-        else:
-            self.weight_logits.grad.add_(grad)
+        accumulate_grad(self.weight_logits, grad)
         return fixed

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import LossWeighting
+from .base import LossWeighting, check_option
 from .registry import register
 
 #: The official code's guard inside the logarithms.
@@ -43,13 +43,9 @@ class STCH(LossWeighting):
     legacy_empty_is_none = ("nadir",)  # 0.1.0 saved None as an empty tensor
 
     def __init__(self, mu: float = 1.0, warmup_epoch: int = 4):
-        if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not 0 < mu < float("inf"):
-            raise ValueError(f"mu must be a finite number > 0 (the smoothing), got {mu!r}")
-        if isinstance(warmup_epoch, bool) or not isinstance(warmup_epoch, int) or warmup_epoch < 0:
-            raise ValueError(f"warmup_epoch must be an integer >= 0 (the epoch whose mean losses are the "
-                             f"nadir point), got {warmup_epoch!r}")
-        self.mu = float(mu)
-        self.warmup_epoch = warmup_epoch
+        self.mu = check_option("mu", mu, float, "(0, inf)", "the smoothing")
+        self.warmup_epoch = check_option("warmup_epoch", warmup_epoch, int, "[0, inf)",
+                                         "the epoch whose mean losses are the nadir point")
 
     def bind(self, num_tasks, *, device, dtype, generator):
         super().bind(num_tasks, device=device, dtype=dtype, generator=generator)

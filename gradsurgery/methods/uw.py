@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import LossWeighting
+from ..numerics.grads import accumulate_grad
+from .base import LossWeighting, check_option
 from .registry import register
 
 
@@ -29,9 +30,7 @@ class UncertaintyWeighting(LossWeighting):
     state_names = ("log_vars",)
 
     def __init__(self, init: float = -0.5):
-        if not isinstance(init, (int, float)) or isinstance(init, bool) or init != init:
-            raise ValueError(f"init must be a finite number (the initial log-variance), got {init!r}")
-        self.init = float(init)
+        self.init = check_option("init", init, float, what="the initial log-variance")
 
     def bind(self, num_tasks, *, device, dtype, generator):
         super().bind(num_tasks, device=device, dtype=dtype, generator=generator)
@@ -46,7 +45,4 @@ class UncertaintyWeighting(LossWeighting):
     def update(self, losses: Tensor) -> None:
         s = self.log_vars.detach().to(losses.dtype)
         grad = (0.5 * (1 - torch.exp(-s) * losses)).to(self.log_vars.dtype)
-        if self.log_vars.grad is None:
-            self.log_vars.grad = grad
-        else:
-            self.log_vars.grad.add_(grad)
+        accumulate_grad(self.log_vars, grad)

@@ -30,6 +30,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from ..numerics.grads import accumulate_grad
 from ..numerics.gram import compute_dtype
 
 
@@ -65,11 +66,7 @@ class Jacobian:
             else:
                 g = combined[offset:offset + p.numel()].view(p.shape)
                 offset += p.numel()
-            g = g.to(p.dtype)
-            if p.grad is None:
-                p.grad = g
-            else:
-                p.grad.add_(g)
+            accumulate_grad(p, g.to(p.dtype))
         self.blocks = []
 
 

@@ -16,6 +16,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from ..numerics.grads import accumulate_grad
 
 
 def combine(coefficients: Tensor, grads: Tensor) -> Tensor:
@@ -45,7 +46,4 @@ def accumulate(params: list[Tensor], grads: list[Tensor | None], scales: list[Te
             continue
         if scales is not None and scales[i] is not None:
             g = g * scales[i].to(g.dtype)
-        if p.grad is None:
-            p.grad = g
-        else:
-            p.grad.add_(g)
+        accumulate_grad(p, g)

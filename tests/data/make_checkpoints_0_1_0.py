@@ -71,7 +71,7 @@ def train_step(model: nn.Module, opt: gs.MultiTaskOptimizer, i: int) -> None:
     x, ys = batch(i)
 
     def losses(views):
-        return [nn.functional.mse_loss(h(v).squeeze(-1), y) for h, v, y in zip(heads, views, ys)]
+        return [nn.functional.mse_loss(h(v).squeeze(-1), y) for h, v, y in zip(heads, views, ys, strict=True)]
 
     opt.zero_grad()
     opt.backward(losses(opt.fork(backbone(x))))
