@@ -56,7 +56,7 @@ def validate(opt: MultiTaskOptimizer, state_dict: Any, *, method_state: bool = T
         raise ValueError(f"this checkpoint has format version {version!r}; this gradsurgery reads versions "
                          f"0..{FORMAT_VERSION}: load it with the gradsurgery that wrote it, or a newer one")
     if not method_state:
-        _check_groups(opt, wrapped_state_only(opt.optimizer, state_dict["optimizer"], check_only=True))
+        wrapped_state_only(opt.optimizer, state_dict["optimizer"], check_only=True)
         return
     _check_method(opt, state_dict)
     _check_groups(opt, state_dict["optimizer"])
@@ -143,8 +143,8 @@ def wrapped_state_only(optimizer: torch.optim.Optimizer, saved: dict[str, Any], 
     """A state_dict for ``optimizer`` made of ``saved``'s (the wrapped optimizer's state in
     a checkpoint, maybe of another method) groups that are not a method's own (named
     ``"method"``), and of ``optimizer``'s own method group as it is now: what loading with
-    ``method_state=False`` restores. With ``check_only`` the result is only good for
-    :func:`_check_groups` (no copy of the current state is made)."""
+    ``method_state=False`` restores. With ``check_only`` it only checks that the groups
+    match (a ``ValueError`` otherwise) and returns an empty dict."""
     groups = saved.get("param_groups")
     if not isinstance(groups, list) or not isinstance(saved.get("state"), dict):
         raise ValueError("the checkpoint's 'optimizer' entry is not a torch.optim state_dict")
@@ -156,9 +156,9 @@ def wrapped_state_only(optimizer: torch.optim.Optimizer, saved: dict[str, Any], 
                          f"{sizes} (the method's own left out), this one "
                          f"{[len(g['params']) for g in mine]}: build the model and optimizer as when the "
                          "checkpoint was written")
-    current = {"state": {}, "param_groups": [dict(g, params=list(range(len(g["params"]))))
-                                             for g in optimizer.param_groups]} if check_only \
-        else optimizer.state_dict()
+    if check_only:
+        return {}
+    current = optimizer.state_dict()
     state: dict[int, Any] = {}
     out_groups, taken = [], iter(theirs)
     for group in current["param_groups"]:

@@ -1,49 +1,17 @@
-"""Nash-MTL: multi-task learning as a bargaining game (Navon et al., ICML 2022).
+"""Nash-MTL: multi-task learning as a bargaining game (Navon et al., ICML 2022; card:
+docs/methods/nash_mtl.md).
 
-The update ``g = G^T alpha`` is the Nash bargaining solution among the tasks; with the
-Gram ``M = G G^T`` its weights solve the bargaining condition
+With the Gram ``M = G G^T`` the weights solve the bargaining condition
 
 .. math::  M \\alpha = 1 / \\alpha \\quad(\\text{element-wise}),\\qquad \\alpha > 0,
 
-i.e. ``<g_k, g> = 1 / alpha_k`` for every task, hence ``||g||^2 = sum_k alpha_k <g_k, g> = K``
-whatever the gradients' scale. As in the paper's code (and torchjd 0.18) the system is solved
-on ``M / ||M||_F`` and the solution rescaled by ``||M||_F^{-1/2}``.
-
-The condition is the stationarity condition of the strictly convex
-``f(alpha) = alpha^T M alpha / 2 - sum_k log alpha_k``; it is solved in pure torch
-(float64) by a fixed budget of ``max_iter`` damped Newton steps (default 10; a vectorised
-backtracking line search over 31 step lengths keeps ``alpha > 0``), as tensor ops. The start
-is the previous solution (the first time, ``alpha_k = 1 / ||g_k||``), rescaled so that
-``alpha^T M alpha = K`` as at the solution: exact for orthogonal and for collinear
-gradients, and it brings every Gram measured (random, conflicting, nearly collinear,
-norms 1e-3..1e3, K = 2..32) to the tolerance within 6 steps, warm or cold (one of 400
-extreme draws, K = 10 gradients in 8 dimensions with condition 1e9, needed 12: raise
-``max_iter`` for such). Then **one** host
-read per solve checks the relative residual ``max_k |alpha_k (M alpha)_k - 1| <= tol``
-(default 1e-6: float64 Newton stalls near ``cond(M) * 1e-16``, which reaches 1e-8 on
-ill-conditioned Grams); above it a ``FloatingPointError`` is raised — that happens when no
-solution exists, e.g. a zero task gradient or gradients with 0 in their convex hull — and no
-old weights are reused silently. (The design requires that error, and raising needs the
-read: Nash-MTL is the one built-in method with a host read per solve; steps that reuse the
-weights read nothing.)
-
-``on_failure="warn"`` (opt-in) turns that error into a ``RuntimeWarning`` and keeps the
-last solution (the start point, ``alpha_k = 1 / ||g_k||``, if none converged yet): for
-training that reaches a Pareto-stationary point, where the task gradients become exactly
-opposed and the bargaining problem stops having a solution (the 2-D toy shows it).
-
-The authors' other options (AvivNavon/nash-mtl, ``methods/weight_methods.py``, ``NashMTL``),
-with their defaults: ``update_weights_every=1`` solves only every that many steps and reuses
-the weights in between; ``max_norm=1.0`` scales ``alpha`` down so that ``||g|| <= max_norm``
-(their ``clip_grad_norm_`` of the shared parameters' gradient after ``sum_k alpha_k L_k`` was
-backpropagated; ``None`` turns it off: ``||g|| = sqrt(K)``, torchjd's ``max_norm=0``).
-``weight_heads=True`` is their backward too: each head receives ``alpha_k dL_k`` (here the
-clipped coefficient; theirs clips the shared parameters only); by default each head gets its
-own unweighted loss gradient.
-
-Level: the paper uses the shared parameters' gradients (and reports a representation-level
-variant as faster but worse on QM9); by default here the representation's,
-``level="params"`` for the paper's setting.
+so ``<g_k, g> = 1 / alpha_k`` and ``||g||^2 = K`` for ``g = G^T alpha``; then ``alpha`` is
+scaled down so that ``||g|| <= max_norm`` (the authors' clip). The condition is the
+stationarity of the strictly convex ``alpha^T M alpha / 2 - sum_k log alpha_k``, solved on
+``M / ||M||_F`` by ``max_iter`` damped Newton steps from the previous solution; one host read
+per solve checks the residual against ``tol`` and raises (``on_failure="warn"``: warns and
+keeps the last solution) when no solution exists. ``update_weights_every`` reuses the weights
+in between; ``weight_heads=True`` gives each head ``alpha_k dL_k``, as the authors' backward.
 """
 from __future__ import annotations
 
