@@ -150,7 +150,7 @@ class Method:
 
     def state_dict(self) -> dict[str, Any]:
         """The declared state (:attr:`state_names`), detached copies: tensors, numbers,
-        ``None`` and lists only."""
+        ``None``, lists, and dicts (an inner optimizer's ``state_dict``) only."""
         return {name: _saved(getattr(self, name)) for name in self.state_names}
 
     def check_state_dict(self, state: dict[str, Any]) -> None:
@@ -199,17 +199,19 @@ class Method:
 
 def _saved(value: Any) -> Any:
     """What :meth:`Method.state_dict` saves of one state value."""
-    return value.state_dict() if hasattr(value, "state_dict") else _copy(value)
+    return _copy(value.state_dict() if hasattr(value, "state_dict") else value)
 
 
 def _copy(value: Any, like: Tensor | None = None) -> Any:
-    """A detached copy of a state value (tensors cloned, lists copied element-wise); a
+    """A detached copy of a state value (tensors cloned, lists and dicts copied element-wise); a
     tensor moved to ``like``'s dtype and device when given."""
     if isinstance(value, Tensor):
         value = value.detach()
         return value.to(like, copy=True) if like is not None else value.clone()
     if isinstance(value, (list, tuple)):
-        return [_copy(v) for v in value]
+        return type(value)(_copy(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _copy(v) for k, v in value.items()}
     return value
 
 
