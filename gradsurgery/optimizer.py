@@ -7,6 +7,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
+from . import checkpoint
 from .methods import Method, available, create, get, kind_of
 from .methods.smoothed import Smoothed
 from .numerics.gram import compute_dtype
@@ -171,6 +172,14 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         self._records: list[StepRecord] = []  # what each backward of this optimizer step saw (see stats)
         self._step_done = True  # the next backward starts a new step's records
         self._stats: dict[str, Tensor] | None = {}
+        self._init_hooks()
+
+    def _init_hooks(self) -> None:
+        """The hook registries ``torch.optim.Optimizer.__init__`` creates (its ``__init__``
+        is not called: it would reset the wrapped optimizer's ``param_groups`` and ``state``,
+        which this object exposes). Step hooks fire through ``_patch_step_function``, the
+        state-dict hooks through :mod:`gradsurgery.checkpoint`'s wrappers of ``state_dict``
+        and ``load_state_dict``."""
         for name in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
                      "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
                      "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks"):
@@ -344,28 +353,36 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
             raise ValueError(f"task must be an integer in [0, {self.num_tasks}), got {task!r}")
         return torch.nn.Sequential(backbone, rot.RotatedHead(head, self.rotations, task))
 
-    # -- checkpoints --------------------------------------------------------------------
+    # -- checkpoints (the format and its checks: gradsurgery.checkpoint) ----------------
+    @checkpoint.state_dict_hooks
     def state_dict(self) -> dict[str, Any]:
-        """The wrapped optimizer's state, the method's parameters and state, and the random
-        generator: a resumed run continues bit for bit."""
-        return {"optimizer": self.optimizer.state_dict(), "method": self.method.state_dict(),
-                "generator": self.generator.get_state(), "num_tasks": self.num_tasks, "weight_ema": self._ema,
+        """The wrapped optimizer's state, the method's parameters and state, the random
+        generator, and who wrote it (the method's name and options, ``num_tasks``, the
+        format version): a resumed run continues bit for bit. ``torch.optim``'s state-dict
+        hooks fire as on any optimizer."""
+        return {**checkpoint.describe(self.method), "num_tasks": self.num_tasks,
+                "optimizer": self.optimizer.state_dict(), "method": self.method.state_dict(),
+                "generator": self.generator.get_state(), "weight_ema": self._ema,
                 "rotation": None if self.rotations is None else
                 {"coop": self.rotations.coop, "param": self._rotation_param_name(),
                  **{k: v.clone() for k, v in self.rotations.state_dict().items()}}}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict.get("num_tasks") != self.num_tasks:
-            raise ValueError(f"this checkpoint is for num_tasks={state_dict.get('num_tasks')}, "
-                             f"the optimizer has num_tasks={self.num_tasks}")
-        if (state_dict.get("rotation") is None) != (self.rotations is None):
-            raise ValueError("this checkpoint and this optimizer disagree on rotations (one has them, the "
-                             "other not); build the optimizer with the same method and rotation= option")
-        saved_param = (state_dict.get("rotation") or {}).get("param", "expm")
-        if self.rotations is not None and saved_param != self._rotation_param_name():
-            raise ValueError(f"this checkpoint's rotations are parametrised by {saved_param!r}, this optimizer's by "
-                             f"{self._rotation_param_name()!r}: the same generators give other rotations; build the "
-                             f"optimizer with rotation_param={saved_param!r}")
+    @checkpoint.load_state_dict_hooks
+    def load_state_dict(self, state_dict: dict[str, Any], method_state: bool = True) -> None:
+        """Restores a :meth:`state_dict` (also one written by gradsurgery 0.1.0). Everything
+        is checked first — the method's name and options, ``num_tasks``, the method state's
+        keys and shapes, the rotations, the wrapped optimizer's groups — and a mismatch
+        raises a ``ValueError`` before anything is restored.
+
+        ``method_state=False`` switches method on purpose: only the wrapped optimizer's
+        state (its moments, step counts and learning rates, for the backbone's and heads'
+        groups) is restored, from a checkpoint of any method; this optimizer's method,
+        rotations, generator and own param group stay as built."""
+        checkpoint.validate(self, state_dict, method_state=method_state)
+        self._path = None
+        if not method_state:
+            self.optimizer.load_state_dict(checkpoint.wrapped_state_only(self.optimizer, state_dict["optimizer"]))
+            return
         self.optimizer.load_state_dict(state_dict["optimizer"])
         self.method.load_state_dict(state_dict["method"])
         self.generator.set_state(state_dict["generator"])
@@ -375,7 +392,6 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
             self.rotations.coop = saved.pop("coop")
             self.rotations.load_state_dict(saved)
         self._ema = state_dict.get("weight_ema")
-        self._path = None
 
     def _rotation_param_name(self) -> str:
         """The rotations' parametrisation as saved in ``state_dict`` (a user function: its name)."""
@@ -477,8 +493,8 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         return backbone_loss if weight is None else backbone_loss * weight.to(backbone_loss.dtype)
 
     def _head_scales(self, params: list[Tensor], coefficients: Tensor | None) -> list[Tensor | None] | None:
-        """With ``method.weights_heads``: head ``k``'s gradient times ``c_k``."""
-        if not self.method.weights_heads or coefficients is None:
+        """With ``method.weight_heads``: head ``k``'s gradient times ``c_k``."""
+        if not self.method.weight_heads or coefficients is None:
             return None
         if any(self._head_tasks.get(id(p)) == -1 for p in params):
             raise ValueError(f"{self.method!r} weights each head by its task's coefficient, but some parameter "

@@ -119,6 +119,8 @@ def test_overflow_skips_the_step_and_changes_nothing(method, blow_up):
     assert after["optimizer"].pop("param_groups") == before["optimizer"].pop("param_groups")  # hyper-parameters, names
     if after["rotation"] is not None:  # the rotations' parametrisation, by name
         assert after["rotation"].pop("param") == before["rotation"].pop("param")
+    for key in ("format_version", "method_name", "method_options"):  # who wrote it (strings, numbers)
+        assert repr(after.pop(key)) == repr(before.pop(key))
     torch.testing.assert_close(after, before, rtol=0, atol=0, equal_nan=True)
     _step(opt, backbone, heads, *good, scaler=scaler)
 

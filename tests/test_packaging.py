@@ -29,3 +29,17 @@ def test_wheel_contains_py_typed(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "gradsurgery/py.typed" in names
     assert "gradsurgery/testing.py" in names
+
+
+def test_geotorch_is_a_test_dependency_only():
+    """The package never imports geotorch (docs/design-notes.md, "Dependencies")."""
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    assert "geotorch" not in cfg["options"]["install_requires"].split()
+    assert "geotorch" in cfg["options.extras_require"]["test"].split()
+    code = ("import sys, torch, gradsurgery as gs, gradsurgery.compat, gradsurgery.testing\n"
+            "opt = gs.MultiTaskOptimizer(torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1), 'rotograd', "
+            "num_tasks=2, rep_size=2)\n"
+            "assert not [m for m in sys.modules if m.startswith('geotorch')], 'geotorch was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+

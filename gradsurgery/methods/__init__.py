@@ -1,6 +1,6 @@
 """Every method, by name: ``available()``, ``create(name, **options)``, ``get(name)``, and
 the ``register(name)`` decorator for your own :class:`Method`."""
-from .base import ElementWise, GramWeighting, LossWeighting, Method, kind_of
+from .base import ElementWise, GramWeighting, LossWeighting, Method, check_option, kind_of
 from .registry import available, create, get, options, register
 from . import basic, gradnorm, mgda, pcgrad, rotograd  # noqa: F401  (register the built-ins)
 from . import (aligned_mtl, cagrad, db_mtl, dualproj, dwa, famo, graddrop, gradvac,  # noqa: F401
@@ -9,4 +9,4 @@ from . import excess_mtl, moco, modo, sdmgrad  # noqa: F401
 from . import imtl  # noqa: F401
 from . import config, constant, fairgrad, gls, krum, pcd, stch, trimmed_mean  # noqa: F401
 
-__all__ = ["ElementWise", "GramWeighting", "LossWeighting", "Method", "kind_of", "available", "create", "get", "options", "register"]
+__all__ = ["ElementWise", "GramWeighting", "LossWeighting", "Method", "check_option", "kind_of", "available", "create", "get", "options", "register"]

@@ -77,7 +77,3 @@ class AlignedMTL(GramWeighting):
              else self.pref_vector.to(gram.device))
         alpha = torch.where(kept.any(), balance @ w, w)
         return alpha.to(gram.dtype)
-
-    def extra_repr(self) -> str:
-        pref = "" if self.pref_vector is None else f", pref_vector={self.pref_vector.tolist()}"
-        return f"scale_mode={self.scale_mode!r}{pref}"

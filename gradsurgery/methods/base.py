@@ -35,6 +35,7 @@ parameters' objective into their ``.grad`` (see ``uw.py`` and ``gradnorm.py``).
 """
 from __future__ import annotations
 
+import inspect
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, NamedTuple, Protocol
 
 import torch
@@ -101,9 +102,15 @@ class Method:
         subset_safe: the method can decide over any subset of the tasks (it keeps no
             per-task state), so ``backward`` accepts ``None`` for a task absent from the
             batch: the method then sees the present tasks only, as if only they existed.
-        weights_heads: the heads receive ``c_k dL_k`` (the method's coefficient times
+        weight_heads: the heads receive ``c_k dL_k`` (the method's coefficient times
             their loss gradient) instead of ``dL_k``, as the official code of some
             methods does (an option of those methods); ``False`` by default.
+        state_names: the attributes that make up the method's state between steps (tensors,
+            numbers, ``None``, lists of tensors, or an object with its own ``state_dict``
+            such as an inner ``torch.optim`` optimizer): :meth:`state_dict` saves them under
+            their names and :meth:`load_state_dict` restores them (a tensor that requires
+            grad in place, so that the optimizer holding it keeps it). A method declares them and writes no
+            ``state_dict`` of its own, as ``torch.optim`` keeps ``state`` in the base class.
         num_tasks: set by :meth:`bind`.
         generator: the method's own random generator, set by :meth:`bind`; draw every
             random number from it so that runs are reproducible and resumable.
@@ -115,7 +122,14 @@ class Method:
     loss_domain: ClassVar[str | None] = None
     observes_losses: ClassVar[bool] = False
     uses_gram: ClassVar[bool] = True  # the decision reads the Gram (not a LossWeighting's)
-    weights_heads: bool = False
+    state_names: ClassVar[tuple[str, ...]] = ()
+    #: Keys under which gradsurgery 0.1.0 saved some of :attr:`state_names` (old key -> name).
+    legacy_state_names: ClassVar[dict[str, str]] = {}
+    #: States that gradsurgery 0.1.0 saved as an empty tensor when they were ``None``.
+    legacy_empty_is_none: ClassVar[tuple[str, ...]] = ()
+    #: States that gradsurgery 0.1.0 did not save, with the value a 0.1.0 checkpoint restores.
+    legacy_missing: ClassVar[dict[str, Any]] = {}
+    weight_heads: bool = False
 
     num_tasks: int
     generator: torch.Generator | None = None
@@ -142,7 +156,7 @@ class Method:
         ``torch.compile`` traces whole (Dynamo cannot trace a ``torch.Generator``)."""
 
     def head_weights(self, coefficients: Tensor) -> Tensor:
-        """With :attr:`weights_heads`: the ``K`` factors of the heads' loss gradients, given
+        """With :attr:`weight_heads`: the ``K`` factors of the heads' loss gradients, given
         this step's coefficients (default: the coefficients themselves; Nash-MTL's heads get
         its unclipped ``alpha``, as in the authors' code)."""
         return coefficients
@@ -170,18 +184,63 @@ class Method:
         """Parameters the method learns; they join the wrapped optimizer as one group."""
         return []
 
+    def options(self) -> dict[str, Any]:
+        """The options the method was built with: ``__init__``'s keyword arguments, read
+        back from the attributes of the same names (what ``repr`` shows and a checkpoint
+        records)."""
+        signature = inspect.signature(type(self).__init__)
+        return {name: getattr(self, name) for name, p in signature.parameters.items()
+                if name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume: tensors, numbers, strings, lists and dicts only."""
-        return {}
+        """The declared state (:attr:`state_names`), detached copies: tensors, numbers,
+        ``None``, lists, and dicts (an inner optimizer's ``state_dict``) only."""
+        return {name: _saved(getattr(self, name)) for name in self.state_names}
+
+    def check_state_dict(self, state: dict[str, Any]) -> None:
+        """Raises a ``ValueError`` unless ``state`` is a :meth:`state_dict` of this method
+        (the same keys, tensors of the same shapes); changes nothing."""
+        state = self._renamed(state)
+        if set(state) != set(self.state_names):
+            raise ValueError(f"the method state has keys {sorted(state)}, but {self!r} keeps "
+                             f"{sorted(self.state_names)}; it was saved by another method")
+        for name in self.state_names:
+            current, saved = getattr(self, name), state[name]
+            if isinstance(current, Tensor) and current.numel() and (  # an empty state is not set yet
+                    not isinstance(saved, Tensor) or current.shape != saved.shape):
+                got = f"shape {tuple(saved.shape)}" if isinstance(saved, Tensor) else type(saved).__name__
+                raise ValueError(f"the method state {name!r} is a {got}, but {self!r} keeps a tensor of "
+                                 f"shape {tuple(current.shape)}")
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restores what :meth:`state_dict` returned."""
+        """Restores what :meth:`state_dict` returned (checked first: see
+        :meth:`check_state_dict`); a tensor takes the dtype and device of the one it replaces."""
+        self.check_state_dict(state)
+        for name, saved in self._renamed(state).items():
+            current = getattr(self, name)
+            if isinstance(current, Tensor) and current.requires_grad:
+                with torch.no_grad():
+                    current.copy_(saved)
+            elif hasattr(current, "load_state_dict"):
+                current.load_state_dict(saved)
+            else:
+                setattr(self, name, _copy(saved, like=current if isinstance(current, Tensor) else None))
+
+    def _renamed(self, state: dict[str, Any]) -> dict[str, Any]:
+        """``state`` with 0.1.0's keys (:attr:`legacy_state_names`) under today's names, the
+        states it did not save (:attr:`legacy_missing`) at their values, and 0.1.0's empty
+        tensors for ``None`` (:attr:`legacy_empty_is_none`) as ``None``."""
+        renamed = {**self.legacy_missing,
+                   **{self.legacy_state_names.get(key, key): value for key, value in state.items()}}
+        return {key: None if key in self.legacy_empty_is_none and isinstance(value, Tensor) and value.numel() == 0
+                else value for key, value in renamed.items()}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.extra_repr()})"
 
     def extra_repr(self) -> str:
-        return ""
+        """The options, ``name=value`` (see :meth:`options`)."""
+        return ", ".join(f"{name}={value!r}" for name, value in self.options().items())
 
     # -- the decision, by kind ----------------------------------------------------------
     def step_loss_weights(self, losses: Tensor, smoothing: Smoothing | None = None) -> Tensor | None:
@@ -217,6 +276,45 @@ class Method:
             scale = loss_weights.to(c.dtype)
             full = full * (scale if present is None else scale.new_ones(self.num_tasks).index_copy(0, present, scale))
         return Decision(full, combined)
+
+
+def _saved(value: Any) -> Any:
+    """What :meth:`Method.state_dict` saves of one state value."""
+    return _copy(value.state_dict() if hasattr(value, "state_dict") else value)
+
+
+def _copy(value: Any, like: Tensor | None = None) -> Any:
+    """A detached copy of a state value (tensors cloned, lists and dicts copied element-wise); a
+    tensor moved to ``like``'s dtype and device when given."""
+    if isinstance(value, Tensor):
+        value = value.detach()
+        return value.to(like, copy=True) if like is not None else value.clone()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_copy(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _copy(v) for k, v in value.items()}
+    return value
+
+
+def check_option(name: str, value: Any, kind: type, allowed: str = "", what: str = "") -> Any:
+    """The one option validator of the methods: ``value`` must be a ``kind`` (``bool``,
+    ``int`` or ``float``; a bool is not a number, an int is a float) in the interval
+    ``allowed`` (e.g. ``"[0, 1)"``, ``"(0, inf)"``; empty: any), and finite when a float.
+    Returns it (a float as ``float``); otherwise raises a ``ValueError`` that names the
+    option, the value and the allowed range (``what`` adds what the option means)."""
+    numbers = (int, float) if kind is float else (kind,)
+    valid = isinstance(value, numbers) and (kind is bool or not isinstance(value, bool))
+    if valid and kind is float:
+        valid = abs(value) < float("inf")  # also refuses NaN
+    if valid and allowed:
+        low, high = (float(end) for end in allowed[1:-1].split(","))
+        valid = (value > low if allowed[0] == "(" else value >= low) and \
+            (value < high if allowed[-1] == ")" else value <= high)
+    if not valid:
+        kinds = {bool: "True or False", int: "an integer", float: "a finite number"}[kind]
+        raise ValueError(f"{name} must be {kinds}{f' in {allowed}' if allowed else ''}"
+                         f"{f' ({what})' if what else ''}, got {value!r}")
+    return float(value) if kind is float else value
 
 
 class LossWeighting(Method):

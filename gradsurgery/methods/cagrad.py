@@ -44,10 +44,9 @@ from torch import Tensor
 
 from ..numerics.gram import normalized64
 from ..numerics.qp import cagrad_dual
-from .base import GramWeighting
+from .base import GramWeighting, check_option
 from .registry import register
 
-RESCALES = (0, 1, 2)
 REDUCTIONS = ("sum", "mean")
 
 
@@ -58,20 +57,14 @@ class CAGrad(GramWeighting):
     subset_safe = True
 
     def __init__(self, c: float = 0.4, rescale: int = 1, reduction: str = "sum", iterations: int = 500):
-        if not c >= 0:
-            raise ValueError(f"c must be >= 0, got {c!r}")
-        if isinstance(rescale, bool) or rescale not in RESCALES:
-            raise ValueError(f"rescale must be 0 (none), 1 (divide by 1 + c^2, the authors') or 2 (divide by 1 + c), "
-                             f"got {rescale!r}")
+        self.c = check_option("c", c, float, "[0, inf)")
+        self.rescale = check_option("rescale", rescale, int, "[0, 2]",
+                                    "0: none, 1: divide by 1 + c^2, the authors', 2: divide by 1 + c")
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be 'sum' (the authors' x K, matching sum(losses)) or 'mean', "
                              f"got {reduction!r}")
-        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-            raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
-        self.c = float(c)
-        self.rescale = rescale
         self.reduction = reduction
-        self.iterations = iterations
+        self.iterations = check_option("iterations", iterations, int, "[1, inf)")
 
     def weights(self, gram: Tensor, losses: Tensor) -> Tensor:
         k = gram.shape[0]
@@ -89,6 +82,3 @@ class CAGrad(GramWeighting):
         """The authors' factor: ``K`` (``reduction="sum"``) over ``1``, ``1 + c^2`` or ``1 + c``."""
         rho = (1.0, 1 + self.c**2, 1 + self.c)[self.rescale]
         return (k if self.reduction == "sum" else 1) / rho
-
-    def extra_repr(self) -> str:
-        return f"c={self.c}, rescale={self.rescale}, reduction={self.reduction!r}"

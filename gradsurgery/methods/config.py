@@ -94,6 +94,3 @@ class ConFIG(GramWeighting):
         nonzero = sq_norm > rel * (w @ w) / torch.where(top > 0, top, 1)
         scale = torch.where(nonzero, mc.sum() / torch.where(nonzero, sq_norm, 1), 0)
         return (scale * c).to(gram.dtype)
-
-    def extra_repr(self) -> str:
-        return "" if self.pref_vector is None else f"pref_vector={self.pref_vector.tolist()}"

@@ -47,6 +47,3 @@ class Constant(LossWeighting):
 
     def loss_weights(self, losses: Tensor) -> Tensor:
         return self._weights.to(losses.dtype)
-
-    def extra_repr(self) -> str:
-        return "" if self.task_weights is None else f"task_weights={self.task_weights.tolist()}"

@@ -23,12 +23,11 @@ task's gradient norm: ``m <- ||g|| + beta / t^sigma (m - ||g||)`` from ``m = 0``
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
-from .base import ElementWise
+from ..numerics.gram import compute_dtype
+from .base import ElementWise, check_option
 from .registry import register
 
 #: The authors' floor of the norms in the scale ratios.
@@ -39,14 +38,13 @@ NORM_EPS = 1e-8
 class DBMTL(ElementWise):
     """Log-loss weighting plus moving-averaged gradients equalised to the largest norm."""
 
+    state_names = ("step", "average")
+
     def __init__(self, beta: float = 0.9, beta_sigma: float = 0.0, eps: float = 1e-8):
-        if not 0 <= beta < 1:
-            raise ValueError(f"beta must be in [0, 1) (the moving average's decay), got {beta!r}")
-        if not beta_sigma >= 0:
-            raise ValueError(f"beta_sigma must be >= 0 (the decay's schedule beta / t**beta_sigma), got {beta_sigma!r}")
-        if not eps >= 0:
-            raise ValueError(f"eps must be >= 0, got {eps!r}")
-        self.beta, self.beta_sigma, self.eps = float(beta), float(beta_sigma), float(eps)
+        self.beta = check_option("beta", beta, float, "[0, 1)", "the moving average's decay")
+        self.beta_sigma = check_option("beta_sigma", beta_sigma, float, "[0, inf)",
+                                       "the decay's schedule beta / t**beta_sigma")
+        self.eps = check_option("eps", eps, float, "[0, inf)")
         self.step = 0
         self.average: Tensor | None = None  # K x P gradients (params level) or K norms (rep level)
 
@@ -54,7 +52,7 @@ class DBMTL(ElementWise):
         return 1 / (losses + self.eps)
 
     def combine(self, grads: Tensor, losses: Tensor, rep: Tensor | None) -> Tensor:
-        dtype = torch.float64 if grads.dtype == torch.float64 else torch.float32
+        dtype = compute_dtype(grads.dtype)
         flat = grads.reshape(grads.shape[0], -1).to(dtype)
         current = flat if rep is None else flat.norm(dim=1)
         if self.average is not None and self.average.shape != current.shape:
@@ -71,13 +69,3 @@ class DBMTL(ElementWise):
         else:
             combined = (self.average.max() / (self.average + NORM_EPS)) @ flat
         return combined.view(grads.shape[1:]).to(grads.dtype)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "average": None if self.average is None else self.average.clone()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step = state["step"]
-        self.average = None if state["average"] is None else state["average"].clone()
-
-    def extra_repr(self) -> str:
-        return f"beta={self.beta}, beta_sigma={self.beta_sigma}, eps={self.eps}"

@@ -16,12 +16,10 @@ Level: loss weighting.
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
-from .base import LossWeighting
+from .base import LossWeighting, check_option
 from .registry import register
 
 
@@ -29,13 +27,11 @@ from .registry import register
 class DWA(LossWeighting):
     """Weights from the ratio of the last two epochs' mean losses, softmax with temperature."""
 
+    state_names = ("history", "total", "count")
+
     def __init__(self, temperature: float = 2.0, per_step: bool = False):
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature!r}")
-        if not isinstance(per_step, bool):
-            raise ValueError(f"per_step must be True or False, got {per_step!r}")
-        self.temperature = float(temperature)
-        self.per_step = per_step
+        self.temperature = check_option("temperature", temperature, float, "(0, inf)")
+        self.per_step = check_option("per_step", per_step, bool)
         self.history: list[Tensor] = []  # the last two completed periods' mean losses
         self.total: Tensor | None = None  # sum of this epoch's losses
         self.count = 0  # accepted backward calls in this epoch
@@ -59,15 +55,3 @@ class DWA(LossWeighting):
             return
         self.history = [*self.history[-1:], self.total / self.count]
         self.total, self.count = None, 0
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"history": [h.clone() for h in self.history], "count": self.count,
-                "total": None if self.total is None else self.total.clone()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.history = [h.clone() for h in state["history"]]
-        self.count = state.get("count", 0)
-        self.total = None if state.get("total") is None else state["total"].clone()
-
-    def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, per_step={self.per_step}"

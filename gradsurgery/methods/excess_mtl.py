@@ -37,14 +37,11 @@ which the official update never revives either, keeps its statistics frozen).
 """
 from __future__ import annotations
 
-import math
-from typing import Any
-
 import torch
 from torch import Tensor
 
 from ..numerics.gram import compute_dtype
-from .base import ElementWise
+from .base import ElementWise, check_option
 from .registry import register
 
 
@@ -52,17 +49,15 @@ from .registry import register
 class ExcessMTL(ElementWise):
     """Exponentiated-gradient task weights driven by estimated excess risks."""
 
+    state_names = ("step", "squares", "baseline", "weights")
+    legacy_empty_is_none = ("squares",)  # 0.1.0 saved None as an empty tensor
+
     has_weights = True
 
     def __init__(self, robust_step_size: float = 1.0, n_warmup_steps: int = 1):
-        if not (isinstance(robust_step_size, (int, float)) and math.isfinite(robust_step_size)
-                and robust_step_size > 0):
-            raise ValueError(f"robust_step_size must be a finite number > 0, got {robust_step_size!r}")
-        if isinstance(n_warmup_steps, bool) or not isinstance(n_warmup_steps, int) or n_warmup_steps < 1:
-            raise ValueError(f"n_warmup_steps must be an integer >= 1 (the steps averaged into the baseline; "
-                             f"1 is the official code), got {n_warmup_steps!r}")
-        self.robust_step_size = float(robust_step_size)
-        self.n_warmup_steps = n_warmup_steps
+        self.robust_step_size = check_option("robust_step_size", robust_step_size, float, "(0, inf)")
+        self.n_warmup_steps = check_option("n_warmup_steps", n_warmup_steps, int, "[1, inf)",
+                                           "the steps averaged into the baseline; 1 is the official code")
 
     def bind(self, num_tasks: int, *, device: torch.device, dtype: torch.dtype,
              generator: torch.Generator) -> None:
@@ -102,18 +97,3 @@ class ExcessMTL(ElementWise):
         self.step += 1
         scale = torch.where(alive, self.use_weights(self.weights) / torch.where(alive, previous, 1), 0)
         return torch.tensordot(scale.to(grads.dtype), grads, dims=1)
-
-    def state_dict(self) -> dict[str, Any]:
-        squares = torch.empty(0, dtype=self.weights.dtype) if self.squares is None else self.squares.clone()
-        return {"step": self.step, "squares": squares, "baseline": self.baseline.clone(),
-                "weights": self.weights.clone()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        like = dict(device=self.weights.device, dtype=self.weights.dtype)
-        self.step = int(state["step"])
-        self.squares = None if state["squares"].numel() == 0 else state["squares"].to(**like).clone()
-        self.baseline = state["baseline"].to(**like).clone()
-        self.weights = state["weights"].to(**like).clone()
-
-    def extra_repr(self) -> str:
-        return f"robust_step_size={self.robust_step_size}, n_warmup_steps={self.n_warmup_steps}"

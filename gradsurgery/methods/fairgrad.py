@@ -43,14 +43,13 @@ representation's, ``level="params"`` for the paper's setting.
 from __future__ import annotations
 
 import warnings
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..numerics.gram import normalized64, small_matmul
 from ..numerics.qp import solve_spd
-from .base import GramWeighting
+from .base import GramWeighting, check_option
 from .registry import register
 
 #: Number of candidate Newton step lengths ``1, 1/2, ..., 2^-30`` the line search tries at once.
@@ -63,26 +62,19 @@ EARLY_EXIT = 1e-3
 class FairGrad(GramWeighting):
     """Alpha-fair weights: ``M x = x^(-1/alpha)``, update ``K x^T G`` clipped to ``max_norm``."""
 
+    state_names = ("last",)
+
     subset_safe = True
 
     def __init__(self, alpha: float = 2.0, max_norm: float | None = 1.0, tol: float = 1e-6,
                  max_iter: int = 25, on_failure: str = "raise"):
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha < float("inf"):
-            raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
-        number = (int, float)
-        if max_norm is not None and (isinstance(max_norm, bool) or not isinstance(max_norm, number)
-                                     or not 0 < max_norm < float("inf")):
-            raise ValueError(f"max_norm must be a finite number > 0 or None (no clipping), got {max_norm!r}")
-        if isinstance(tol, bool) or not isinstance(tol, number) or not tol > 0:
-            raise ValueError(f"tol must be a number > 0, got {tol!r}")
-        if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-            raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
+        self.alpha = check_option("alpha", alpha, float, "[0, inf)")
+        self.max_norm = None if max_norm is None else check_option("max_norm", max_norm, float, "(0, inf)",
+                                                                   "None: no clipping")
+        self.tol = check_option("tol", tol, float, "(0, inf)")
+        self.max_iter = check_option("max_iter", max_iter, int, "[1, inf)")
         if on_failure not in ("raise", "warn"):
             raise ValueError(f"on_failure must be 'raise' or 'warn' (keep the last solution), got {on_failure!r}")
-        self.alpha = float(alpha)
-        self.max_norm = None if max_norm is None else float(max_norm)
-        self.tol = float(tol)
-        self.max_iter = max_iter
         self.on_failure = on_failure
         if on_failure == "warn":
             self.subset_safe = False  # the kept solution is per task: the tasks must all be there
@@ -161,12 +153,3 @@ class FairGrad(GramWeighting):
         if converged and self.on_failure == "warn":
             self.last = x.clone()
         return x
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"last": self.last.clone()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.last = state["last"].to(self.last).clone()
-
-    def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, max_norm={self.max_norm}, on_failure={self.on_failure!r}"

@@ -27,12 +27,12 @@ its state is in ``state_dict``. Level: loss weighting.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
 
-from .base import LossWeighting
+from .base import LossWeighting, check_option
 from .registry import register
 
 EPS = 1e-8
@@ -43,29 +43,28 @@ class FAMO(LossWeighting):
     """Loss weights whose logits follow the observed log-loss decreases."""
 
     observes_losses = True
+    state_names = ("logits", "optimizer", "previous")
+    legacy_state_names = {"adam": "optimizer"}  # 0.1.0's key
 
     def __init__(self, w_lr: float = 0.025, gamma: float = 1e-3,
                  min_losses: Sequence[float] | None = None):
-        if not w_lr > 0:
-            raise ValueError(f"w_lr must be > 0, got {w_lr!r}")
-        if not gamma >= 0:
-            raise ValueError(f"gamma must be >= 0, got {gamma!r}")
-        self.w_lr, self.gamma = float(w_lr), float(gamma)
-        self._min_losses = None if min_losses is None else [float(v) for v in min_losses]
+        self.w_lr = check_option("w_lr", w_lr, float, "(0, inf)")
+        self.gamma = check_option("gamma", gamma, float, "[0, inf)")
+        self.min_losses = None if min_losses is None else [float(v) for v in min_losses]
         self.previous: Tensor | None = None
 
     def bind(self, num_tasks: int, *, device: torch.device, dtype: torch.dtype,
              generator: torch.Generator) -> None:
         super().bind(num_tasks, device=device, dtype=dtype, generator=generator)
-        if self._min_losses is not None and len(self._min_losses) != num_tasks:
-            raise ValueError(f"min_losses has {len(self._min_losses)} entries but num_tasks={num_tasks}")
-        self.min_losses = torch.tensor(self._min_losses or [0.0] * num_tasks, dtype=torch.float64, device=device)
+        if self.min_losses is not None and len(self.min_losses) != num_tasks:
+            raise ValueError(f"min_losses has {len(self.min_losses)} entries but num_tasks={num_tasks}")
+        self.loss_floor = torch.tensor(self.min_losses or [0.0] * num_tasks, dtype=torch.float64, device=device)
         self.logits = torch.zeros(num_tasks, dtype=torch.float64, device=device, requires_grad=True)
         self.optimizer = torch.optim.Adam([self.logits], lr=self.w_lr, weight_decay=self.gamma)
 
     def loss_weights(self, losses: Tensor) -> Tensor:
         z = torch.softmax(self.logits.detach(), 0)
-        gap = losses.to(z) - self.min_losses + EPS
+        gap = losses.to(z) - self.loss_floor + EPS
         return (z / gap / (z / gap).sum()).to(losses)
 
     def update(self, losses: Tensor) -> None:
@@ -75,23 +74,10 @@ class FAMO(LossWeighting):
         if self.previous is None:
             raise RuntimeError("FAMO.observe(losses) takes the losses after a step: call "
                                "opt.backward(...), opt.step(), then opt.observe(new_losses)")
-        delta = (self.previous.to(self.logits) - self.min_losses + EPS).log() \
-            - (losses.to(self.logits) - self.min_losses + EPS).log()
+        delta = (self.previous.to(self.logits) - self.loss_floor + EPS).log() \
+            - (losses.to(self.logits) - self.loss_floor + EPS).log()
         z = torch.softmax(self.logits.detach(), 0)
         self.logits.grad = z * (delta - (z * delta).sum())
         self.optimizer.step()
         self.logits.grad = None
         self.previous = None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"logits": self.logits.detach().clone(), "adam": self.optimizer.state_dict(),
-                "previous": None if self.previous is None else self.previous.clone()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        with torch.no_grad():
-            self.logits.copy_(state["logits"])
-        self.optimizer.load_state_dict(state["adam"])
-        self.previous = None if state["previous"] is None else state["previous"].clone()
-
-    def extra_repr(self) -> str:
-        return f"w_lr={self.w_lr}, gamma={self.gamma}"

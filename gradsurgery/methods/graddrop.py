@@ -31,7 +31,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import ElementWise
+from ..numerics.gram import compute_dtype
+from .base import ElementWise, check_option
 from .registry import register
 
 
@@ -42,12 +43,10 @@ class GradDrop(ElementWise):
     subset_safe = True
 
     def __init__(self, leak: float = 0.0):
-        if not 0 <= leak <= 1:
-            raise ValueError(f"leak must be in [0, 1], got {leak!r}")
-        self.leak = float(leak)
+        self.leak = check_option("leak", leak, float, "[0, 1]")
 
     def combine(self, grads: Tensor, losses: Tensor, rep: Tensor | None) -> Tensor:
-        dtype = torch.float64 if grads.dtype == torch.float64 else torch.float32
+        dtype = compute_dtype(grads.dtype)
         signal = grads.to(dtype) if rep is None else grads.to(dtype) * rep.to(dtype).sign()
         signal = signal.sum(1) if rep is not None and grads.dim() > 2 else signal
         total, magnitude = signal.sum(0), signal.abs().sum(0)
@@ -58,6 +57,3 @@ class GradDrop(ElementWise):
         if rep is not None and grads.dim() > 2:
             mask = mask.unsqueeze(1)
         return (mask * grads.to(mask.dtype)).sum(0).to(grads.dtype)
-
-    def extra_repr(self) -> str:
-        return f"leak={self.leak}"

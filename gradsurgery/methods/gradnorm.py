@@ -27,13 +27,12 @@ re-implementation parametrises ``w = K softmax(v)`` and skips the first epoch (w
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor, nn
 
+from ..numerics.grads import accumulate_grad
 from ..numerics.gram import norms
-from .base import GramWeighting
+from .base import GramWeighting, check_option
 from .registry import register
 
 #: Smallest weight kept after a step (weights must stay positive).
@@ -44,14 +43,12 @@ MIN_WEIGHT = 1e-6
 class GradNorm(GramWeighting):
     """Learnable task weights balancing the task gradients' norms (see module docstring)."""
 
+    state_names = ("task_weights", "initial_losses")
+
     def __init__(self, alpha: float = 1.5, weight_heads: bool = False):
-        if not alpha >= 0:
-            raise ValueError(f"alpha must be >= 0, got {alpha!r}")
-        if not isinstance(weight_heads, bool):
-            raise ValueError(f"weight_heads must be True (heads get w_k dL_k, the paper's sum_k w_k L_k) "
-                             f"or False, got {weight_heads!r}")
-        self.alpha = float(alpha)
-        self.weights_heads = weight_heads
+        self.alpha = check_option("alpha", alpha, float, "[0, inf)")
+        self.weight_heads = check_option("weight_heads", weight_heads, bool,
+                                         what="True: heads get w_k dL_k, the paper's sum_k w_k L_k")
         self.initial_losses: Tensor | None = None
 
     def bind(self, num_tasks, *, device, dtype, generator):
@@ -73,24 +70,10 @@ class GradNorm(GramWeighting):
         target = (w * n).mean() * relative.pow(self.alpha)
         grad = torch.sign(w * n - target) * n
         grad = grad.to(self.task_weights.dtype)
-        if self.task_weights.grad is None:
-            self.task_weights.grad = grad
-        else:
-            self.task_weights.grad.add_(grad)
+        accumulate_grad(self.task_weights, grad)
         return w
 
     def after_step(self) -> None:
         with torch.no_grad():
             w = self.task_weights.clamp_(min=MIN_WEIGHT)
             w.mul_(self.num_tasks / w.sum())
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"task_weights": self.task_weights.detach().clone(), "initial_losses": self.initial_losses}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        with torch.no_grad():
-            self.task_weights.copy_(state["task_weights"])
-        self.initial_losses = state["initial_losses"]
-
-    def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, weight_heads={self.weights_heads}"

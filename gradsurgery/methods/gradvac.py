@@ -25,13 +25,11 @@ here to the representation's, ``level="params"`` for the whole-model parameter s
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
 from ..numerics.gram import small_matmul
-from .base import GramWeighting
+from .base import GramWeighting, check_option
 from .pcgrad import orders_from_keys, visiting_keys
 from .registry import register
 
@@ -40,10 +38,10 @@ from .registry import register
 class GradVac(GramWeighting):
     """Gradient vaccine: raise each pair's cosine towards its running target."""
 
+    state_names = ("targets",)
+
     def __init__(self, beta: float = 0.5):
-        if not 0 <= beta <= 1:
-            raise ValueError(f"beta must be in [0, 1], got {beta!r}")
-        self.beta = float(beta)
+        self.beta = check_option("beta", beta, float, "[0, 1]")
         self.targets: Tensor | None = None
 
     def bind(self, num_tasks, *, device, dtype, generator):
@@ -87,12 +85,3 @@ class GradVac(GramWeighting):
 
     def after_step(self) -> None:
         self._keys = None  # one draw per optimizer step
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"targets": self.targets.clone()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.targets = state["targets"].clone().to(self.targets)
-
-    def extra_repr(self) -> str:
-        return f"beta={self.beta}"

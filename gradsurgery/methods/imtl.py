@@ -21,12 +21,11 @@ representation's, ``level="params"`` for the paper's setting (IMTL-L is the same
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor, nn
 
-from .base import GramWeighting
+from ..numerics.grads import accumulate_grad
+from .base import GramWeighting, check_option
 from .imtl_g import equal_projection_weights
 from .registry import register
 
@@ -35,10 +34,10 @@ from .registry import register
 class IMTL(GramWeighting):
     """Learned loss scales ``e^{s_k}`` (IMTL-L) and equal-projection coefficients (IMTL-G)."""
 
+    state_names = ("loss_scale",)
+
     def __init__(self, init: float = 0.0):
-        if isinstance(init, bool) or not isinstance(init, (int, float)) or not abs(init) < float("inf"):
-            raise ValueError(f"init must be a finite number (the initial log loss scale s), got {init!r}")
-        self.init = float(init)
+        self.init = check_option("init", init, float, what="the initial log loss scale s")
 
     def bind(self, num_tasks: int, *, device: torch.device, dtype: torch.dtype,
              generator: torch.Generator) -> None:
@@ -54,18 +53,5 @@ class IMTL(GramWeighting):
     def weights(self, gram: Tensor, losses: Tensor) -> Tensor:
         scale = torch.exp(self.loss_scale.detach().to(losses.dtype))
         grad = (scale * losses - 1).to(self.loss_scale.dtype)
-        if self.loss_scale.grad is None:
-            self.loss_scale.grad = grad
-        else:
-            self.loss_scale.grad.add_(grad)
+        accumulate_grad(self.loss_scale, grad)
         return equal_projection_weights(gram)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"loss_scale": self.loss_scale.detach().clone()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        with torch.no_grad():
-            self.loss_scale.copy_(state["loss_scale"])
-
-    def extra_repr(self) -> str:
-        return f"init={self.init}"

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import GramWeighting
+from .base import GramWeighting, check_option
 from .registry import register
 
 
@@ -35,16 +35,10 @@ class Krum(GramWeighting):
     subset_safe = True
 
     def __init__(self, n_byzantine: int = 0, n_selected: int = 1, squared: bool = True):
-        if isinstance(n_byzantine, bool) or not isinstance(n_byzantine, int) or n_byzantine < 0:
-            raise ValueError(f"n_byzantine must be an integer >= 0, got {n_byzantine!r}")
-        if isinstance(n_selected, bool) or not isinstance(n_selected, int) or n_selected < 1:
-            raise ValueError(f"n_selected must be an integer >= 1, got {n_selected!r}")
-        if not isinstance(squared, bool):
-            raise ValueError(f"squared must be True (the paper's squared distances) or False (torchjd's), "
-                             f"got {squared!r}")
-        self.n_byzantine = n_byzantine
-        self.n_selected = n_selected
-        self.squared = squared
+        self.n_byzantine = check_option("n_byzantine", n_byzantine, int, "[0, inf)")
+        self.n_selected = check_option("n_selected", n_selected, int, "[1, inf)")
+        self.squared = check_option("squared", squared, bool,
+                                    what="True: the paper's squared distances, False: torchjd's")
 
     def bind(self, num_tasks, *, device, dtype, generator):
         self._check(num_tasks)
@@ -75,6 +69,3 @@ class Krum(GramWeighting):
         below, tied = scores < cut, scores == cut
         share = (n - below.sum()).to(m.dtype) / (tied.sum() * n)
         return torch.where(below, 1.0 / n, torch.where(tied, share, 0.0)).to(gram.dtype)
-
-    def extra_repr(self) -> str:
-        return f"n_byzantine={self.n_byzantine}, n_selected={self.n_selected}, squared={self.squared}"

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ..numerics.gram import norms, scale_gram
 from ..numerics.qp import min_norm_simplex
-from .base import GramWeighting
+from .base import GramWeighting, check_option
 from .registry import register
 
 NORMALIZATIONS = ("none", "l2", "loss", "loss+")
@@ -41,11 +41,9 @@ class MGDA(GramWeighting):
     def __init__(self, normalization: str = "none", weight_heads: bool = False):
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
-        if not isinstance(weight_heads, bool):
-            raise ValueError(f"weight_heads must be True (heads get lambda_k dL_k, the authors' code) or False, "
-                             f"got {weight_heads!r}")
         self.normalization = normalization
-        self.weights_heads = weight_heads
+        self.weight_heads = check_option("weight_heads", weight_heads, bool,
+                                         what="True: heads get lambda_k dL_k, the authors' code")
 
     def weights(self, gram: Tensor, losses: Tensor) -> Tensor:
         if self.normalization == "none":
@@ -57,6 +55,3 @@ class MGDA(GramWeighting):
             scale = scale * losses.abs()
         inv = torch.where(scale > 0, 1 / torch.where(scale > 0, scale, 1), 0)
         return min_norm_simplex(scale_gram(gram, inv))
-
-    def extra_repr(self) -> str:
-        return f"normalization={self.normalization!r}, weight_heads={self.weights_heads}"

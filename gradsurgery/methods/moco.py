@@ -23,14 +23,11 @@ share no coordinate), so ``level="rep"`` raises. ``Y`` costs one ``K x P`` tenso
 """
 from __future__ import annotations
 
-import math
-from typing import Any
-
 import torch
 from torch import Tensor
 
 from ..numerics.gram import compute_dtype, gram
-from .base import ElementWise
+from .base import ElementWise, check_option
 from .registry import register
 
 DECAYS = ("epoch", "step")
@@ -40,6 +37,11 @@ DECAYS = ("epoch", "step")
 class MoCo(ElementWise):
     """Tracked task gradients, weights by a softmax-mirror step on their Gram."""
 
+    state_names = ("step", "epoch", "lambd", "y")
+    legacy_state_names = {"lambda": "lambd"}  # 0.1.0's keys
+    legacy_missing = {"epoch": 0}  # 0.1.0 counted steps only
+    legacy_empty_is_none = ("y",)  # 0.1.0 saved None as an empty tensor
+
     has_weights = True
 
     levels = ("params",)
@@ -47,24 +49,16 @@ class MoCo(ElementWise):
     def __init__(self, beta: float = 0.05, beta_sigma: float = 0.5, gamma: float = 0.1,
                  gamma_sigma: float = 0.5, rho: float = 0.0, normalize: bool = False,
                  scale_by_tasks: bool = True, decay: str = "epoch"):
-        for name, value in (("beta_sigma", beta_sigma), ("gamma", gamma), ("gamma_sigma", gamma_sigma), ("rho", rho)):
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        if not 0 < beta <= 1:
-            raise ValueError(f"beta (the tracking rate of Y) must be in (0, 1], got {beta!r}")
-        for name, flag in (("normalize", normalize), ("scale_by_tasks", scale_by_tasks)):
-            if not isinstance(flag, bool):
-                raise ValueError(f"{name} must be True or False, got {flag!r}")
+        self.beta = check_option("beta", beta, float, "(0, 1]", "the tracking rate of Y")
+        self.beta_sigma = check_option("beta_sigma", beta_sigma, float, "[0, inf)")
+        self.gamma = check_option("gamma", gamma, float, "[0, inf)")
+        self.gamma_sigma = check_option("gamma_sigma", gamma_sigma, float, "[0, inf)")
+        self.rho = check_option("rho", rho, float, "[0, inf)")
+        self.normalize = check_option("normalize", normalize, bool)
+        self.scale_by_tasks = check_option("scale_by_tasks", scale_by_tasks, bool)
         if decay not in DECAYS:
             raise ValueError(f"decay must be 'epoch' (the authors' run: steps decay with the epoch index, "
                              f"call opt.end_epoch()) or 'step' (LibMTL), got {decay!r}")
-        self.beta = float(beta)
-        self.beta_sigma = float(beta_sigma)
-        self.gamma = float(gamma)
-        self.gamma_sigma = float(gamma_sigma)
-        self.rho = float(rho)
-        self.normalize = normalize
-        self.scale_by_tasks = scale_by_tasks
         self.decay = decay
 
     def bind(self, num_tasks: int, *, device: torch.device, dtype: torch.dtype,
@@ -97,19 +91,3 @@ class MoCo(ElementWise):
         self.step, self.y, self.lambd = self.step + 1, y, lambd
         weights = lambd * len(lambd) if self.scale_by_tasks else lambd
         return (self.use_weights(weights) @ y).to(grads.dtype).view(grads.shape[1:])
-
-    def state_dict(self) -> dict[str, Any]:
-        y = torch.empty(0, dtype=self.lambd.dtype) if self.y is None else self.y.clone()
-        return {"step": self.step, "epoch": self.epoch, "lambda": self.lambd.clone(), "y": y}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step = int(state["step"])
-        self.epoch = int(state.get("epoch", 0))  # 0.1.0 checkpoints counted steps only
-        self.lambd = state["lambda"].to(self.lambd.device, self.lambd.dtype).clone()
-        y = state["y"]
-        self.y = None if y.numel() == 0 else y.to(self.lambd.device, self.lambd.dtype).clone()
-
-    def extra_repr(self) -> str:
-        return (f"beta={self.beta}, beta_sigma={self.beta_sigma}, gamma={self.gamma}, "
-                f"gamma_sigma={self.gamma_sigma}, rho={self.rho}, normalize={self.normalize}, "
-                f"scale_by_tasks={self.scale_by_tasks}, decay={self.decay!r}")

@@ -28,13 +28,10 @@ coordinate, so their inner products would all be 0.) Level: the representation o
 """
 from __future__ import annotations
 
-import math
-from typing import Any
-
 import torch
 from torch import Tensor
 
-from .base import ElementWise
+from .base import ElementWise, check_option
 from .registry import register
 
 
@@ -80,21 +77,18 @@ def part_gradient(part: Tensor, batch: int) -> Tensor:
 class MoDo(ElementWise):
     """Projected-gradient task weights from a doubly sampled Gram."""
 
+    state_names = ("lambd",)
+    legacy_state_names = {"lambda": "lambd"}  # 0.1.0's keys
+
     has_weights = True
 
     levels = ("rep",)
 
     def __init__(self, gamma: float = 1e-3, rho: float = 0.1, samples: int = 2):
-        if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma > 0):
-            raise ValueError(f"gamma (the step size of lambda) must be a finite number > 0, got {gamma!r}")
-        if not (isinstance(rho, (int, float)) and math.isfinite(rho) and rho >= 0):
-            raise ValueError(f"rho (the l2 regularisation of lambda) must be a finite number >= 0, got {rho!r}")
-        if isinstance(samples, bool) or not isinstance(samples, int) or samples not in (2, 3):
-            raise ValueError(f"samples must be 2 (the authors' code: update with the whole batch) or 3 "
-                             f"(LibMTL: update with a third part), got {samples!r}")
-        self.gamma = float(gamma)
-        self.rho = float(rho)
-        self.samples = samples
+        self.gamma = check_option("gamma", gamma, float, "(0, inf)", "the step size of lambda")
+        self.rho = check_option("rho", rho, float, "[0, inf)", "the l2 regularisation of lambda")
+        self.samples = check_option("samples", samples, int, "[2, 3]", "2: the authors' code, update with the "
+                                    "whole batch; 3: LibMTL, update with a third part")
 
     def bind(self, num_tasks: int, *, device: torch.device, dtype: torch.dtype,
              generator: torch.Generator) -> None:
@@ -114,12 +108,3 @@ class MoDo(ElementWise):
         third = parts[2]
         g[grads.shape[1] - third.shape[1]:] = torch.tensordot(c, third, dims=1) * (grads.shape[1] / third.shape[1])
         return g
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"lambda": self.lambd.clone()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.lambd = state["lambda"].to(self.lambd.device, torch.float64).clone()
-
-    def extra_repr(self) -> str:
-        return f"gamma={self.gamma}, rho={self.rho}, samples={self.samples}"

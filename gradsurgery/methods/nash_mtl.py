@@ -1,61 +1,28 @@
-"""Nash-MTL: multi-task learning as a bargaining game (Navon et al., ICML 2022).
+"""Nash-MTL: multi-task learning as a bargaining game (Navon et al., ICML 2022; card:
+docs/methods/nash_mtl.md).
 
-The update ``g = G^T alpha`` is the Nash bargaining solution among the tasks; with the
-Gram ``M = G G^T`` its weights solve the bargaining condition
+With the Gram ``M = G G^T`` the weights solve the bargaining condition
 
 .. math::  M \\alpha = 1 / \\alpha \\quad(\\text{element-wise}),\\qquad \\alpha > 0,
 
-i.e. ``<g_k, g> = 1 / alpha_k`` for every task, hence ``||g||^2 = sum_k alpha_k <g_k, g> = K``
-whatever the gradients' scale. As in the paper's code (and torchjd 0.18) the system is solved
-on ``M / ||M||_F`` and the solution rescaled by ``||M||_F^{-1/2}``.
-
-The condition is the stationarity condition of the strictly convex
-``f(alpha) = alpha^T M alpha / 2 - sum_k log alpha_k``; it is solved in pure torch
-(float64) by a fixed budget of ``max_iter`` damped Newton steps (default 10; a vectorised
-backtracking line search over 31 step lengths keeps ``alpha > 0``), as tensor ops. The start
-is the previous solution (the first time, ``alpha_k = 1 / ||g_k||``), rescaled so that
-``alpha^T M alpha = K`` as at the solution: exact for orthogonal and for collinear
-gradients, and it brings every Gram measured (random, conflicting, nearly collinear,
-norms 1e-3..1e3, K = 2..32) to the tolerance within 6 steps, warm or cold (one of 400
-extreme draws, K = 10 gradients in 8 dimensions with condition 1e9, needed 12: raise
-``max_iter`` for such). Then **one** host
-read per solve checks the relative residual ``max_k |alpha_k (M alpha)_k - 1| <= tol``
-(default 1e-6: float64 Newton stalls near ``cond(M) * 1e-16``, which reaches 1e-8 on
-ill-conditioned Grams); above it a ``FloatingPointError`` is raised — that happens when no
-solution exists, e.g. a zero task gradient or gradients with 0 in their convex hull — and no
-old weights are reused silently. (The design requires that error, and raising needs the
-read: Nash-MTL is the one built-in method with a host read per solve; steps that reuse the
-weights read nothing.)
-
-``on_failure="warn"`` (opt-in) turns that error into a ``RuntimeWarning`` and keeps the
-last solution (the start point, ``alpha_k = 1 / ||g_k||``, if none converged yet): for
-training that reaches a Pareto-stationary point, where the task gradients become exactly
-opposed and the bargaining problem stops having a solution (the 2-D toy shows it).
-
-The authors' other options (AvivNavon/nash-mtl, ``methods/weight_methods.py``, ``NashMTL``),
-with their defaults: ``update_weights_every=1`` solves only every that many steps and reuses
-the weights in between; ``max_norm=1.0`` scales ``alpha`` down so that ``||g|| <= max_norm``
-(their ``clip_grad_norm_`` of the shared parameters' gradient after ``sum_k alpha_k L_k`` was
-backpropagated; ``None`` turns it off: ``||g|| = sqrt(K)``, torchjd's ``max_norm=0``).
-``weight_heads=True`` is their backward too: each head receives ``alpha_k dL_k`` (here the
-clipped coefficient; theirs clips the shared parameters only); by default each head gets its
-own unweighted loss gradient.
-
-Level: the paper uses the shared parameters' gradients (and reports a representation-level
-variant as faster but worse on QM9); by default here the representation's,
-``level="params"`` for the paper's setting.
+so ``<g_k, g> = 1 / alpha_k`` and ``||g||^2 = K`` for ``g = G^T alpha``; then ``alpha`` is
+scaled down so that ``||g|| <= max_norm`` (the authors' clip). The condition is the
+stationarity of the strictly convex ``alpha^T M alpha / 2 - sum_k log alpha_k``, solved on
+``M / ||M||_F`` by ``max_iter`` damped Newton steps from the previous solution; one host read
+per solve checks the residual against ``tol`` and raises (``on_failure="warn"``: warns and
+keeps the last solution) when no solution exists. ``update_weights_every`` reuses the weights
+in between; ``weight_heads=True`` gives each head ``alpha_k dL_k``, as the authors' backward.
 """
 from __future__ import annotations
 
 import warnings
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..numerics.cuda_graphs import replay
 from ..numerics.gram import small_matmul
-from .base import GramWeighting
+from .base import GramWeighting, check_option
 from .registry import register
 
 #: Number of candidate Newton step lengths ``1, 1/2, ..., 2^-30`` the line search tries at once.
@@ -66,33 +33,28 @@ LINE_SEARCH_STEPS = 31
 class NashMTL(GramWeighting):
     """Nash bargaining weights ``M alpha = 1 / alpha``."""
 
+    state_names = ("decisions", "alpha")
+    legacy_state_names = {"step": "decisions"}  # 0.1.0's keys
+
     def __init__(self, update_weights_every: int = 1, max_norm: float | None = 1.0,
                  tol: float = 1e-6, max_iter: int = 10, on_failure: str = "raise", weight_heads: bool = False):
-        for name, value in (("update_weights_every", update_weights_every), ("max_iter", max_iter)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if max_norm is not None and not max_norm > 0:
-            raise ValueError(f"max_norm must be > 0 or None (no clipping), got {max_norm!r}")
-        if not tol > 0:
-            raise ValueError(f"tol must be > 0, got {tol!r}")
-        if not isinstance(weight_heads, bool):
-            raise ValueError(f"weight_heads must be True (heads get alpha_k dL_k, the authors' code) or False, "
-                             f"got {weight_heads!r}")
         if on_failure not in ("raise", "warn"):
             raise ValueError(f"on_failure must be 'raise' or 'warn' (keep the last solution), got {on_failure!r}")
+        self.update_weights_every = check_option("update_weights_every", update_weights_every, int, "[1, inf)")
+        self.max_norm = None if max_norm is None else check_option("max_norm", max_norm, float, "(0, inf)",
+                                                                   "None: no clipping")
+        self.tol = check_option("tol", tol, float, "(0, inf)")
+        self.max_iter = check_option("max_iter", max_iter, int, "[1, inf)")
         self.on_failure = on_failure
-        self.weights_heads = weight_heads
-        self.update_weights_every = update_weights_every
-        self.max_norm = None if max_norm is None else float(max_norm)
-        self.tol = float(tol)
-        self.max_iter = max_iter
-        self.step = 0
+        self.weight_heads = check_option("weight_heads", weight_heads, bool,
+                                         what="True: heads get alpha_k dL_k, the authors' code")
+        self.decisions = 0  # weights() calls so far: a new solve every update_weights_every
         self.alpha: Tensor | None = None
 
     def weights(self, gram: Tensor, losses: Tensor) -> Tensor:
-        if self.alpha is None or self.step % self.update_weights_every == 0:
+        if self.alpha is None or self.decisions % self.update_weights_every == 0:
             self.alpha = self._solve(gram)
-        self.step += 1
+        self.decisions += 1
         alpha = self.alpha.to(gram.dtype)
         self._heads = alpha  # the heads get the unclipped alpha (the authors' backward of sum_k alpha_k L_k)
         if self.max_norm is not None:
@@ -121,19 +83,6 @@ class NashMTL(GramWeighting):
                                      "task, or pass on_failure='warn' to keep the last solution")
         warnings.warn(f"{message}; keeping the last solution (on_failure='warn')", RuntimeWarning, stacklevel=2)
         return self.alpha if self.alpha is not None else m.diagonal().clamp_min(1e-300).rsqrt() / root
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "alpha": None if self.alpha is None else self.alpha.clone()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step = int(state["step"])
-        self.alpha = None if state["alpha"] is None else state["alpha"].clone()
-
-    def extra_repr(self) -> str:
-        return (f"update_weights_every={self.update_weights_every}, max_norm={self.max_norm}, "
-                f"tol={self.tol:g}, max_iter={self.max_iter}, on_failure={self.on_failure!r}, "
-                f"weight_heads={self.weights_heads}")
-
 
 def _newton(m: Tensor, alpha: Tensor, *, iterations: int) -> tuple[Tensor]:
     """``iterations`` damped Newton steps on ``f(alpha) = alpha^T M alpha / 2 - sum log alpha``

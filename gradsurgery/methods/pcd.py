@@ -33,14 +33,14 @@ representation's gradients, ``level="params"`` for that setting.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
 
 from ..numerics.gram import scale_gram, small_matmul
 from ..numerics.qp import masked_solve, supports
-from .base import GramWeighting
+from .base import GramWeighting, check_option
 from .registry import register
 
 #: Largest number of secondary tasks whose active sets are enumerated (above: the dual
@@ -52,20 +52,20 @@ MAX_SECONDARY = 12
 class PCD(GramWeighting):
     """Closest direction to the primary task's with guaranteed progress for the others."""
 
+    state_names = ("sq_norm_ema", "n_steps")
+
     def __init__(self, tau: float | Sequence[float] | Tensor = 0.02, beta: float = 0.999, eps: float = 1e-8):
+        if not isinstance(tau, (list, tuple, Tensor)):
+            tau = check_option("tau", tau, float, "[0, 1]", "or a sequence of one such value per secondary task")
         try:
             taus = torch.as_tensor(tau, dtype=torch.float64).detach().cpu().clone()
         except (TypeError, ValueError, RuntimeError):
             raise ValueError(f"tau must be a number or a sequence of numbers in [0, 1], got {tau!r}") from None
         if taus.dim() > 1 or not bool(((taus >= 0) & (taus <= 1)).all()):
             raise ValueError(f"tau must be a number in [0, 1] or one such value per secondary task, got {tau!r}")
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < 1:
-            raise ValueError(f"beta must be in [0, 1), got {beta!r}")
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < float("inf"):
-            raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
         self.tau = taus
-        self.beta = float(beta)
-        self.eps = float(eps)
+        self.beta = check_option("beta", beta, float, "[0, 1)")
+        self.eps = check_option("eps", eps, float, "[0, inf)")
 
     def bind(self, num_tasks, *, device, dtype, generator):
         if self.tau.dim() == 1 and self.tau.numel() != num_tasks - 1:
@@ -113,18 +113,6 @@ class PCD(GramWeighting):
         objective = 0.5 * (small_matmul(mu, ms) * mu).sum(-1) - mu @ b
         best = torch.where(kkt, objective, torch.inf).argmin()
         return torch.where(kkt.any(), mu.index_select(0, best.reshape(1))[0].clamp_min(0), 0)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"sq_norm_ema": self.sq_norm_ema.clone(), "n_steps": self.n_steps}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.sq_norm_ema = state["sq_norm_ema"].to(self.sq_norm_ema).clone()
-        self.n_steps = int(state["n_steps"])
-
-    def extra_repr(self) -> str:
-        tau = self.tau.item() if self.tau.dim() == 0 else self.tau.tolist()
-        return f"tau={tau}, beta={self.beta}, eps={self.eps}"
-
 
 def dual_active_set(a: Tensor, b: Tensor, tol: float, dependence: float = 1e-9) -> Tensor:
     """Goldfarb & Idnani's dual method for ``min mu^T A mu / 2 - b^T mu``, ``mu >= 0``, with

@@ -12,8 +12,6 @@ Level: loss weighting.
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
@@ -24,6 +22,8 @@ from .registry import register
 @register("rlw")
 class RLW(LossWeighting):
     """Random softmax-normal loss weights, redrawn every optimizer step."""
+
+    state_names = ("current",)
 
     current: Tensor | None = None  #: this optimizer step's committed draw
 
@@ -44,9 +44,3 @@ class RLW(LossWeighting):
 
     def after_step(self) -> None:
         self.current = None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"current": None if self.current is None else self.current.clone()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.current = None if state.get("current") is None else state["current"].clone()

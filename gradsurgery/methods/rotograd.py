@@ -34,13 +34,12 @@ Heads get their own (normalised, when asked) loss gradients.
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor, nn
 
+from ..numerics.grads import accumulate_grad
 from ..numerics.gram import norms
-from .base import GramWeighting, LossWeighting, Method
+from .base import GramWeighting, LossWeighting, Method, check_option
 from .registry import register
 
 #: Floor of gradient norms and of the sum of convergence ratios (rotograd 0.1.6).
@@ -53,12 +52,11 @@ class _LossNormalization(Method):
 
     rotation = True
     levels = ("rep",)
+    state_names: tuple[str, ...] = ("steps", "initial_losses", "initial_backbone_loss", "refresh_backbone")
 
     def __init__(self, normalize_losses: bool = False, burn_in_period: int = 20):
-        if isinstance(burn_in_period, bool) or not isinstance(burn_in_period, int) or burn_in_period < 0:
-            raise ValueError(f"burn_in_period must be an integer >= 0, got {burn_in_period!r}")
-        self.normalize_losses = bool(normalize_losses)
-        self.burn_in_period = burn_in_period
+        self.normalize_losses = check_option("normalize_losses", normalize_losses, bool)
+        self.burn_in_period = check_option("burn_in_period", burn_in_period, int, "[0, inf)")
         self.steps = 0
         self.initial_losses: Tensor | None = None
         self.initial_backbone_loss: Tensor | None = None
@@ -91,19 +89,6 @@ class _LossNormalization(Method):
             self.initial_backbone_loss = value.detach().clone()
         return 1 / self.initial_backbone_loss
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"steps": self.steps, "initial_losses": self.initial_losses,
-                "initial_backbone_loss": self.initial_backbone_loss, "refresh_backbone": self.refresh_backbone}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.steps = state["steps"]
-        self.initial_losses = state["initial_losses"]
-        self.initial_backbone_loss = state["initial_backbone_loss"]
-        self.refresh_backbone = state["refresh_backbone"]
-
-    def extra_repr(self) -> str:
-        return f"normalize_losses={self.normalize_losses}, burn_in_period={self.burn_in_period}"
-
 
 @register("rotate_only")
 class RotateOnly(_LossNormalization, LossWeighting):
@@ -116,6 +101,8 @@ class RotateOnly(_LossNormalization, LossWeighting):
 @register("rotograd")
 class RotoGrad(_LossNormalization, GramWeighting):
     """Rotations + magnitudes homogenised by relative convergence; see the module docstring."""
+
+    state_names = (*_LossNormalization.state_names, "initial_norms")
 
     def __init__(self, normalize_losses: bool = False, burn_in_period: int = 20):
         super().__init__(normalize_losses, burn_in_period)
@@ -131,23 +118,16 @@ class RotoGrad(_LossNormalization, GramWeighting):
         alphas = ratios / ratios.sum().clamp_min(EPS)
         return (alphas * n).sum() / n
 
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "initial_norms": self.initial_norms}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.initial_norms = state["initial_norms"]
-
 
 @register("rotogradnorm")
 class RotoGradNorm(_LossNormalization, GramWeighting):
     """Rotations + GradNorm's learnable magnitudes; see the module docstring."""
 
+    state_names = (*_LossNormalization.state_names, "weight_logits")
+
     def __init__(self, alpha: float = 1.5, normalize_losses: bool = False, burn_in_period: int = 20):
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0:
-            raise ValueError(f"alpha must be a number >= 0 (GradNorm's asymmetry), got {alpha!r}")
+        self.alpha = check_option("alpha", alpha, float, "[0, inf)", "GradNorm's asymmetry")
         super().__init__(normalize_losses, burn_in_period)
-        self.alpha = float(alpha)
 
     def bind(self, num_tasks, *, device, dtype, generator):
         super().bind(num_tasks, device=device, dtype=dtype, generator=generator)
@@ -175,19 +155,5 @@ class RotoGradNorm(_LossNormalization, GramWeighting):
         u = n.to(w.dtype) * (n.to(w.dtype) * w - target.to(w.dtype)).sign()
         e = v.exp()
         grad = e / (e + EPS).sum() * (self.num_tasks * u - u @ w)
-        if self.weight_logits.grad is None:
-            self.weight_logits.grad = grad
-        else:
-            self.weight_logits.grad.add_(grad)
+        accumulate_grad(self.weight_logits, grad)
         return fixed
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "weight_logits": self.weight_logits.detach().clone()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        with torch.no_grad():
-            self.weight_logits.copy_(state["weight_logits"])
-
-    def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, {super().extra_repr()}"

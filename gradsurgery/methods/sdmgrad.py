@@ -32,13 +32,12 @@ mean loss), the heads their whole batch's loss gradient. Level: the representati
 """
 from __future__ import annotations
 
-import math
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
 
-from .base import ElementWise
+from .base import ElementWise, check_option
 from .modo import batch_parts, part_gradient, project_simplex
 from .registry import register
 
@@ -47,6 +46,8 @@ from .registry import register
 class SDMGrad(ElementWise):
     """Direction-oriented weights by projected SGD on a triply sampled batch."""
 
+    state_names = ("w",)
+
     has_weights = True
 
     levels = ("rep",)
@@ -54,28 +55,19 @@ class SDMGrad(ElementWise):
     def __init__(self, lambda_: float = 0.3, n_iter: int = 20, lr: float = 10.0, momentum: float = 0.5,
                  pref_vector: Sequence[float] | Tensor | None = None, max_norm: float | None = 1.0,
                  reduction: str = "sum"):
-        if not (isinstance(lambda_, (int, float)) and math.isfinite(lambda_) and lambda_ >= 0):
-            raise ValueError(f"lambda_ must be a finite number >= 0, got {lambda_!r}")
-        if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
-            raise ValueError(f"n_iter must be an integer >= 1, got {n_iter!r}")
-        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-            raise ValueError(f"lr (the inner SGD's step) must be a finite number > 0, got {lr!r}")
-        if not 0 <= momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
-        if max_norm is not None and not (isinstance(max_norm, (int, float)) and max_norm > 0):
-            raise ValueError(f"max_norm must be > 0 or None (no clipping), got {max_norm!r}")
+        self.lambda_ = check_option("lambda_", lambda_, float, "[0, inf)")
+        self.n_iter = check_option("n_iter", n_iter, int, "[1, inf)")
+        self.lr = check_option("lr", lr, float, "(0, inf)", "the inner SGD's step")
+        self.momentum = check_option("momentum", momentum, float, "[0, 1)")
+        self.max_norm = None if max_norm is None else check_option("max_norm", max_norm, float, "(0, inf)",
+                                                                   "None: no clipping")
         if reduction not in ("sum", "mean"):
             raise ValueError(f"reduction must be 'sum' (the official x K) or 'mean', got {reduction!r}")
         if pref_vector is not None:
             pref_vector = torch.as_tensor(pref_vector, dtype=torch.float64).clone()
             if pref_vector.dim() != 1 or not torch.isfinite(pref_vector).all():
                 raise ValueError(f"pref_vector must be a finite vector of K weights, got {pref_vector.tolist()!r}")
-        self.lambda_ = float(lambda_)
-        self.n_iter = n_iter
-        self.lr = float(lr)
-        self.momentum = float(momentum)
         self.pref_vector = pref_vector
-        self.max_norm = None if max_norm is None else float(max_norm)
         self.reduction = reduction
 
     def bind(self, num_tasks: int, *, device: torch.device, dtype: torch.dtype,
@@ -110,14 +102,3 @@ class SDMGrad(ElementWise):
         g = torch.zeros_like(grads[0])
         g[:zeta.shape[1]] = update
         return g
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"w": self.w.clone()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.w = state["w"].to(self.w.device, torch.float64).clone()
-
-    def extra_repr(self) -> str:
-        pref = None if self.pref_vector is None else self.pref_vector.tolist()
-        return (f"lambda_={self.lambda_}, n_iter={self.n_iter}, lr={self.lr}, momentum={self.momentum}, "
-                f"pref_vector={pref}, max_norm={self.max_norm}, reduction={self.reduction}")

@@ -25,12 +25,10 @@ either level.
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
-from .base import LossWeighting
+from .base import LossWeighting, check_option
 from .registry import register
 
 #: The official code's guard inside the logarithms.
@@ -41,14 +39,13 @@ TINY = 1e-20
 class STCH(LossWeighting):
     """Smooth Tchebycheff weights of the log losses relative to a warm-up nadir point."""
 
+    state_names = ("epoch", "loss_sum", "count", "nadir")
+    legacy_empty_is_none = ("nadir",)  # 0.1.0 saved None as an empty tensor
+
     def __init__(self, mu: float = 1.0, warmup_epoch: int = 4):
-        if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not 0 < mu < float("inf"):
-            raise ValueError(f"mu must be a finite number > 0 (the smoothing), got {mu!r}")
-        if isinstance(warmup_epoch, bool) or not isinstance(warmup_epoch, int) or warmup_epoch < 0:
-            raise ValueError(f"warmup_epoch must be an integer >= 0 (the epoch whose mean losses are the "
-                             f"nadir point), got {warmup_epoch!r}")
-        self.mu = float(mu)
-        self.warmup_epoch = warmup_epoch
+        self.mu = check_option("mu", mu, float, "(0, inf)", "the smoothing")
+        self.warmup_epoch = check_option("warmup_epoch", warmup_epoch, int, "[0, inf)",
+                                         "the epoch whose mean losses are the nadir point")
 
     def bind(self, num_tasks, *, device, dtype, generator):
         super().bind(num_tasks, device=device, dtype=dtype, generator=generator)
@@ -82,17 +79,3 @@ class STCH(LossWeighting):
                                    "its nadir point; call opt.end_epoch() once per epoch, after its steps")
             self.nadir = self.loss_sum / self.count
         self.epoch += 1
-
-    def state_dict(self) -> dict[str, Any]:
-        # an empty tensor while the nadir point is not set (state_dict holds tensors and numbers)
-        return {"epoch": self.epoch, "loss_sum": self.loss_sum.clone(), "count": self.count,
-                "nadir": self.loss_sum.new_zeros(0) if self.nadir is None else self.nadir.clone()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch = int(state["epoch"])
-        self.loss_sum = state["loss_sum"].to(self.loss_sum).clone()
-        self.count = int(state["count"])
-        self.nadir = None if state["nadir"].numel() == 0 else state["nadir"].to(self.loss_sum).clone()
-
-    def extra_repr(self) -> str:
-        return f"mu={self.mu}, warmup_epoch={self.warmup_epoch}"

@@ -18,7 +18,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..numerics.gram import compute_dtype
-from .base import ElementWise
+from .base import ElementWise, check_option
 from .registry import register
 
 
@@ -29,9 +29,7 @@ class TrimmedMean(ElementWise):
     subset_safe = True
 
     def __init__(self, trim_number: int = 1):
-        if isinstance(trim_number, bool) or not isinstance(trim_number, int) or trim_number < 0:
-            raise ValueError(f"trim_number must be an integer >= 0, got {trim_number!r}")
-        self.trim_number = trim_number
+        self.trim_number = check_option("trim_number", trim_number, int, "[0, inf)")
 
     def bind(self, num_tasks, *, device, dtype, generator):
         self._check(num_tasks)
@@ -48,6 +46,3 @@ class TrimmedMean(ElementWise):
         values = grads.to(compute_dtype(grads.dtype)).sort(0).values
         kept = values.narrow(0, self.trim_number, grads.shape[0] - 2 * self.trim_number)
         return kept.mean(0).to(grads.dtype)
-
-    def extra_repr(self) -> str:
-        return f"trim_number={self.trim_number}"

@@ -22,14 +22,13 @@ Level: defined on any matrix of gradients; representation level by default,
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
 from ..numerics.qp import project_dual_cone
-from .base import GramWeighting
+from .base import GramWeighting, check_option
 from .registry import register
 
 
@@ -41,10 +40,8 @@ class UPGrad(GramWeighting):
 
     def __init__(self, pref_vector: Sequence[float] | Tensor | None = None, norm_eps: float = 0.0,
                  reg_eps: float = 0.0):
-        for name, value in (("norm_eps", norm_eps), ("reg_eps", reg_eps)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
-                raise ValueError(f"{name} must be a finite number >= 0 (torchjd's default is 1e-4), got {value!r}")
-        self.norm_eps, self.reg_eps = float(norm_eps), float(reg_eps)
+        self.norm_eps = check_option("norm_eps", norm_eps, float, "[0, inf)", "torchjd's default is 1e-4")
+        self.reg_eps = check_option("reg_eps", reg_eps, float, "[0, inf)", "torchjd's default is 1e-4")
         self.pref_vector = None
         if pref_vector is not None:
             pref = torch.as_tensor(pref_vector, dtype=torch.float64).detach().clone()
@@ -82,7 +79,3 @@ class UPGrad(GramWeighting):
 
     def weights(self, gram: Tensor, losses: Tensor) -> Tensor:
         return self.project(gram, torch.diag(self.preferences(gram))).sum(0)
-
-    def extra_repr(self) -> str:
-        pref = None if self.pref_vector is None else self.pref_vector.tolist()
-        return f"pref_vector={pref}, norm_eps={self.norm_eps}, reg_eps={self.reg_eps}"

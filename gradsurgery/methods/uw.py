@@ -15,12 +15,11 @@ after the step was validated. Level: loss weighting, the same at either level.
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor, nn
 
-from .base import LossWeighting
+from ..numerics.grads import accumulate_grad
+from .base import LossWeighting, check_option
 from .registry import register
 
 
@@ -28,10 +27,10 @@ from .registry import register
 class UncertaintyWeighting(LossWeighting):
     """Learnable homoscedastic-uncertainty loss weights ``exp(-s_k) / 2``."""
 
+    state_names = ("log_vars",)
+
     def __init__(self, init: float = -0.5):
-        if not isinstance(init, (int, float)) or isinstance(init, bool) or init != init:
-            raise ValueError(f"init must be a finite number (the initial log-variance), got {init!r}")
-        self.init = float(init)
+        self.init = check_option("init", init, float, what="the initial log-variance")
 
     def bind(self, num_tasks, *, device, dtype, generator):
         super().bind(num_tasks, device=device, dtype=dtype, generator=generator)
@@ -46,17 +45,4 @@ class UncertaintyWeighting(LossWeighting):
     def update(self, losses: Tensor) -> None:
         s = self.log_vars.detach().to(losses.dtype)
         grad = (0.5 * (1 - torch.exp(-s) * losses)).to(self.log_vars.dtype)
-        if self.log_vars.grad is None:
-            self.log_vars.grad = grad
-        else:
-            self.log_vars.grad.add_(grad)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"log_vars": self.log_vars.detach().clone()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        with torch.no_grad():
-            self.log_vars.copy_(state["log_vars"])
-
-    def extra_repr(self) -> str:
-        return f"init={self.init}"
+        accumulate_grad(self.log_vars, grad)

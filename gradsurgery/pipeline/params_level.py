@@ -52,6 +52,7 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
+from ..numerics.grads import accumulate_grad
 from ..numerics.gram import compute_dtype
 
 #: ``False`` forms every Jacobian block (no layer-wise Gram): only for
@@ -149,26 +150,18 @@ class Jacobian:
         if combined is not None:
             offset = 0
             for p in self.params:
-                _add_grad(p, combined[offset:offset + p.numel()].view(p.shape))
+                accumulate_grad(p, combined[offset:offset + p.numel()].view(p.shape).to(p.dtype))
                 offset += p.numel()
         else:
             assert coefficients is not None, "pass coefficients or combined"
             for p, block in zip(self.params, self.blocks):
                 if block is not None:
                     dtype = compute_dtype(block.dtype)
-                    _add_grad(p, torch.tensordot(coefficients.to(dtype), block.to(dtype), 1))
+                    accumulate_grad(p, torch.tensordot(coefficients.to(dtype), block.to(dtype), 1).to(p.dtype))
             for layer in self.layers:
                 for p, g in layer.combined(coefficients):
-                    _add_grad(p, g)
+                    accumulate_grad(p, g.to(p.dtype))
         self.blocks, self.layers = [], []
-
-
-def _add_grad(p: Tensor, g: Tensor) -> None:
-    g = g.to(p.dtype)
-    if p.grad is None:
-        p.grad = g
-    else:
-        p.grad.add_(g)
 
 
 def jacobian(shared: Sequence[Tensor], params: list[Tensor], grads: Sequence[Tensor], *,

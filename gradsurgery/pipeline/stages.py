@@ -22,6 +22,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from ..numerics.grads import accumulate_grad
 
 def combine(coefficients: Tensor, grads: Tensor) -> Tensor:
     """``g = c^T G``: one matmul of the ``K`` coefficients with the ``K x N`` gradients,
@@ -49,10 +50,6 @@ def accumulate(params: list[Tensor], grads: list[Tensor | None], scales: list[Te
     for i, (p, g) in enumerate(zip(params, grads)):
         if g is None:
             continue
-        scale = None if scales is None else scales[i]
-        if scale is not None:
-            g = g * scale.to(g.dtype)
-        if p.grad is None:
-            p.grad = g
-        else:
-            p.grad.add_(g)
+        if scales is not None and scales[i] is not None:
+            g = g * scales[i].to(g.dtype)
+        accumulate_grad(p, g)

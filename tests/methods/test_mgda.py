@@ -318,11 +318,11 @@ def test_normalised_weights_combine_the_raw_gradients_as_the_authors(normalizati
         assert float((lam @ normalised).norm()) <= float(theirs.norm()) + 1e-9 * scale
 
 
-def test_weights_heads_option():
+def test_weight_heads_option():
     """The authors backpropagate ``sum_t scale_t L_t``: the heads receive ``scale_t dL_t``.
     ``weight_heads=True`` asks the pipeline for that; the default keeps them unweighted."""
-    assert gs.methods.create("mgda").weights_heads is False
-    assert gs.methods.create("mgda", weight_heads=True).weights_heads is True
+    assert gs.methods.create("mgda").weight_heads is False
+    assert gs.methods.create("mgda", weight_heads=True).weight_heads is True
     with pytest.raises(ValueError, match="weight_heads"):
         gs.methods.create("mgda", weight_heads=1)
 

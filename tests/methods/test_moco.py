@@ -127,7 +127,7 @@ def test_equals_libmtl_update(k, kind, seed):
     method, outs = steps(seq, losses, **LIBMTL)
     for out, (d, _) in zip(outs, expected):
         torch.testing.assert_close(out, d, rtol=1e-10, atol=1e-12 * float(d.abs().max().clamp_min(1)))
-    torch.testing.assert_close(method.state_dict()["lambda"], expected[-1][1], rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(method.state_dict()["lambd"], expected[-1][1], rtol=1e-10, atol=1e-14)
 
 
 @pytest.mark.parametrize("opts", [dict(beta=0.2, beta_sigma=0.0, gamma=0.7, gamma_sigma=0.0, rho=0.3),
@@ -249,12 +249,12 @@ def test_finite_permutation_equivariant_and_scale_free(seq, seed):
     k = seq[0].shape[0]
     losses = [losses_for(k, t) for t in range(len(seq))]
     method, outs = steps(seq, losses, **LIBMTL)
-    lambd = method.state_dict()["lambda"]
+    lambd = method.state_dict()["lambd"]
     assert all(torch.isfinite(o).all() for o in outs) and (lambd >= 0).all()
     assert abs(float(lambd.sum()) - 1) <= 1e-12
     perm = torch.randperm(k, generator=torch.Generator().manual_seed(seed))
     method_p, outs_p = steps([g[perm] for g in seq], [l[perm] for l in losses], **LIBMTL)
-    torch.testing.assert_close(method_p.state_dict()["lambda"], lambd[perm], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(method_p.state_dict()["lambd"], lambd[perm], rtol=1e-9, atol=1e-12)
     size = 5.05 * k  # |update| <= max loss (< 5.05) per task
     torch.testing.assert_close(outs_p[-1], outs[-1], rtol=0, atol=1e-9 * size)
     norms = [float(row.norm()) for g in seq for row in g if row.any()]

@@ -87,7 +87,7 @@ def test_two_halves_equal_the_authors_two_batches(k, kind, seed):
         torch.testing.assert_close(out, torch.einsum("k,kbf->bf", lambd, s / batch), rtol=1e-10, atol=1e-14)
         if batch % 2 == 0:
             torch.testing.assert_close(out.sum(0), d / 2, rtol=1e-10, atol=1e-14)
-    torch.testing.assert_close(method.state_dict()["lambda"], expected[-1][1], rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(method.state_dict()["lambd"], expected[-1][1], rtol=1e-10, atol=1e-14)
 
 
 @pytest.mark.parametrize("k,kind,seed", [c for c in CASES if c[2] == 0])
@@ -111,7 +111,7 @@ def test_equals_torchjd_modo_weighting(k):
     for s in seq:
         g1, g2 = batch_means(s, 2)
         lambd = ref(g1 @ g2.T)
-    torch.testing.assert_close(method.state_dict()["lambda"], lambd, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(method.state_dict()["lambd"], lambd, rtol=1e-10, atol=1e-14)
 
 
 def test_defaults_are_the_authors_runs():
@@ -150,7 +150,7 @@ def test_too_small_batch_is_refused_with_the_fix(samples, batch):
     method.bind(2, device=torch.device("cpu"), dtype=D, generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="drop_last"):
         method.combine(torch.randn(2, batch, 3, dtype=D), torch.ones(2, dtype=D), torch.zeros(batch, 3, dtype=D))
-    assert torch.equal(method.state_dict()["lambda"], torch.full((2,), 0.5, dtype=D))
+    assert torch.equal(method.state_dict()["lambd"], torch.full((2,), 0.5, dtype=D))
 
 
 def test_representation_without_batch_dimension_is_refused():
@@ -212,11 +212,11 @@ def test_end_to_end_in_the_users_loop(samples):
 def test_finite_on_the_simplex_and_permutation_equivariant(seq, seed, samples):
     k = seq[0].shape[0]
     method, outs = run(seq, gamma=0.5, samples=samples)
-    lambd = method.state_dict()["lambda"]
+    lambd = method.state_dict()["lambd"]
     assert all(torch.isfinite(o).all() for o in outs) and (lambd >= 0).all()
     assert abs(float(lambd.sum()) - 1) <= 1e-12
     perm = torch.randperm(k, generator=torch.Generator().manual_seed(seed))
     method_p, outs_p = run([g[perm] for g in seq], gamma=0.5, samples=samples)
     # lambda moves by gamma * |G1 G2^T lambda|; compare on the scale of that step
     step = 0.5 * max(float(g.abs().max()) ** 2 for g in seq) * 10 * k + 1e-300
-    torch.testing.assert_close(method_p.state_dict()["lambda"], lambd[perm], rtol=0, atol=1e-12 * max(step, 1))
+    torch.testing.assert_close(method_p.state_dict()["lambd"], lambd[perm], rtol=0, atol=1e-12 * max(step, 1))

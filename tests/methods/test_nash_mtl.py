@@ -148,11 +148,11 @@ def test_max_norm_clips_and_none_keeps_norm_sqrt_k():
     assert torch.isclose(free @ m @ free, torch.tensor(3.0, dtype=D))  # ||d||^2 = K
 
 
-def test_weights_heads_option_sets_the_attribute():
+def test_weight_heads_option_sets_the_attribute_of_the_same_name():
     """The authors backpropagate ``sum_i alpha_i L_i``: each head receives ``alpha_i dL_i``.
     The option asks the pipeline for that; the default keeps heads unweighted."""
-    assert create(2).weights_heads is False
-    assert create(2, weight_heads=True).weights_heads is True
+    assert create(2).weight_heads is False
+    assert create(2, weight_heads=True).weight_heads is True
     with pytest.raises(ValueError, match="weight_heads"):
         gs.methods.create("nash_mtl", weight_heads="yes")
 
