@@ -13,6 +13,9 @@ _spec = importlib.util.spec_from_file_location("make_checkpoints_0_1_0", DATA / 
 fixture = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(fixture)
 SAVED = torch.load(fixture.PATH, weights_only=True)
+#: Options under which today's methods run what 0.1.0's defaults ran (defaults that changed
+#: since, CHANGELOG.md): a 0.1.0 checkpoint records no options, so its user passes these.
+DEFAULTS_0_1_0 = {"moco": dict(beta=0.5, normalize=True, scale_by_tasks=False, decay="step")}
 
 
 def test_fixture_is_from_0_1_0():
@@ -23,7 +26,7 @@ def test_fixture_is_from_0_1_0():
 @pytest.mark.parametrize(("case", "method", "options"), fixture.CASES, ids=[c for c, _, _ in fixture.CASES])
 def test_0_1_0_checkpoint_resumes_bit_exactly(case, method, options):
     saved = SAVED["cases"][case]
-    model, opt = fixture.build(method, options)
+    model, opt = fixture.build(method, {**DEFAULTS_0_1_0.get(method, {}), **options})
     torch.manual_seed(12345)  # another global seed: every random state must come from the checkpoint
     torch.nn.utils.vector_to_parameters(saved["model"].clone(), model.parameters())
     opt.load_state_dict(saved["optimizer"])

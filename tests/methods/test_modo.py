@@ -125,7 +125,7 @@ def test_defaults_are_the_authors_runs():
     seq = [per_sample(3, "random", 10 * t, 4) for t in range(4)]
     expected = reference_modo([batch_means(s, 2) for s in seq], gamma=1e-3, rho=0.1)
     method, _ = run(seq)
-    torch.testing.assert_close(method.state_dict()["lambda"], expected[-1][1], rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(method.state_dict()["lambd"], expected[-1][1], rtol=1e-10, atol=1e-14)
 
 
 @pytest.mark.parametrize("v", [torch.tensor([0.2, 0.3, 0.5]), torch.tensor([3.0, -1.0, 0.5, 0.5]),
