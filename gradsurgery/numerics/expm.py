@@ -64,6 +64,11 @@ def expm(x: Tensor, *, sync_free: bool | None = None) -> Tensor:
     """``exp(x)`` of a stack of skew-symmetric matrices (``(..., m, m)``), differentiable
     (the gradient is the skew-symmetric one; see the module docstring).
 
+    Computed in ``x``'s dtype, or float32 for half-precision ``x`` (the result is cast back),
+    with autocast off in the forward and the backward whatever autocast is active around
+    the call or its ``backward`` (a half-precision product would not keep ``exp(x)``
+    orthogonal, and would mix dtypes in the backward's in-place products).
+
     Args:
         sync_free: choose the plan without reading ``rho`` on the host: degree 16 and
             :data:`MAX_SQUARINGS` squarings, each applied only where ``i < s``
@@ -74,7 +79,9 @@ def expm(x: Tensor, *, sync_free: bool | None = None) -> Tensor:
     """
     sync_free = not reads_on_host(x) if sync_free is None else sync_free
     m = x.shape[-1]
-    return _SkewExp.apply(x.reshape(-1, m, m), sync_free).view(x.shape)
+    wide = x.to(torch.promote_types(x.dtype, torch.float32))
+    with torch.autocast(x.device.type, enabled=False):
+        return _SkewExp.apply(wide.reshape(-1, m, m), sync_free).view(x.shape).to(x.dtype)
 
 
 def reads_on_host(x: Tensor) -> bool:
@@ -143,6 +150,11 @@ class _SkewExp(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g: Tensor):
+        with torch.autocast(g.device.type, enabled=False):  # the backward may run under the caller's autocast
+            return _SkewExp._backward(ctx, g.to(ctx.saved_tensors[0].dtype))
+
+    @staticmethod
+    def _backward(ctx, g: Tensor):
         q, n_horner, n_squares = ctx.counts
         saved = ctx.saved_tensors
         powers = [None, *saved[:q]]
