@@ -75,9 +75,14 @@ def expm(x: Tensor, *, sync_free: bool | None = None) -> Tensor:
             (``torch.where``), ``s`` a device tensor. Otherwise host reads (free on the
             CPU) pick the cheapest degree and only the squarings needed. Both plans are
             accurate to the unit roundoff. Default: ``not reads_on_host(x)`` (sync-free on
-            an accelerator up to :data:`SYNC_FREE_MAX_SIZE`).
+            an accelerator up to :data:`SYNC_FREE_MAX_SIZE`). Always sync-free while
+            TorchDynamo traces the call (``torch.compile``): a host read would become a
+            guard on the norm's value, hence a recompilation whenever the plan changes.
     """
-    sync_free = not reads_on_host(x) if sync_free is None else sync_free
+    if torch.compiler.is_compiling():
+        sync_free = True
+    elif sync_free is None:
+        sync_free = not reads_on_host(x)
     m = x.shape[-1]
     wide = x.to(torch.promote_types(x.dtype, torch.float32))
     with torch.autocast(x.device.type, enabled=False):
@@ -99,7 +104,7 @@ class _SkewExp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, sync_free: bool) -> Tensor:
         grad = ctx.needs_input_grad[0]
-        thetas = _taylor_theta(x.dtype)
+        thetas = _THETAS[x.dtype] if x.dtype in _THETAS else _taylor_theta(x.dtype)
         n1 = _norm1(x)
         powers: list = [None, x]  # X^0 (the identity) is never formed
         if sync_free:
@@ -199,7 +204,7 @@ def _horner(powers: list, q: int, degree: int) -> tuple[list[Tensor], Tensor]:
     """``(saved, T_d)``: ``T_d`` by Horner's rule in ``X^q`` from ``powers[i] = X^i``;
     ``saved`` holds ``V_{r-1} / c_{q(r-1)+1}`` (the coefficient of ``X`` in the last block
     is folded into the next product's scale) and ``V_{r-2}, .., V_1`` for the backward."""
-    c = _coefficients(degree)
+    c = _COEFFICIENTS[degree]
     x, xq, r = powers[1], powers[q], degree // q
     if q == 1:
         return [], _add_eye(x.clone(), 1.0)
@@ -248,7 +253,7 @@ class _Gradients(list):
 def _horner_adjoint(g: Tensor, powers: list, saved, q: int, degree: int) -> _Gradients:
     """The gradients of ``X, .., X^q`` (index 1..q) from the gradient ``g`` of ``T_d``:
     the exact adjoint of :func:`_horner`."""
-    c = _coefficients(degree)
+    c = _COEFFICIENTS[degree]
     r = degree // q
     xq_t = powers[q].mT
     d = _Gradients(q)
@@ -265,9 +270,8 @@ def _horner_adjoint(g: Tensor, powers: list, saved, q: int, degree: int) -> _Gra
     return d
 
 
-@functools.cache
-def _coefficients(degree: int) -> tuple[float, ...]:
-    return tuple(1 / math.factorial(j) for j in range(degree + 1))
+#: ``d -> (1/0!, .., 1/d!)``, the Taylor coefficients of each degree.
+_COEFFICIENTS = {d: tuple(1 / math.factorial(j) for j in range(d + 1)) for d in _SCHEMES}
 
 
 def _products(degree: int, backward: bool) -> int:
@@ -310,3 +314,8 @@ def _taylor_theta(dtype: torch.dtype) -> dict[int, float]:
             lo, hi = (mid, hi) if ok else (lo, mid)
         out[degree] = lo
     return out
+
+
+#: The thresholds of the dtypes the exponential runs in, computed once here rather than
+#: while TorchDynamo traces a compiled call (it would trace the bisection, for minutes).
+_THETAS = {dtype: _taylor_theta(dtype) for dtype in (torch.float32, torch.float64)}
