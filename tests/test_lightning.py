@@ -15,12 +15,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 pytest.importorskip("lightning", reason="Lightning is not installed (pip install 'gradsurgery[lightning]')")
-import lightning as L  # noqa: E402
-from lightning.pytorch.plugins import MixedPrecision  # noqa: E402
+import lightning as L
+from lightning.pytorch.plugins import MixedPrecision
+from spawn_helpers import run_ranks
 
-import gradsurgery as gs  # noqa: E402
-from gradsurgery.integrations.lightning import MultiTaskModule  # noqa: E402
-from spawn_helpers import run_ranks  # noqa: E402
+import gradsurgery as gs
+from gradsurgery.integrations.lightning import MultiTaskModule
 
 mse = nn.functional.mse_loss
 

@@ -39,7 +39,8 @@ batches of another shape.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -109,7 +110,7 @@ class MultiTaskModule(L.LightningModule):
                          rotation_shape=given.get("rotation_shape"), post_shape=given.get("post_shape", ()),
                          init=given.get("rotation_init", "random"), coop=given.get("coop", False),
                          level=given.get("level") or "rep", dtype=compute_dtype(dtype),
-                         device=None if first is None else first.device,
+                         device=torch.device("cpu") if first is None else first.device,
                          param=given.get("rotation_param", "expm"))
 
     # -- predictions --------------------------------------------------------------------
@@ -152,9 +153,14 @@ class MultiTaskModule(L.LightningModule):
         return self(batch[0] if isinstance(batch, (tuple, list)) else batch)
 
     # -- training -----------------------------------------------------------------------
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+    def _optimizer(self) -> tuple[Any, MultiTaskOptimizer]:
+        """Lightning's wrapper of the optimizer (whose ``step`` runs the precision plugin), and ours."""
         lightning_opt = self.optimizers()
-        opt: MultiTaskOptimizer = lightning_opt.optimizer
+        assert not isinstance(lightning_opt, list) and isinstance(lightning_opt.optimizer, MultiTaskOptimizer)
+        return lightning_opt, lightning_opt.optimizer
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        lightning_opt, opt = self._optimizer()
         opt.zero_grad()
         x = batch[0]
         losses = self.task_losses(opt.fork(self.backbone(x)), batch)
@@ -170,7 +176,7 @@ class MultiTaskModule(L.LightningModule):
         return values.sum()
 
     def on_train_epoch_end(self) -> None:
-        self.optimizers().optimizer.end_epoch()  # DWA's and STCH's epoch-level statistics
+        self._optimizer()[1].end_epoch()  # DWA's and STCH's epoch-level statistics
 
     def configure_optimizers(self) -> MultiTaskOptimizer:
         """The :class:`~gradsurgery.MultiTaskOptimizer`, training this module's rotations

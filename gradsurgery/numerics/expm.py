@@ -290,6 +290,7 @@ def _plan(rho: float, thetas: dict[int, float], backward: bool) -> tuple[int, in
         key = (_products(degree, backward) + s * (3 if backward else 1), s)
         if best is None or key < best[0]:
             best = (key, degree, s)
+    assert best is not None  # thetas is never empty
     return best[1], best[2]
 
 
