@@ -112,3 +112,52 @@ def test_pcgrad_prepare_draws_what_weights_would_draw():
         runs.append((torch.stack(out), gen.get_state()))
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
     assert not torch.equal(runs[0][0][0], runs[0][0][1])  # the orders do change between steps
+
+
+def test_expm_compiles_once_whatever_the_norm():
+    """The exponential's plan (degree, squarings) follows ``||X||``; compiled, it is chosen
+    by tensor operations, so generators from 1e-4 to 30 run one graph, no recompilation,
+    and match ``torch.linalg.matrix_exp``."""
+    from gradsurgery.numerics.expm import expm, skew
+
+    dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    compiled = torch.compile(expm, backend="eager")
+    a = skew(torch.randn(2, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    for s in (1e-4, 0.1, 1.0, 3.0, 30.0):
+        x = (s * a).requires_grad_()
+        out = compiled(x)
+        (grad,) = torch.autograd.grad(out.sum(), x)
+        torch.testing.assert_close(out, torch.linalg.matrix_exp(s * a), rtol=1e-12, atol=1e-12 * s)
+        assert torch.isfinite(grad).all()
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["recompiles"]
+
+
+def test_compiled_fork_with_rotations_does_not_recompile():
+    """A compiled function containing ``opt.fork`` with ``rotograd``, the generators set to
+    norms that need other plans at every step (as training grows them): the graphs of the
+    first step serve every later one."""
+    dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    torch.manual_seed(0)
+    backbone, heads = nn.Linear(4, FEATURES), Heads()
+    opt = gs.MultiTaskOptimizer(torch.optim.SGD([*backbone.parameters(), *heads.parameters()], lr=0.1),
+                                "rotograd", num_tasks=K, rep_size=FEATURES, method_lr=2.0)
+
+    @torch.compile(backend="eager")
+    def losses(x, y):
+        return [(p - t).pow(2).mean() for p, t in zip(heads(*opt.fork(backbone(x))), y)]
+
+    g = torch.Generator().manual_seed(3)
+    direction = torch.randn(K, FEATURES, FEATURES, generator=g)
+    graphs = []
+    for scale in (0.0, 0.1, 1.0, 3.0):
+        with torch.no_grad():
+            opt.rotations.skew_params.copy_(scale * direction)
+        opt.zero_grad()
+        opt.backward(losses(torch.randn(16, 4, generator=g), torch.randn(K, 16, 1, generator=g)))
+        opt.step()
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[1:] == graphs[:1] * 3 and not counters["recompiles"]

@@ -64,17 +64,29 @@ def expm(x: Tensor, *, sync_free: bool | None = None) -> Tensor:
     """``exp(x)`` of a stack of skew-symmetric matrices (``(..., m, m)``), differentiable
     (the gradient is the skew-symmetric one; see the module docstring).
 
+    Computed in ``x``'s dtype, or float32 for half-precision ``x`` (the result is cast back),
+    with autocast off in the forward and the backward whatever autocast is active around
+    the call or its ``backward`` (a half-precision product would not keep ``exp(x)``
+    orthogonal, and would mix dtypes in the backward's in-place products).
+
     Args:
         sync_free: choose the plan without reading ``rho`` on the host: degree 16 and
             :data:`MAX_SQUARINGS` squarings, each applied only where ``i < s``
             (``torch.where``), ``s`` a device tensor. Otherwise host reads (free on the
             CPU) pick the cheapest degree and only the squarings needed. Both plans are
             accurate to the unit roundoff. Default: ``not reads_on_host(x)`` (sync-free on
-            an accelerator up to :data:`SYNC_FREE_MAX_SIZE`).
+            an accelerator up to :data:`SYNC_FREE_MAX_SIZE`). Always sync-free while
+            TorchDynamo traces the call (``torch.compile``): a host read would become a
+            guard on the norm's value, hence a recompilation whenever the plan changes.
     """
-    sync_free = not reads_on_host(x) if sync_free is None else sync_free
+    if torch.compiler.is_compiling():
+        sync_free = True
+    elif sync_free is None:
+        sync_free = not reads_on_host(x)
     m = x.shape[-1]
-    return _SkewExp.apply(x.reshape(-1, m, m), sync_free).view(x.shape)
+    wide = x.to(torch.promote_types(x.dtype, torch.float32))
+    with torch.autocast(x.device.type, enabled=False):
+        return _SkewExp.apply(wide.reshape(-1, m, m), sync_free).view(x.shape).to(x.dtype)
 
 
 def reads_on_host(x: Tensor) -> bool:
@@ -92,7 +104,7 @@ class _SkewExp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, sync_free: bool) -> Tensor:
         grad = ctx.needs_input_grad[0]
-        thetas = _taylor_theta(x.dtype)
+        thetas = _THETAS[x.dtype] if x.dtype in _THETAS else _taylor_theta(x.dtype)
         n1 = _norm1(x)
         powers: list = [None, x]  # X^0 (the identity) is never formed
         if sync_free:
@@ -143,6 +155,11 @@ class _SkewExp(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g: Tensor):
+        with torch.autocast(g.device.type, enabled=False):  # the backward may run under the caller's autocast
+            return _SkewExp._backward(ctx, g.to(ctx.saved_tensors[0].dtype))
+
+    @staticmethod
+    def _backward(ctx, g: Tensor):
         q, n_horner, n_squares = ctx.counts
         saved = ctx.saved_tensors
         powers = [None, *saved[:q]]
@@ -187,7 +204,7 @@ def _horner(powers: list, q: int, degree: int) -> tuple[list[Tensor], Tensor]:
     """``(saved, T_d)``: ``T_d`` by Horner's rule in ``X^q`` from ``powers[i] = X^i``;
     ``saved`` holds ``V_{r-1} / c_{q(r-1)+1}`` (the coefficient of ``X`` in the last block
     is folded into the next product's scale) and ``V_{r-2}, .., V_1`` for the backward."""
-    c = _coefficients(degree)
+    c = _COEFFICIENTS[degree]
     x, xq, r = powers[1], powers[q], degree // q
     if q == 1:
         return [], _add_eye(x.clone(), 1.0)
@@ -236,7 +253,7 @@ class _Gradients(list):
 def _horner_adjoint(g: Tensor, powers: list, saved, q: int, degree: int) -> _Gradients:
     """The gradients of ``X, .., X^q`` (index 1..q) from the gradient ``g`` of ``T_d``:
     the exact adjoint of :func:`_horner`."""
-    c = _coefficients(degree)
+    c = _COEFFICIENTS[degree]
     r = degree // q
     xq_t = powers[q].mT
     d = _Gradients(q)
@@ -253,9 +270,8 @@ def _horner_adjoint(g: Tensor, powers: list, saved, q: int, degree: int) -> _Gra
     return d
 
 
-@functools.cache
-def _coefficients(degree: int) -> tuple[float, ...]:
-    return tuple(1 / math.factorial(j) for j in range(degree + 1))
+#: ``d -> (1/0!, .., 1/d!)``, the Taylor coefficients of each degree.
+_COEFFICIENTS = {d: tuple(1 / math.factorial(j) for j in range(d + 1)) for d in _SCHEMES}
 
 
 def _products(degree: int, backward: bool) -> int:
@@ -274,6 +290,7 @@ def _plan(rho: float, thetas: dict[int, float], backward: bool) -> tuple[int, in
         key = (_products(degree, backward) + s * (3 if backward else 1), s)
         if best is None or key < best[0]:
             best = (key, degree, s)
+    assert best is not None  # thetas is never empty
     return best[1], best[2]
 
 
@@ -298,3 +315,8 @@ def _taylor_theta(dtype: torch.dtype) -> dict[int, float]:
             lo, hi = (mid, hi) if ok else (lo, mid)
         out[degree] = lo
     return out
+
+
+#: The thresholds of the dtypes the exponential runs in, computed once here rather than
+#: while TorchDynamo traces a compiled call (it would trace the bisection, for minutes).
+_THETAS = {dtype: _taylor_theta(dtype) for dtype in (torch.float32, torch.float64)}
