@@ -51,16 +51,21 @@ REF_PYTHONS = (ROOT / ".venv-ref" / "bin" / "python", ROOT / ".venv-bench" / "bi
 ENV_PREFIXES = ("OMP_", "MKL_", "KMP_", "GOMP_")
 
 #: Every configuration row set: ``all`` (every row), ``rep`` (no parameter-level rows),
-#: ``rotations`` (only rotation rows, at full width even above ``SUBSPACE``).
+#: ``rotations`` (only rotation rows, at full width even above ``SUBSPACE``), ``riemannian``
+#: (``rotograd`` with ``rotation_param="riemannian"`` at full width: the other
+#: parametrisations cost 30-150x plain at d = 2048).
 _FULL_TIMING = {"min_rounds": 3, "max_rounds": 9, "budget_s": 1.0}
 #: Modes: per configuration (d, K, row set, measure memory?, timing rounds), in the order
 #: they run (the full run stops starting new ones after --max-minutes: targets first).
 MODES: dict[str, dict[str, Any]] = {
     "full": {"grid": [(256, 8, "all", True, _FULL_TIMING), (256, 32, "rep", False, _FULL_TIMING),
                       (256, 2, "all", True, _FULL_TIMING), (64, 8, "rep", True, _FULL_TIMING),
-                      (1024, 8, "rep", True, _FULL_TIMING), (1024, 2, "rotations", True, _FULL_TIMING)]},
+                      (1024, 8, "rep", True, _FULL_TIMING), (1024, 2, "rotations", True, _FULL_TIMING),
+                      (2048, 8, "riemannian", True, _FULL_TIMING)]},
     "quick": {"grid": [(256, 2, "all", False, {"min_rounds": 3, "max_rounds": 3, "budget_s": 0.0, "warmup": 1}),
-                       (256, 8, "all", True, {"min_rounds": 3, "max_rounds": 3, "budget_s": 0.0, "warmup": 1})]},
+                       (256, 8, "all", True, {"min_rounds": 3, "max_rounds": 3, "budget_s": 0.0, "warmup": 1}),
+                       (2048, 8, "riemannian", True, {"min_rounds": 3, "max_rounds": 3, "budget_s": 0.0,
+                                                      "warmup": 1})]},
     "smoke": {"grid": [(16, 2, "all", True, {"min_rounds": 2, "max_rounds": 2, "budget_s": 0.0, "warmup": 1})],
               "tiny": True},
 }
@@ -75,6 +80,8 @@ def rows_for(d: int, row_set: str) -> list[dict[str, Any]]:
     torchjd, naive PCGrad and the rotograd package. Rotations wider than ``SUBSPACE`` act on
     a ``SUBSPACE``-wide subspace, except in the ``rotations`` set (full width)."""
     import gradsurgery as gs
+    if row_set == "riemannian":
+        return [_keyed({"lib": "gradsurgery", "method": "rotograd", "level": "rep", "rotation_param": "riemannian"})]
     rows: list[dict[str, Any]] = []
     wide = row_set == "rotations"
     levels = ["rep"] + (["params"] if row_set == "all" and W.gradsurgery_supports("level") else [])
@@ -83,22 +90,25 @@ def rows_for(d: int, row_set: str) -> list[dict[str, Any]]:
         rotation = bool(getattr(gs.methods.get(name), "rotation", False))
         if wide and not rotation:
             continue
-        for level in (["rep"] if rotation else levels):  # rotations act on the representation only
+        accepted = getattr(gs.methods.get(name), "levels", ("rep", "params"))  # skip what a method refuses
+        for level in (lv for lv in levels if lv in accepted):
             rows.append({"lib": "gradsurgery", "method": name, "level": level} | (sub if rotation else {}))
     if not wide:
         rows += [{"lib": "torchjd", "method": a} for a in W.TORCHJD_AGGREGATORS]
         rows.append({"lib": "naive", "method": "PCGrad"})
     rows += [{"lib": "rotograd", "method": cls} | sub for cls in W.ROTOGRAD_CLASSES]
     if d == SUBSPACE or wide:  # the parametrisations side by side, as trained and as started
-        rows.append({"lib": "gradsurgery", "method": "rotograd", "level": "rep", "rotation_param": "cayley"})
+        for param in ("cayley", "riemannian"):
+            rows.append({"lib": "gradsurgery", "method": "rotograd", "level": "rep", "rotation_param": param})
         for param in ("expm", "cayley"):
             rows.append({"lib": "gradsurgery", "method": "rotograd", "level": "rep", "rotation_param": param,
                          "trained": True})
         rows.append({"lib": "rotograd", "method": "RotoGrad", "trained": True})
-    for row in rows:
-        row["key"] = row_key(row)
-        row["label"] = row_label(row)
-    return rows
+    return [_keyed(row) for row in rows]
+
+
+def _keyed(row: dict[str, Any]) -> dict[str, Any]:
+    return row | {"key": row_key(row), "label": row_label(row)}
 
 
 def row_key(row: dict[str, Any]) -> str:
