@@ -473,7 +473,10 @@ than absolute times (both halves of a pair see the same load).
   matrix at a time (batched LAPACK LU hangs here) and cost about as much as the exponential of
   small generators, so Cayley pays off once the generators have grown (the trained rows),
   and for long runs or large `method_lr`; with fresh rotations the exponential is as cheap or
-  slightly cheaper.
+  slightly cheaper. `rotation_param="riemannian"` holds `R` directly: no matrix function and
+  no backward through one; its step adds `R z`, `R^T H`, one alignment product and a
+  three-product retraction after the step (plus a Newton-Schulz step every 8), whatever
+  `||A||`, so its rows need no trained variant; it has a d = 2048, K = 8 row at full width.
 - **Where the rotations' time goes, and the gap to the targets.** Beyond plain's work, a
   RotoGrad-family step does batched `K x m x m` products (each about one `8 x 256 x 256`
   `bmm`, 1.3 ms on 2 quiet threads here, about 1/15 of plain's 20 ms step): `R z` in `fork`, `R^T H` in

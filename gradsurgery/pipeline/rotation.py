@@ -52,11 +52,11 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from . import stages
+from ..numerics import retraction
 from ..numerics.cayley import cayley
 from ..numerics.expm import expm, skew
 from ..numerics.gram import compute_dtype
-from ..numerics.retraction import DEFECT_TOLERANCE, REORTHOGONALISE_EVERY, pack, reorthogonalise_, retract_, tril_indices, unpack
+from . import stages
 
 #: Largest ``max |R R^T - I|`` accepted for a given initial rotation (geotorch's tolerance).
 ORTHOGONALITY_TOLERANCE = 1e-4
@@ -111,6 +111,8 @@ class Rotations(nn.Module):
             strictly lower triangle matters.
         base: ``B`` (buffer), the fixed initial rotations.
     """
+
+    base: Tensor
 
     def __init__(self, num_tasks: int, rotation_shape: int | Sequence[int], *,
                  post_shape: int | Sequence[int] = (), init: str | Tensor = "random",
@@ -238,9 +240,11 @@ class RiemannianRotations(Rotations):
     anyway). Steps ``GradScaler`` skips call no ``step()``, so they do not retract.
     """
 
+    _indices: Tensor
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.register_buffer("_indices", tril_indices(self.size, self.base.device), persistent=False)
+        self.register_buffer("_indices", retraction.tril_indices(self.size, self.base.device), persistent=False)
         # steps taken and the defect bound accumulated since the last re-orthogonalisation
         # (its schedule, :mod:`gradsurgery.numerics.retraction`); saved as extra state
         self.retractions, self.defect = 0, 0.0
@@ -260,7 +264,7 @@ class RiemannianRotations(Rotations):
     def accumulate_grad(self, frame: Tensor) -> None:
         """Adds ``pack(W - W^T)`` to ``Omega``'s ``.grad`` (``frame``: ``W``, ``K x m x m``)."""
         w = frame.to(self.skew_params.dtype)
-        grad = pack(w - w.transpose(-2, -1), self._indices)
+        grad = retraction.pack(w - w.transpose(-2, -1), self._indices)
         if self.skew_params.grad is None:
             self.skew_params.grad = grad
         else:
@@ -269,12 +273,12 @@ class RiemannianRotations(Rotations):
     @torch.no_grad()
     def after_step(self) -> None:
         """``R <- R T_2(skew(Omega))``, ``Omega <- 0``; re-orthogonalises when due."""
-        bound = retract_(self.base, unpack(self.skew_params, self._indices, self.size))
+        bound = retraction.retract_(self.base, retraction.unpack(self.skew_params, self._indices, self.size))
         self.skew_params.zero_()
         self.retractions += 1
         self.defect += float(bound) if self.base.device.type == "cpu" else math.inf  # no host read elsewhere
-        if self.retractions % REORTHOGONALISE_EVERY == 0 or self.defect > DEFECT_TOLERANCE:
-            reorthogonalise_(self.base)
+        if self.retractions % retraction.REORTHOGONALISE_EVERY == 0 or self.defect > retraction.DEFECT_TOLERANCE:
+            retraction.reorthogonalise_(self.base)
             self.defect = 0.0
 
     def get_extra_state(self) -> Tensor:
