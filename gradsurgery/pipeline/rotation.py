@@ -12,7 +12,8 @@ at zero and is what the optimizer trains. ``R_k`` is evaluated once per step, in
 ``rotation_param="cayley"`` replaces the exponential by geotorch's other trivialisation,
 ``R_k = B_k (I - X_k/2)^{-1} (I + X_k/2)``, ``X_k = skew(A_k)``
 (:mod:`gradsurgery.numerics.cayley`): one inverse per rotation whatever ``||A_k||``, but not
-the reference's parametrisation.
+the reference's parametrisation. ``rotation_param="riemannian"`` holds ``R_k`` directly
+and moves it by a retraction after each step (:class:`RiemannianRotations`).
 
 **Cost.** The exponential and its derivative are the floor of the rotations' cost:
 :func:`~gradsurgery.numerics.expm.expm` (a Taylor polynomial with scaling and squaring,
@@ -222,14 +223,14 @@ class RiemannianRotations(Rotations):
     ``base`` *is* ``R`` (the buffer, updated in place by :meth:`after_step`). The trained
     parameter ``skew_params`` is a packed skew generator ``Omega`` (``K x m(m-1)/2``, the
     strict lower triangles, :mod:`gradsurgery.numerics.retraction`) that is zero before
-    every step: ``R_k`` is the point where the chart ``R_k T(skew(Omega_k))`` is centred.
+    every step: ``R_k`` is the point where the chart ``R_k P(skew(Omega_k))`` is centred.
     Its ``.grad`` is the gradient in the Lie algebra (left-trivialised),
     ``pack(W - W^T)``, ``W_k = R_k^T dl/dR_k``, exactly the gradient the ``expm``
     parametrisation gives its ``A`` at ``A = 0``. After the wrapped optimizer's step has
-    moved ``Omega``, :meth:`after_step` applies ``R_k <- R_k T_2(skew(Omega_k))``
-    (:func:`~gradsurgery.numerics.retraction.retract_`), resets ``Omega`` to 0, and every
-    :data:`~gradsurgery.numerics.retraction.REORTHOGONALISE_EVERY` steps runs one
-    Newton-Schulz step on ``R``.
+    moved ``Omega``, :meth:`after_step` applies ``R_k <- R_k P(skew(Omega_k))``,
+    ``P(X) = I + X + X^2/2 - X^4/8`` (:func:`~gradsurgery.numerics.retraction.retract_`),
+    resets ``Omega`` to 0, and runs one Newton-Schulz step on ``R`` when due (every
+    :data:`~gradsurgery.numerics.retraction.REORTHOGONALISE_EVERY` steps, or sooner).
 
     **What the optimizer means here.** The optimizer's state for ``Omega`` (Adam's
     moments, SGD's momentum) is kept in Lie-algebra coordinates, in the frame of the
@@ -272,7 +273,7 @@ class RiemannianRotations(Rotations):
 
     @torch.no_grad()
     def after_step(self) -> None:
-        """``R <- R T_2(skew(Omega))``, ``Omega <- 0``; re-orthogonalises when due."""
+        """``R <- R P(skew(Omega))``, ``Omega <- 0``; re-orthogonalises when due."""
         bound = retraction.retract_(self.base, retraction.unpack(self.skew_params, self._indices, self.size))
         self.skew_params.zero_()
         self.retractions += 1
