@@ -51,16 +51,21 @@ REF_PYTHONS = (ROOT / ".venv-ref" / "bin" / "python", ROOT / ".venv-bench" / "bi
 ENV_PREFIXES = ("OMP_", "MKL_", "KMP_", "GOMP_")
 
 #: Every configuration row set: ``all`` (every row), ``rep`` (no parameter-level rows),
-#: ``rotations`` (only rotation rows, at full width even above ``SUBSPACE``).
+#: ``rotations`` (only rotation rows, at full width even above ``SUBSPACE``), ``riemannian``
+#: (``rotograd`` with ``rotation_param="riemannian"`` at full width: the other
+#: parametrisations cost 30-150x plain at d = 2048).
 _FULL_TIMING = {"min_rounds": 3, "max_rounds": 9, "budget_s": 1.0}
 #: Modes: per configuration (d, K, row set, measure memory?, timing rounds), in the order
 #: they run (the full run stops starting new ones after --max-minutes: targets first).
 MODES: dict[str, dict[str, Any]] = {
     "full": {"grid": [(256, 8, "all", True, _FULL_TIMING), (256, 32, "rep", False, _FULL_TIMING),
                       (256, 2, "all", True, _FULL_TIMING), (64, 8, "rep", True, _FULL_TIMING),
-                      (1024, 8, "rep", True, _FULL_TIMING), (1024, 2, "rotations", True, _FULL_TIMING)]},
-    "quick": {"grid": [(256, 2, "all", False, {"min_rounds": 3, "max_rounds": 3, "budget_s": 0.0, "warmup": 1}),
-                       (256, 8, "all", True, {"min_rounds": 3, "max_rounds": 3, "budget_s": 0.0, "warmup": 1})]},
+                      (1024, 8, "rep", True, _FULL_TIMING), (1024, 2, "rotations", True, _FULL_TIMING),
+                      (2048, 8, "riemannian", True, _FULL_TIMING)]},
+    "quick": {"grid": [(256, 8, "all", True, {"min_rounds": 3, "max_rounds": 3, "budget_s": 0.0, "warmup": 1}),
+                       (2048, 8, "riemannian", True, {"min_rounds": 3, "max_rounds": 3, "budget_s": 0.0,
+                                                      "warmup": 1}),
+                       (256, 2, "all", False, {"min_rounds": 3, "max_rounds": 3, "budget_s": 0.0, "warmup": 1})]},
     "smoke": {"grid": [(16, 2, "all", True, {"min_rounds": 2, "max_rounds": 2, "budget_s": 0.0, "warmup": 1})],
               "tiny": True},
 }
@@ -75,6 +80,8 @@ def rows_for(d: int, row_set: str) -> list[dict[str, Any]]:
     torchjd, naive PCGrad and the rotograd package. Rotations wider than ``SUBSPACE`` act on
     a ``SUBSPACE``-wide subspace, except in the ``rotations`` set (full width)."""
     import gradsurgery as gs
+    if row_set == "riemannian":
+        return [_keyed({"lib": "gradsurgery", "method": "rotograd", "level": "rep", "rotation_param": "riemannian"})]
     rows: list[dict[str, Any]] = []
     wide = row_set == "rotations"
     levels = ["rep"] + (["params"] if row_set == "all" and W.gradsurgery_supports("level") else [])
@@ -83,22 +90,25 @@ def rows_for(d: int, row_set: str) -> list[dict[str, Any]]:
         rotation = bool(getattr(gs.methods.get(name), "rotation", False))
         if wide and not rotation:
             continue
-        for level in (["rep"] if rotation else levels):  # rotations act on the representation only
+        accepted = getattr(gs.methods.get(name), "levels", ("rep", "params"))  # skip what a method refuses
+        for level in (lv for lv in levels if lv in accepted):
             rows.append({"lib": "gradsurgery", "method": name, "level": level} | (sub if rotation else {}))
     if not wide:
         rows += [{"lib": "torchjd", "method": a} for a in W.TORCHJD_AGGREGATORS]
         rows.append({"lib": "naive", "method": "PCGrad"})
     rows += [{"lib": "rotograd", "method": cls} | sub for cls in W.ROTOGRAD_CLASSES]
     if d == SUBSPACE or wide:  # the parametrisations side by side, as trained and as started
-        rows.append({"lib": "gradsurgery", "method": "rotograd", "level": "rep", "rotation_param": "cayley"})
+        for param in ("cayley", "riemannian"):
+            rows.append({"lib": "gradsurgery", "method": "rotograd", "level": "rep", "rotation_param": param})
         for param in ("expm", "cayley"):
             rows.append({"lib": "gradsurgery", "method": "rotograd", "level": "rep", "rotation_param": param,
                          "trained": True})
         rows.append({"lib": "rotograd", "method": "RotoGrad", "trained": True})
-    for row in rows:
-        row["key"] = row_key(row)
-        row["label"] = row_label(row)
-    return rows
+    return [_keyed(row) for row in rows]
+
+
+def _keyed(row: dict[str, Any]) -> dict[str, Any]:
+    return row | {"key": row_key(row), "label": row_label(row)}
 
 
 def row_key(row: dict[str, Any]) -> str:
@@ -292,6 +302,8 @@ def targets(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ref = by.get(("rotograd:RotoGrad:trained", 256, 8), {}).get("time_ratio")
     add("`rotograd` <= 0.4x rotograd's `RotoGrad`, trained generators",
         None if ours is None or ref is None else ours / ref, 0.4)
+    add("`rotograd` (riemannian) <= 1.5x plain (issue 22)",
+        by.get(("gradsurgery:rotograd:rep:riemannian", 256, 8), {}).get("time_ratio"), 1.5)
     for r in records:
         if r["lib"] == "gradsurgery" and r.get("level") == "rep" and r["d"] == 256 and r["k"] == 8:
             rotation = r["method"] in ROTATIONS or bool(r.get("rotation_param"))
@@ -461,7 +473,10 @@ than absolute times (both halves of a pair see the same load).
   matrix at a time (batched LAPACK LU hangs here) and cost about as much as the exponential of
   small generators, so Cayley pays off once the generators have grown (the trained rows),
   and for long runs or large `method_lr`; with fresh rotations the exponential is as cheap or
-  slightly cheaper.
+  slightly cheaper. `rotation_param="riemannian"` holds `R` directly: no matrix function and
+  no backward through one; its step adds `R z`, `R^T H`, one alignment product and a
+  three-product retraction after the step (plus a Newton-Schulz step every 8), whatever
+  `||A||`, so its rows need no trained variant; it has a d = 2048, K = 8 row at full width.
 - **Where the rotations' time goes, and the gap to the targets.** Beyond plain's work, a
   RotoGrad-family step does batched `K x m x m` products (each about one `8 x 256 x 256`
   `bmm`, 1.3 ms on 2 quiet threads here, about 1/15 of plain's 20 ms step): `R z` in `fork`, `R^T H` in

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from .optimizer import MultiTaskOptimizer
-from .pipeline.rotation import RotatedHead, haar
+from .pipeline.rotation import RiemannianRotations, RotatedHead, haar
 
 __all__ = ["VanillaMTL", "RotateOnly", "RotoGrad", "RotoGradNorm", "cached"]
 
@@ -117,6 +117,7 @@ class VanillaMTL(nn.Module):
     def forward(self, x: Any):
         """Backbone, then every head on its (rotated) view; returns the predictions (and,
         when the backbone or heads return tuples, their extra outputs, as the package)."""
+        self._retract()
         out = self.backbone(x)
         rep, extra = (out[0], list(out[1:])) if isinstance(out, (list, tuple)) else (out, [])
         if self.training and torch.is_grad_enabled():
@@ -133,6 +134,13 @@ class VanillaMTL(nn.Module):
             else:
                 preds.append(out)
         return (preds, extra) if extra else preds
+
+    def _retract(self) -> None:
+        """``rotation_param="riemannian"``: the user's optimizer has moved the generators
+        (``MultiTaskOptimizer.step``, which retracts, is not called here); applies that
+        step to the held rotations before they are read."""
+        if isinstance(self.rotations, RiemannianRotations) and bool(self.rotations.skew_params.detach().any()):
+            self.rotations.after_step()
 
     def backward(self, losses: Sequence[Tensor], backbone_loss: Tensor | None = None, **kwargs) -> None:
         """Gradients of the whole model (shared and task-specific) and of the method's own

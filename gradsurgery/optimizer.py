@@ -49,7 +49,9 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         rotation_param: ``R_k = B_k f(skew(A_k))`` with ``f`` = ``"expm"`` (default: the
             exponential, geotorch's and rotograd's), ``"cayley"`` (``(I - X/2)^{-1} (I + X/2)``:
             one inverse per rotation, whatever the size of ``A``; see docs/benchmarks.md for
-            when it is faster) or a function of the skew-symmetric ``K x m x m`` stack.
+            when it is faster) or a function of the skew-symmetric ``K x m x m`` stack; or
+            ``"riemannian"``: ``R_k`` held directly and moved by a retraction after each
+            :meth:`step` (no matrix function differentiated; docs/rotograd.md).
         coop: RotoGrad's cooperative mode from the start (see :meth:`coop`).
         method_lr: learning rate of the method's own parameters (their own param group);
             default: the first group's lr. Accepted, and ignored, for methods without
@@ -305,6 +307,8 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
     def step(self, closure: Callable[[], float] | None = None):
         """Steps the wrapped optimizer (which also holds the method's parameters)."""
         loss = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+        if self.rotations is not None:
+            self.rotations.after_step()  # rotation_param="riemannian": the retraction
         self.method.after_step()
         self._prepared, self._step_done = False, True
         return loss

@@ -12,7 +12,8 @@ at zero and is what the optimizer trains. ``R_k`` is evaluated once per step, in
 ``rotation_param="cayley"`` replaces the exponential by geotorch's other trivialisation,
 ``R_k = B_k (I - X_k/2)^{-1} (I + X_k/2)``, ``X_k = skew(A_k)``
 (:mod:`gradsurgery.numerics.cayley`): one inverse per rotation whatever ``||A_k||``, but not
-the reference's parametrisation.
+the reference's parametrisation. ``rotation_param="riemannian"`` holds ``R_k`` directly
+and moves it by a retraction after each step (:class:`RiemannianRotations`).
 
 **Cost.** The exponential and its derivative are the floor of the rotations' cost:
 :func:`~gradsurgery.numerics.expm.expm` (a Taylor polynomial with scaling and squaring,
@@ -52,15 +53,16 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from . import stages
+from ..numerics import retraction
 from ..numerics.cayley import cayley
 from ..numerics.expm import expm, skew
 from ..numerics.gram import compute_dtype
+from . import stages
 
 #: Largest ``max |R R^T - I|`` accepted for a given initial rotation (geotorch's tolerance).
 ORTHOGONALITY_TOLERANCE = 1e-4
 #: Names of the rotations' parametrisations (``rotation_param``).
-PARAMETRISATIONS = ("expm", "cayley")
+PARAMETRISATIONS = ("expm", "cayley", "riemannian")
 
 
 def haar(num: int, size: int, *, dtype: torch.dtype, device: torch.device | None = None) -> Tensor:
@@ -111,6 +113,8 @@ class Rotations(nn.Module):
         base: ``B`` (buffer), the fixed initial rotations.
     """
 
+    base: Tensor
+
     def __init__(self, num_tasks: int, rotation_shape: int | Sequence[int], *,
                  post_shape: int | Sequence[int] = (), init: str | Tensor = "random",
                  coop: bool = False, param: str | Callable[[Tensor], Tensor] = "expm",
@@ -119,6 +123,9 @@ class Rotations(nn.Module):
         if not callable(param) and param not in PARAMETRISATIONS:
             raise ValueError(f"rotation_param must be one of {PARAMETRISATIONS} or a function of the skew-symmetric "
                              f"generators, got {param!r}")
+        if param == "riemannian" and not isinstance(self, RiemannianRotations):
+            raise ValueError("rotation_param='riemannian' holds the rotations directly: build "
+                             "RiemannianRotations (or pass the option to MultiTaskOptimizer)")
         self.param = param
         self.rotation_shape = _as_shape(rotation_shape, "rotation_shape")
         self.post_shape = _as_shape(post_shape, "post_shape")
@@ -126,8 +133,13 @@ class Rotations(nn.Module):
         dtype = dtype or torch.get_default_dtype()
         base = self._initial(init, num_tasks, size, dtype, device)
         self.num_tasks, self.size, self.coop = num_tasks, size, bool(coop)
-        self.skew_params = nn.Parameter(torch.zeros(num_tasks, size, size, dtype=dtype, device=device))
+        self.skew_params = nn.Parameter(torch.zeros(num_tasks, *self._generator_shape(size), dtype=dtype,
+                                                    device=device))
         self.register_buffer("base", base)
+
+    @staticmethod
+    def _generator_shape(size: int) -> tuple[int, ...]:
+        return (size, size)
 
     @staticmethod
     def _initial(init: str | Tensor, k: int, m: int, dtype: torch.dtype, device) -> Tensor:
@@ -159,6 +171,9 @@ class Rotations(nn.Module):
         """``R_task`` alone (``1 x m x m``), like :meth:`matrices`."""
         with torch.autocast(self.base.device.type, enabled=False):
             return self.base[task:task + 1] @ self._map(skew(self.skew_params[task:task + 1]))
+
+    def after_step(self) -> None:
+        """Called after every optimizer step (nothing to do: ``A`` is the state)."""
 
     def _map(self, x: Tensor) -> Tensor:
         # module-level names looked up at call time (the structural tests count expm's calls)
@@ -199,6 +214,79 @@ class Rotations(nn.Module):
     def extra_repr(self) -> str:
         return (f"num_tasks={self.num_tasks}, rotation_shape={self.rotation_shape}, "
                 f"post_shape={self.post_shape}, coop={self.coop}, param={self.param!r}")
+
+
+class RiemannianRotations(Rotations):
+    """``rotation_param="riemannian"``: ``K`` rotations held directly, trained by a
+    Riemannian update on ``SO(m)`` (no matrix function is differentiated).
+
+    ``base`` *is* ``R`` (the buffer, updated in place by :meth:`after_step`). The trained
+    parameter ``skew_params`` is a packed skew generator ``Omega`` (``K x m(m-1)/2``, the
+    strict lower triangles, :mod:`gradsurgery.numerics.retraction`) that is zero before
+    every step: ``R_k`` is the point where the chart ``R_k P(skew(Omega_k))`` is centred.
+    Its ``.grad`` is the gradient in the Lie algebra (left-trivialised),
+    ``pack(W - W^T)``, ``W_k = R_k^T dl/dR_k``, exactly the gradient the ``expm``
+    parametrisation gives its ``A`` at ``A = 0``. After the wrapped optimizer's step has
+    moved ``Omega``, :meth:`after_step` applies ``R_k <- R_k P(skew(Omega_k))``,
+    ``P(X) = I + X + X^2/2 - X^4/8`` (:func:`~gradsurgery.numerics.retraction.retract_`),
+    resets ``Omega`` to 0, and runs one Newton-Schulz step on ``R`` when due (every
+    :data:`~gradsurgery.numerics.retraction.REORTHOGONALISE_EVERY` steps, or sooner).
+
+    **What the optimizer means here.** The optimizer's state for ``Omega`` (Adam's
+    moments, SGD's momentum) is kept in Lie-algebra coordinates, in the frame of the
+    rotation it was computed at, and reused at the next rotation without change: moving a
+    tangent vector ``R Xi`` to ``R' Xi`` (left translation) is an isometry of the
+    bi-invariant metric, the usual vector transport of Adam on a Lie group. Weight decay
+    acts on ``Omega = 0`` and so does nothing (the optimizer sets it to 0 for this group
+    anyway). Steps ``GradScaler`` skips call no ``step()``, so they do not retract.
+    """
+
+    _indices: Tensor
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_buffer("_indices", retraction.tril_indices(self.size, self.base.device), persistent=False)
+        # steps taken and the defect bound accumulated since the last re-orthogonalisation
+        # (its schedule, :mod:`gradsurgery.numerics.retraction`); saved as extra state
+        self.retractions, self.defect = 0, 0.0
+
+    @staticmethod
+    def _generator_shape(size: int) -> tuple[int, ...]:
+        return (size * (size - 1) // 2,)
+
+    def matrices(self) -> Tensor:
+        """``R`` (``K x m x m``): the held rotations themselves (no gradient reaches them
+        through autograd; :func:`align` writes ``Omega``'s)."""
+        return self.base
+
+    def matrix(self, task: int) -> Tensor:
+        return self.base[task:task + 1]
+
+    def accumulate_grad(self, frame: Tensor) -> None:
+        """Adds ``pack(W - W^T)`` to ``Omega``'s ``.grad`` (``frame``: ``W``, ``K x m x m``)."""
+        w = frame.to(self.skew_params.dtype)
+        grad = retraction.pack(w - w.transpose(-2, -1), self._indices)
+        if self.skew_params.grad is None:
+            self.skew_params.grad = grad
+        else:
+            self.skew_params.grad.add_(grad)
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """``R <- R P(skew(Omega))``, ``Omega <- 0``; re-orthogonalises when due."""
+        bound = retraction.retract_(self.base, retraction.unpack(self.skew_params, self._indices, self.size))
+        self.skew_params.zero_()
+        self.retractions += 1
+        self.defect += float(bound) if self.base.device.type == "cpu" else math.inf  # no host read elsewhere
+        if self.retractions % retraction.REORTHOGONALISE_EVERY == 0 or self.defect > retraction.DEFECT_TOLERANCE:
+            retraction.reorthogonalise_(self.base)
+            self.defect = 0.0
+
+    def get_extra_state(self) -> Tensor:
+        return torch.tensor([self.retractions, self.defect], dtype=torch.float64)
+
+    def set_extra_state(self, state: Tensor) -> None:
+        self.retractions, self.defect = int(state[0]), float(state[1])
 
 
 def views(rotations: Rotations, z: Tensor, num_tasks: int) -> list[Tensor]:
@@ -250,6 +338,8 @@ def align(rotations: Rotations, rotation: Tensor, scale: float, z: Tensor, grads
     mean_norm = gram.sum().clamp_min(0).sqrt() / k
     coefficients = torch.where(norms > 0, mean_norm / (k * torch.where(norms > 0, norms, 1)), 0)
     reference = stages.combine(coefficients, grads).reshape(lead_feat_post)
+    if isinstance(rotations, RiemannianRotations):
+        return _align_riemannian(rotations, scale, z, grads.reshape(k, *lead_feat_post), reference, loss_scale, sync)
     h = rotated_grads.reshape(k, *lead_feat_post)
     if loss_scale is not None:  # decide on the unscaled gradients
         reference, h = reference / loss_scale.to(reference.dtype), h / loss_scale.to(h.dtype)
@@ -262,14 +352,43 @@ def align(rotations: Rotations, rotation: Tensor, scale: float, z: Tensor, grads
     if rotations.coop:
         flat_z = z.detach().reshape(lead_feat_post)
         task_r = torch.einsum("klip,ljp->kij", h[..., :m, :], flat_z[..., :m, :])
-    if sync is not None:  # does the loss average over the batch dim? (see Rotations.layout)
-        n_rot, n_post = len(rotations.rotation_shape), len(rotations.post_shape)
-        averaged = z.dim() - n_rot - n_post > (0 if n_post else 1)
-        grad_r, task_r, losses = sync.rotation_terms(grad_r, task_r, losses, averaged)
+    if sync is not None:
+        grad_r, task_r, losses = sync.rotation_terms(grad_r, task_r, losses, _batch_averaged(rotations, z))
     if task_r is not None:
         grad_r = _cooperate(task_r, grad_r)
     torch.autograd.backward(rotation, grad_r.to(rotation.dtype))
     return losses.detach()
+
+
+def _align_riemannian(rotations: RiemannianRotations, scale: float, z: Tensor, g: Tensor, reference: Tensor,
+                      loss_scale: Tensor | None, sync) -> Tensor:
+    """:func:`align` for rotations held directly: the same losses and terms, in the frame
+    of ``R`` (``g``: the original-space gradients ``G = R^T H``, ``(K, L, F, P)``).
+
+    ``R`` is orthogonal, so ``R_k r - H_k = R_k (r - G_k)`` on the rotated features (and
+    ``r - G_k`` on the others): ``l_k = s ||r - G_k||^2`` and
+    ``W_k = R_k^T dl_k/dR_k = 2 s sum_{l,p} (r - G_k)[l, :m, p] r[l, :m, p]^T``, one
+    product; in cooperative mode ``R_k^T dL/dR_k = sum_{l,p} G_k[l, :m, p] z[l, :m, p]^T``.
+    Norms are the same in either frame, so the cooperative rescaling is unchanged."""
+    m = rotations.size
+    if loss_scale is not None:  # decide on the unscaled gradients
+        reference, g = reference / loss_scale.to(reference.dtype), g / loss_scale.to(g.dtype)
+    diff = reference - g
+    losses = scale * diff.pow(2).sum(dim=(1, 2, 3))
+    frame = (2 * scale) * torch.einsum("klip,ljp->kij", diff[..., :m, :], reference[..., :m, :])
+    task = None
+    if rotations.coop:
+        task = torch.einsum("klip,ljp->kij", g[..., :m, :], z.detach().reshape(reference.shape)[..., :m, :])
+    if sync is not None:
+        frame, task, losses = sync.rotation_terms(frame, task, losses, _batch_averaged(rotations, z))
+    rotations.accumulate_grad(frame if task is None else _cooperate(task, frame))
+    return losses.detach()
+
+
+def _batch_averaged(rotations: Rotations, z: Tensor) -> bool:
+    """Whether the alignment loss averages over the batch dim (see :meth:`Rotations.layout`)."""
+    n_rot, n_post = len(rotations.rotation_shape), len(rotations.post_shape)
+    return z.dim() - n_rot - n_post > (0 if n_post else 1)
 
 
 def _cooperate(a: Tensor, b: Tensor) -> Tensor:
@@ -358,5 +477,5 @@ def build(method, num_tasks: int, *, rotation: bool | None, rep_size: int | None
         raise ValueError(f"rep_size={rep_size!r} and rotation_shape={rotation_shape!r} disagree; pass one of them")
     shape = rotation_shape if rotation_shape is not None else rep_size
     # rotations live in float32 or wider (half-precision models: eigh needs it; the views are cast)
-    return Rotations(num_tasks, shape, post_shape=post_shape, init=init, coop=coop, param=param,
+    return (RiemannianRotations if isinstance(param, str) and param == "riemannian" else Rotations)(num_tasks, shape, post_shape=post_shape, init=init, coop=coop, param=param,
                      dtype=compute_dtype(dtype), device=device)
