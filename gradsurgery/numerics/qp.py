@@ -9,7 +9,7 @@ import functools
 import torch
 from torch import Tensor
 
-from .eigh import symmetric_eigvalsh
+from .eigh import symmetric_eigh, symmetric_eigvalsh
 from .gram import normalized64, small_matmul
 
 #: Largest K for which :func:`min_norm_simplex` enumerates all ``2^K - 1`` supports;
@@ -123,6 +123,22 @@ def supports(k: int, device: torch.device) -> Tensor:
     return ((rows[:, None] >> shifts[None, :]) & 1).bool()
 
 
+def clean_psd(m: Tensor, dtype: torch.dtype) -> Tensor:
+    """The float64 Gram ``m`` (rounded in ``dtype``, scaled to a unit diagonal by the
+    caller) with the eigenvalues that rounding cannot tell from 0 set to 0:
+    ``V diag(lambda') V^T`` with ``lambda' = 0`` where ``lambda <= K eps max|lambda|`` (``eps``
+    of ``dtype``; ``torch.linalg.pinv``'s cut-off), ``lambda`` elsewhere. A Gram rounded in
+    float32 is indefinite, or has spurious ``~eps_32``-sized eigenvalues, where the exact one
+    is singular (0 in the convex hull of the gradients, rank-deficient rows); those became
+    ``sqrt(eps_32)``-sized components of the update and defeated the solvers' float64
+    tolerances (1e-10). Cleaned, the problem is the exact one of a positive semidefinite Gram
+    within the input's rounding, solved as a float64 one is. (On the unit-diagonal copy, so
+    that the cut-off does not erase tasks of small norm.)"""
+    lam, vec = symmetric_eigh(m)
+    cutoff = m.shape[-1] * torch.finfo(dtype).eps * lam.abs().amax(-1, keepdim=True)
+    return (vec * torch.where(lam > cutoff, lam, 0).unsqueeze(-2)) @ vec.mT
+
+
 #: Largest K for which :func:`project_dual_cone` enumerates every active set
 #: (``rows x 2^K`` small systems in one batched solve).
 DUAL_CONE_ENUMERATION_MAX_TASKS = 5
@@ -155,29 +171,30 @@ def project_dual_cone(gram: Tensor, u: Tensor, iterations: int = 100) -> Tensor:
     m = gram.to(torch.float64)
     diag = m.diagonal()
     scale = torch.where(diag > 0, diag.clamp_min(0).sqrt(), 1)
-    m = m / (scale[:, None] * scale[None, :])
+    m = clean_psd(m / (scale[:, None] * scale[None, :]), gram.dtype)
     u64 = u.to(torch.float64) * scale
     size = u64.abs().amax(-1, keepdim=True)
     size = torch.where(size > 0, size, 1)
     u64 = u64 / size
+    tol = 1e-10 * (1 + u64.abs().amax(-1, keepdim=True))
     if k <= DUAL_CONE_ENUMERATION_MAX_TASKS:
         free = torch.cat([torch.zeros(1, k, dtype=torch.bool, device=m.device), supports(k, m.device)])
         v = _box_candidates(m, u64[:, None, :].expand(-1, free.shape[0], -1), free[None].expand(u64.shape[0], -1, -1))
         mv = small_matmul(v, m)
         objective = (v * mv).sum(-1)
-        tol = 1e-10 * (1 + u64.abs().amax(-1, keepdim=True))
         primal = (v >= u64[:, None, :] - tol[..., None]).all(-1)
-        dual = (mv >= -tol[..., None]).all(-1)
-        kkt = primal & dual
-        score = torch.where(kkt, objective, torch.where(primal, objective + 1e300, torch.inf))
-        best = score.argmin(-1)
+        violation = (-mv).amax(-1).clamp_min(0)
+        kkt = primal & (violation <= tol)
+        # the least objective among the KKT points; failing any (rounding), the primal-feasible
+        # candidate closest to dual feasibility
+        best = torch.where(kkt.any(-1), torch.where(kkt, objective, torch.inf).argmin(-1),
+                           torch.where(primal, violation, torch.inf).argmin(-1))
         v = v.gather(1, best[:, None, None].expand(-1, 1, k))[:, 0]
     else:
         v = _accelerated_box(m, u64, iterations)
         free = _refine_free_set(m, u64, v > u64 + 1e-9 * (1 + u64.abs()), 2 * k)
         polished = _box_candidates(m, u64[:, None, :], free[:, None, :])[:, 0]
         mv = small_matmul(polished, m)
-        tol = 1e-10 * (1 + u64.abs().amax(-1, keepdim=True))
         ok = ((polished >= u64 - tol) & (mv >= -tol)).all(-1, keepdim=True)
         v = torch.where(ok, polished, v)
     return (torch.maximum(v, u64) * size / scale).to(gram.dtype)
