@@ -43,11 +43,15 @@ import torch
 from torch import Tensor
 
 from ..numerics.gram import normalized64
-from ..numerics.qp import cagrad_dual
+from ..numerics.qp import cagrad_dual, clean_psd
 from .base import GramWeighting
 from .registry import register
 
 RESCALES = (0, 1, 2)
+#: The authors' regulariser of ``||g_w||^2`` and ``||g_0||^2`` and of ``||g_w||`` in ``lambda``
+#: (Cranial-XIX/CAGrad ``cagrad``: ``sqrt(x^T A x + 1e-8)``, ``c / (gw_norm + 1e-8)``), applied
+#: to the Gram normalised to unit mean diagonal (so the decision stays scale-invariant).
+AUTHORS_EPS = 1e-8
 REDUCTIONS = ("sum", "mean")
 
 
@@ -57,7 +61,7 @@ class CAGrad(GramWeighting):
 
     subset_safe = True
 
-    def __init__(self, c: float = 0.4, rescale: int = 1, reduction: str = "sum", iterations: int = 500):
+    def __init__(self, c: float = 0.4, rescale: int = 1, reduction: str = "sum", iterations: int | None = None):
         if not c >= 0:
             raise ValueError(f"c must be >= 0, got {c!r}")
         if isinstance(rescale, bool) or rescale not in RESCALES:
@@ -66,8 +70,10 @@ class CAGrad(GramWeighting):
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be 'sum' (the authors' x K, matching sum(losses)) or 'mean', "
                              f"got {reduction!r}")
-        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-            raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
+        if iterations is not None and (isinstance(iterations, bool) or not isinstance(iterations, int)
+                                       or iterations < 1):
+            raise ValueError(f"iterations must be None (3 K + 10 active-set steps for K > 12) or an integer >= 1, "
+                             f"got {iterations!r}")
         self.c = float(c)
         self.rescale = rescale
         self.reduction = reduction
@@ -75,14 +81,19 @@ class CAGrad(GramWeighting):
 
     def weights(self, gram: Tensor, losses: Tensor) -> Tensor:
         k = gram.shape[0]
-        m = normalized64(gram)
+        m = clean_psd(normalized64(gram), gram.dtype)
         mean = torch.full((k,), 1.0 / k, dtype=m.dtype, device=m.device)
         a = m @ mean
         s = self.c * (mean @ a).clamp_min(0).sqrt()
         w = cagrad_dual(m, a, s, self.iterations)
         norm_w = (w @ m @ w).clamp_min(0).sqrt()
-        moving = norm_w > 1e-8  # else g_w = 0: the authors' c' / (||g_w|| + 1e-8) g_w is 0
-        coefs = mean + torch.where(moving, s / torch.where(moving, norm_w, 1), 0) * w
+        # g_w = 0 at the optimum: the authors' regularisers pick the direction (module docstring)
+        m_reg = m + AUTHORS_EPS
+        w_reg = cagrad_dual(m_reg, m_reg @ mean, s, self.iterations)
+        norm_reg = (w_reg @ m @ w_reg).clamp_min(0).sqrt()
+        degenerate = norm_w <= 1e-8
+        w = torch.where(degenerate, w_reg, w)
+        coefs = mean + torch.where(degenerate, s / (norm_reg + AUTHORS_EPS), s / norm_w.clamp_min(1e-300)) * w
         return (coefs * self._scale(k)).to(gram.dtype)
 
     def _scale(self, k: int) -> float:

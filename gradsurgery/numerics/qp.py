@@ -239,27 +239,63 @@ def _accelerated_box(m: Tensor, u: Tensor, iterations: int) -> Tensor:
     return v
 
 
-#: Largest K for which :func:`cagrad_dual` tries every support; above, an active-set search.
+#: Largest K for which :func:`cagrad_dual` tries every support; above, an active-set method.
 CAGRAD_ENUMERATION_MAX_TASKS = 12
 
 
-def cagrad_dual(m: Tensor, a: Tensor, s: Tensor, iterations: int = 500) -> Tensor:
-    """CAGrad's dual point: ``argmin_{w in simplex} a^T w + s sqrt(w^T M w)`` (``a = M 1/K``,
+def cagrad_dual(m: Tensor, a: Tensor, s: Tensor, iterations: int | None = None) -> Tensor:
+    """CAGrad's dual point: ``argmin_{w in simplex} f(w) = a^T w + s sqrt(w^T M w)`` (``a = M 1/K``,
     ``s = c ||g_0||``) for the ``K x K`` Gram ``m`` (float64). For ``K <= 12`` the stationary
     point of every support is tried (plus the min-norm point, where ``g_w = 0``) and the feasible
-    one of least objective kept; above, ``iterations`` exponentiated-gradient steps guess the
-    support and an active-set update corrects it. Newton steps then polish the point."""
+    one of least objective kept; above, the primal active-set method :func:`_cagrad_active_set`
+    (exact too) runs ``iterations`` steps (default ``3 K + 10``) and is compared with the
+    min-norm point the same way. Newton steps then polish the point."""
     k = m.shape[0]
     if k <= CAGRAD_ENUMERATION_MAX_TASKS:
-        masks = supports(k, m.device)
+        cands = _support_solutions(m, a, s, supports(k, m.device))
     else:
-        masks = _refine_support(m, a, s, _exponentiated_gradient(m, a, s, iterations) > 0)[None]
-    cands = torch.cat([_support_solutions(m, a, s, masks), min_norm_simplex(m)[None]])
+        cands = _cagrad_active_set(m, a, s, 3 * k + 10 if iterations is None else iterations)[None]
+    cands = torch.cat([cands, min_norm_simplex(m)[None]])
     objective = cands @ a + s * (small_matmul(cands, m) * cands).sum(-1).clamp_min(0).sqrt()
     feasible = (cands >= -1e-12).all(-1) & torch.isfinite(cands).all(-1)
     best = torch.where(feasible, objective, torch.inf).argmin().reshape(1)
     w = cands.index_select(0, best)[0].clamp_min(0)  # no host read (unlike cands[best])
     return _polish(m, a, s, w / w.sum())
+
+
+def _cagrad_active_set(m: Tensor, a: Tensor, s: Tensor, iterations: int) -> Tensor:
+    """Wolfe-style primal active-set method for ``min a^T w + s ||G^T w||`` over the simplex, as
+    a fixed number of branch-free iterations (the objective is convex, so moving from ``w``
+    towards the minimiser ``mu`` of a face never increases it).
+
+    Starts at the vertex of least objective, support ``S = {it}``. Each iteration takes the
+    stationary point ``mu`` on ``S`` (:func:`_support_solutions`). If it exists and ``mu >= 0``
+    it becomes ``w`` and the task ``j`` with the most negative ``grad_j - w^T grad`` (a KKT
+    violation, ``grad = a + s M w / ||G^T w||``) joins ``S``; if it exists with a negative
+    entry, ``w`` moves towards ``mu`` until a weight hits 0 and that task leaves ``S``. Where it
+    does not exist (``g_w`` can vanish on the face), the iteration stops changing; the caller
+    compares with the min-norm point. Once no task violates the KKT conditions, the iteration
+    is a fixed point."""
+    k = m.shape[0]
+    index = torch.arange(k, device=m.device)
+    w = (index == (a + s * m.diagonal().clamp_min(0).sqrt()).argmin()).to(m.dtype)
+    support = w > 0
+    for _ in range(iterations):
+        mu = _support_solutions(m, a, s, support[None])[0]
+        valid = torch.isfinite(mu).all()
+        mu = torch.where(valid, mu, w)
+        feasible = valid & (mu >= 0).all()
+        mw = m @ mu
+        grad = a + s * mw / (mu @ mw).clamp_min(1e-300).sqrt()
+        gap = torch.where(support, torch.inf, grad - mu @ grad)
+        grown = support | ((index == gap.argmin()) & (gap.min() < -1e-12 * (1 + grad.abs().max())))
+        shrinking = support & (mu < 0)
+        ratio = torch.where(shrinking, w / torch.where(shrinking, w - mu, 1), torch.inf)
+        t = ratio.min().clamp(0, 1)
+        moved = torch.where(shrinking & (ratio <= t), 0, w + t * (mu - w)).clamp_min(0)
+        w = torch.where(feasible, mu, torch.where(valid, moved, w))
+        support = torch.where(feasible, grown, torch.where(valid, support & (moved > 0), support))
+    return w
 
 
 def _support_solutions(m: Tensor, a: Tensor, s: Tensor, masks: Tensor) -> Tensor:
@@ -300,35 +336,3 @@ def _polish(m: Tensor, a: Tensor, s: Tensor, w: Tensor, steps: int = 2) -> Tenso
         ok = torch.isfinite(trial).all() & (trial >= 0).all() & (n > 1e-8)
         w = torch.where(ok, trial, w)
     return w
-
-
-def _exponentiated_gradient(m: Tensor, a: Tensor, s: Tensor, iterations: int) -> Tensor:
-    """Approximate minimiser of ``a^T w + s ||G^T w||`` over the simplex (to find the
-    support for large K); entries below ``1e-6`` of the largest are set to 0."""
-    k = m.shape[0]
-    w = torch.full((k,), 1.0 / k, dtype=m.dtype, device=m.device)
-    for _ in range(iterations):
-        mw = m @ w
-        grad = a + s * mw / (w @ mw).clamp_min(1e-30).sqrt()
-        step = 1.0 / (grad.abs().max().clamp_min(1e-30))
-        w = w * torch.exp(-step * (grad - grad.min()))
-        w = w / w.sum()
-    return torch.where(w > 1e-6 * w.max(), w, 0)
-
-
-def _refine_support(m: Tensor, a: Tensor, s: Tensor, support: Tensor) -> Tensor:
-    """``K`` rounds of: solve on the support, drop tasks whose weight came out negative, add
-    the task whose directional derivative is below the support's the most (KKT check)."""
-    k = m.shape[0]
-    for _ in range(k):
-        w = _support_solutions(m, a, s, support[None])[0]
-        ok = torch.isfinite(w).all()
-        w = torch.where(ok, w, 0)
-        negative = support & (w < 0)
-        mw = m @ w
-        grad = a + s * mw / (w @ mw).clamp_min(1e-30).sqrt()
-        level = torch.where(support, grad, 0).sum() / support.sum().clamp_min(1)
-        gap = torch.where(support, torch.inf, grad - level)
-        add = torch.zeros_like(support).scatter(0, gap.argmin()[None], True) & (gap.min() < -1e-10)
-        support = torch.where(ok & negative.any(), support & ~negative, support | (add & ok))
-    return support
