@@ -20,19 +20,22 @@ argparse says 0.5); ``rescale=1`` (``g / (1 + c^2)``); ``reduction="sum"`` (the 
 "to match the sum loss"; ``"mean"`` drops it, as the copies in nash-mtl and LibMTL do).
 torchjd 0.18's CAGrad is ``rescale=0, reduction="mean"``. ``c = 0`` is the sum (the mean).
 When ``g_w^*`` vanishes (0 is in the convex hull of the gradients and the dual optimum, e.g. a
-zero task gradient from a batch without that task's labels) the authors' regularised
-``c' / (||g_w|| + 1e-8) g_w`` is 0 and the step is the mean gradient at their scale,
-``K / rho * g_0``: never a zero update while ``g_0 != 0``.
+zero task gradient from a batch without that task's labels) the primal optimum is not unique;
+the authors' regularisers (``sqrt(w^T A w + 1e-8)``, ``c' / (||g_w|| + 1e-8)``) select
+``g_0 + c' u``, ``u`` the unit direction of the other gradients' cone most against ``g_0`` (the
+mean where none is against it). Ours solves that regularised problem there (on ``M + 1e-8 11^T``
+with ``M`` normalised to unit mean diagonal, :data:`AUTHORS_EPS`), and the exact one elsewhere.
 
 Solved exactly (:func:`gradsurgery.numerics.qp.cagrad_dual`) in float64 on the Gram normalised to unit mean diagonal (the coefficients do
 not depend on the gradients' scale): on a support ``S`` the stationarity conditions give
 ``w_S = (nu p - q) / sqrt(B^2 - A (C - s^2))`` with ``p = M_SS^{-1} 1``, ``q = M_SS^{-1} a_S``,
 ``a = M 1/K``, ``A = 1^T p``, ``B = 1^T q``, ``C = a_S^T q``, ``s = c ||g_0||`` and
 ``nu = (B + sqrt(B^2 - A (C - s^2))) / A``. For ``K <= 12`` every support is tried (plus the
-min-norm point, where ``g_w = 0``) and the feasible one of least objective is taken; above,
-exponentiated-gradient steps guess the support and ``K`` rounds of an active-set update (drop
-negative weights, add the task that violates the KKT conditions most) correct it before the
-same formula gives the point.
+min-norm point, where ``g_w = 0``) and the feasible one of least objective is taken; above, a
+primal active-set method (Wolfe-style: move towards the face's stationary point, drop the
+weights that hit 0, add the task that violates the KKT conditions most) reaches the exact
+point in ``iterations`` steps (default ``3 K + 10``). Float32 Grams are cleaned of their
+rounding eigenvalues first (:func:`gradsurgery.numerics.qp.clean_psd`).
 
 Level: the paper works on the shared parameters' gradients; by default here on the
 representation's, ``level="params"`` for the paper's setting.

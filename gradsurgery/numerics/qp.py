@@ -155,7 +155,8 @@ def project_dual_cone(gram: Tensor, u: Tensor, iterations: int = 100) -> Tensor:
     (the dual of the projection problem, Quinton & Rey 2024, Prop. 1). Returns ``v``
     (``R x K``). KKT: ``M v >= 0`` (so ``<g_k, G^T v> >= 0``: no task conflicts with the
     result) with ``(M v)_k = 0`` where ``v_k > u_k``. Solved exactly, without regularising
-    ``M``, in float64 on the same problem rescaled so that the solver's tolerances hold for
+    ``M`` beyond setting the eigenvalues its input's rounding cannot tell from 0 to 0
+    (:func:`clean_psd`: float32 Grams), in float64 on the same problem rescaled so that the solver's tolerances hold for
     every task's constraint whatever its gradient's norm: the Gram scaled to a unit
     diagonal, ``M' = S^-1 M S^-1`` with ``S = diag(sqrt(M_kk))`` (1 for a zero row), and each
     row of ``S u`` divided by its largest entry (``v`` is positively homogeneous in ``u``);
@@ -163,7 +164,7 @@ def project_dual_cone(gram: Tensor, u: Tensor, iterations: int = 100) -> Tensor:
     left a small task in conflict with the result.) For ``K <= DUAL_CONE_ENUMERATION_MAX_TASKS``
     every free set ``F`` gets ``v_F = -M_FF^+ M_FA u_A``, ``v_A = u_A``; the candidate meeting
     the KKT conditions (primal and dual feasibility, to 1e-10 relative) with the least
-    objective is returned. For larger ``K``, ``iterations`` steps of accelerated projected
+    objective is returned (failing any, the primal-feasible one closest to dual feasibility). For larger ``K``, ``iterations`` steps of accelerated projected
     gradient guess the active set, ``2K`` primal active-set rounds correct it, and the same
     system on it gives the point (kept when it meets the KKT conditions).
     """
