@@ -91,10 +91,12 @@ class CAGrad(GramWeighting):
         w = cagrad_dual(m, a, s, self.iterations)
         norm_w = (w @ m @ w).clamp_min(0).sqrt()
         # g_w = 0 at the optimum: the authors' regularisers pick the direction (module docstring)
+        degenerate = norm_w <= 1e-8
+        if m.device.type == "cpu" and not bool(degenerate):  # reading it there waits for no device
+            return ((mean + s / norm_w * w) * self._scale(k)).to(gram.dtype)
         m_reg = m + AUTHORS_EPS
         w_reg = cagrad_dual(m_reg, m_reg @ mean, s, self.iterations)
         norm_reg = (w_reg @ m @ w_reg).clamp_min(0).sqrt()
-        degenerate = norm_w <= 1e-8
         w = torch.where(degenerate, w_reg, w)
         coefs = mean + torch.where(degenerate, s / (norm_reg + AUTHORS_EPS), s / norm_w.clamp_min(1e-300)) * w
         return (coefs * self._scale(k)).to(gram.dtype)

@@ -276,11 +276,12 @@ def _cagrad_active_set(m: Tensor, a: Tensor, s: Tensor, iterations: int) -> Tens
     entry, ``w`` moves towards ``mu`` until a weight hits 0 and that task leaves ``S``. Where it
     does not exist (``g_w`` can vanish on the face), the iteration stops changing; the caller
     compares with the min-norm point. Once no task violates the KKT conditions, the iteration
-    is a fixed point."""
+    is a fixed point (where the loop stops on the CPU; elsewhere it runs every step, sync-free)."""
     k = m.shape[0]
     index = torch.arange(k, device=m.device)
     w = (index == (a + s * m.diagonal().clamp_min(0).sqrt()).argmin()).to(m.dtype)
     support = w > 0
+    reads_free = m.device.type == "cpu"
     for _ in range(iterations):
         mu = _support_solutions(m, a, s, support[None])[0]
         valid = torch.isfinite(mu).all()
@@ -295,7 +296,10 @@ def _cagrad_active_set(m: Tensor, a: Tensor, s: Tensor, iterations: int) -> Tens
         t = ratio.min().clamp(0, 1)
         moved = torch.where(shrinking & (ratio <= t), 0, w + t * (mu - w)).clamp_min(0)
         w = torch.where(feasible, mu, torch.where(valid, moved, w))
-        support = torch.where(feasible, grown, torch.where(valid, support & (moved > 0), support))
+        new_support = torch.where(feasible, grown, torch.where(valid, support & (moved > 0), support))
+        if reads_free and bool(feasible & (new_support == support).all()):
+            break  # the fixed point (on the CPU, where reading a value waits for no device)
+        support = new_support
     return w
 
 
