@@ -117,7 +117,7 @@ def _float32_tolerance(g: torch.Tensor, w: torch.Tensor) -> float:
 def test_float32_zero_inside_the_hull_projects_to_zero(case, seed):
     """Issue #19 item 1: on a float32 Gram the exact answer ``d = 0`` is returned (it was the
     unprojected mean on about half of the draws: the rounded Gram is slightly indefinite)."""
-    name, reference = case
+    name, _ = case
     g = _zero_inside_hull(4, 3, seed)
     method = gs.methods.create(name)
     method.bind(4, device=g.device, dtype=g.dtype, generator=torch.Generator().manual_seed(0))
@@ -129,7 +129,7 @@ def test_float32_zero_inside_the_hull_projects_to_zero(case, seed):
 def test_float32_permutation_equivariant_on_singular_grams(case, rank, seed):
     """Issue #19 item 1: permuting the tasks of a float32 9 x 11 matrix of rank < 9 permutes
     the decision, to float32 rounding (torchjd's test: 1e-5; it moved by up to 10%)."""
-    name, reference = case
+    name, _ = case
     gen = torch.Generator().manual_seed(seed)
     g = (torch.randn(9, rank, generator=gen, dtype=D) @ torch.randn(rank, 11, generator=gen, dtype=D)).float()
     perm = torch.randperm(9, generator=gen)
