@@ -10,14 +10,14 @@ alpha-fair allocation, whose optimality condition is (Eq. 4)
 (``alpha = 1``: proportional fairness, Nash-MTL's condition; ``alpha -> infinity``: max-min
 fairness). The condition is the stationarity condition of the strictly convex
 ``f(x) = x^T M x / 2 - sum_k h(x_k)`` with ``h' = x^{-1/alpha}``. It is solved in float64
-by ``max_iter`` (default 25) damped Newton steps (a vectorised backtracking line search over
+by ``max_iter`` (default 100) damped Newton steps (a vectorised backtracking line search over
 31 step lengths keeps ``x > 0`` and decreases ``f``, or the residual where rounding hides
 ``f``'s decrease), on the Gram normalised to unit mean diagonal (``M -> s M`` maps
 ``x -> s^{-alpha/(alpha+1)} x``), from ``x_k = t M_kk^{-alpha/(alpha+1)}`` with the best
 scalar ``t`` (exact for orthogonal gradients). Measured on K = 2..6 with zero, duplicate and
 conflicting rows and norms 1e-3..1e3: 15 steps reach 1e-9 for ``alpha <= 2``, 32 for
-``alpha <= 5`` (raise ``max_iter`` to 40 there); larger ``alpha`` with such spread norms may
-need more.
+``alpha <= 5``; small ``alpha`` (a stiff ``x^{-1/alpha}``) needs more: ``alpha = 0.1`` on K = 20
+rank-5 rows leaning one way took up to 50 (issue #19 item 4), hence the default 100.
 On the CPU, where reading a value waits for no device, the loop stops early once the
 residual is below ``tol / 1000`` (elsewhere it runs its ``max_iter`` steps, sync-free).
 Then one host read checks the relative residual
@@ -67,7 +67,7 @@ class FairGrad(GramWeighting):
     subset_safe = True
 
     def __init__(self, alpha: float = 2.0, max_norm: float | None = 1.0, tol: float = 1e-6,
-                 max_iter: int = 25, on_failure: str = "raise"):
+                 max_iter: int = 100, on_failure: str = "raise"):
         self.alpha = check_option("alpha", alpha, float, "[0, inf)")
         self.max_norm = None if max_norm is None else check_option("max_norm", max_norm, float, "(0, inf)",
                                                                    "None: no clipping")
@@ -142,8 +142,9 @@ class FairGrad(GramWeighting):
             message = (f"FairGrad found no x > 0 with M x = x^(-1/alpha) in max_iter={self.max_iter} Newton "
                        f"steps (relative residual {float(error):.2e} > tol={self.tol}): either 0 is in the convex "
                        "hull of the task gradients (e.g. opposed gradients, a Pareto-stationary point), where no "
-                       "alpha-fair allocation exists, or the solve needs more steps (large alpha with gradient "
-                       "norms orders of magnitude apart: raise max_iter)")
+                       "alpha-fair allocation exists, or the solve needs more Newton steps (alpha far from 1, "
+                       "e.g. alpha=0.1 or alpha=5, with many tasks or gradient norms orders of magnitude "
+                       "apart: raise max_iter)")
             if self.on_failure == "raise":
                 raise FloatingPointError(message + "; on_failure='warn' keeps the last solution")
             warnings.warn(message + "; the last solution is kept", RuntimeWarning, stacklevel=3)

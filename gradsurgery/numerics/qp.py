@@ -9,7 +9,7 @@ import functools
 import torch
 from torch import Tensor
 
-from .eigh import symmetric_eigvalsh
+from .eigh import symmetric_eigh, symmetric_eigvalsh
 from .gram import normalized64, small_matmul
 
 #: Largest K for which :func:`min_norm_simplex` enumerates all ``2^K - 1`` supports;
@@ -123,6 +123,22 @@ def supports(k: int, device: torch.device) -> Tensor:
     return ((rows[:, None] >> shifts[None, :]) & 1).bool()
 
 
+def clean_psd(m: Tensor, dtype: torch.dtype) -> Tensor:
+    """The float64 Gram ``m`` (rounded in ``dtype``, scaled to a unit diagonal by the
+    caller) with the eigenvalues that rounding cannot tell from 0 set to 0:
+    ``V diag(lambda') V^T`` with ``lambda' = 0`` where ``lambda <= K eps max|lambda|`` (``eps``
+    of ``dtype``; ``torch.linalg.pinv``'s cut-off), ``lambda`` elsewhere. A Gram rounded in
+    float32 is indefinite, or has spurious ``~eps_32``-sized eigenvalues, where the exact one
+    is singular (0 in the convex hull of the gradients, rank-deficient rows); those became
+    ``sqrt(eps_32)``-sized components of the update and defeated the solvers' float64
+    tolerances (1e-10). Cleaned, the problem is the exact one of a positive semidefinite Gram
+    within the input's rounding, solved as a float64 one is. (On the unit-diagonal copy, so
+    that the cut-off does not erase tasks of small norm.)"""
+    lam, vec = symmetric_eigh(m)
+    cutoff = m.shape[-1] * torch.finfo(dtype).eps * lam.abs().amax(-1, keepdim=True)
+    return (vec * torch.where(lam > cutoff, lam, 0).unsqueeze(-2)) @ vec.mT
+
+
 #: Largest K for which :func:`project_dual_cone` enumerates every active set
 #: (``rows x 2^K`` small systems in one batched solve).
 DUAL_CONE_ENUMERATION_MAX_TASKS = 5
@@ -139,7 +155,8 @@ def project_dual_cone(gram: Tensor, u: Tensor, iterations: int = 100) -> Tensor:
     (the dual of the projection problem, Quinton & Rey 2024, Prop. 1). Returns ``v``
     (``R x K``). KKT: ``M v >= 0`` (so ``<g_k, G^T v> >= 0``: no task conflicts with the
     result) with ``(M v)_k = 0`` where ``v_k > u_k``. Solved exactly, without regularising
-    ``M``, in float64 on the same problem rescaled so that the solver's tolerances hold for
+    ``M`` beyond setting the eigenvalues its input's rounding cannot tell from 0 to 0
+    (:func:`clean_psd`: float32 Grams), in float64 on the same problem rescaled so that the solver's tolerances hold for
     every task's constraint whatever its gradient's norm: the Gram scaled to a unit
     diagonal, ``M' = S^-1 M S^-1`` with ``S = diag(sqrt(M_kk))`` (1 for a zero row), and each
     row of ``S u`` divided by its largest entry (``v`` is positively homogeneous in ``u``);
@@ -147,7 +164,7 @@ def project_dual_cone(gram: Tensor, u: Tensor, iterations: int = 100) -> Tensor:
     left a small task in conflict with the result.) For ``K <= DUAL_CONE_ENUMERATION_MAX_TASKS``
     every free set ``F`` gets ``v_F = -M_FF^+ M_FA u_A``, ``v_A = u_A``; the candidate meeting
     the KKT conditions (primal and dual feasibility, to 1e-10 relative) with the least
-    objective is returned. For larger ``K``, ``iterations`` steps of accelerated projected
+    objective is returned (failing any, the primal-feasible one closest to dual feasibility). For larger ``K``, ``iterations`` steps of accelerated projected
     gradient guess the active set, ``2K`` primal active-set rounds correct it, and the same
     system on it gives the point (kept when it meets the KKT conditions).
     """
@@ -155,29 +172,30 @@ def project_dual_cone(gram: Tensor, u: Tensor, iterations: int = 100) -> Tensor:
     m = gram.to(torch.float64)
     diag = m.diagonal()
     scale = torch.where(diag > 0, diag.clamp_min(0).sqrt(), 1)
-    m = m / (scale[:, None] * scale[None, :])
+    m = clean_psd(m / (scale[:, None] * scale[None, :]), gram.dtype)
     u64 = u.to(torch.float64) * scale
     size = u64.abs().amax(-1, keepdim=True)
     size = torch.where(size > 0, size, 1)
     u64 = u64 / size
+    tol = 1e-10 * (1 + u64.abs().amax(-1, keepdim=True))
     if k <= DUAL_CONE_ENUMERATION_MAX_TASKS:
         free = torch.cat([torch.zeros(1, k, dtype=torch.bool, device=m.device), supports(k, m.device)])
         v = _box_candidates(m, u64[:, None, :].expand(-1, free.shape[0], -1), free[None].expand(u64.shape[0], -1, -1))
         mv = small_matmul(v, m)
         objective = (v * mv).sum(-1)
-        tol = 1e-10 * (1 + u64.abs().amax(-1, keepdim=True))
         primal = (v >= u64[:, None, :] - tol[..., None]).all(-1)
-        dual = (mv >= -tol[..., None]).all(-1)
-        kkt = primal & dual
-        score = torch.where(kkt, objective, torch.where(primal, objective + 1e300, torch.inf))
-        best = score.argmin(-1)
+        violation = (-mv).amax(-1).clamp_min(0)
+        kkt = primal & (violation <= tol)
+        # the least objective among the KKT points; failing any (rounding), the primal-feasible
+        # candidate closest to dual feasibility
+        best = torch.where(kkt.any(-1), torch.where(kkt, objective, torch.inf).argmin(-1),
+                           torch.where(primal, violation, torch.inf).argmin(-1))
         v = v.gather(1, best[:, None, None].expand(-1, 1, k))[:, 0]
     else:
         v = _accelerated_box(m, u64, iterations)
         free = _refine_free_set(m, u64, v > u64 + 1e-9 * (1 + u64.abs()), 2 * k)
         polished = _box_candidates(m, u64[:, None, :], free[:, None, :])[:, 0]
         mv = small_matmul(polished, m)
-        tol = 1e-10 * (1 + u64.abs().amax(-1, keepdim=True))
         ok = ((polished >= u64 - tol) & (mv >= -tol)).all(-1, keepdim=True)
         v = torch.where(ok, polished, v)
     return (torch.maximum(v, u64) * size / scale).to(gram.dtype)
@@ -222,27 +240,67 @@ def _accelerated_box(m: Tensor, u: Tensor, iterations: int) -> Tensor:
     return v
 
 
-#: Largest K for which :func:`cagrad_dual` tries every support; above, an active-set search.
+#: Largest K for which :func:`cagrad_dual` tries every support; above, an active-set method.
 CAGRAD_ENUMERATION_MAX_TASKS = 12
 
 
-def cagrad_dual(m: Tensor, a: Tensor, s: Tensor, iterations: int = 500) -> Tensor:
-    """CAGrad's dual point: ``argmin_{w in simplex} a^T w + s sqrt(w^T M w)`` (``a = M 1/K``,
+def cagrad_dual(m: Tensor, a: Tensor, s: Tensor, iterations: int | None = None) -> Tensor:
+    """CAGrad's dual point: ``argmin_{w in simplex} f(w) = a^T w + s sqrt(w^T M w)`` (``a = M 1/K``,
     ``s = c ||g_0||``) for the ``K x K`` Gram ``m`` (float64). For ``K <= 12`` the stationary
     point of every support is tried (plus the min-norm point, where ``g_w = 0``) and the feasible
-    one of least objective kept; above, ``iterations`` exponentiated-gradient steps guess the
-    support and an active-set update corrects it. Newton steps then polish the point."""
+    one of least objective kept; above, the primal active-set method :func:`_cagrad_active_set`
+    (exact too) runs ``iterations`` steps (default ``3 K + 10``) and is compared with the
+    min-norm point the same way. Newton steps then polish the point."""
     k = m.shape[0]
     if k <= CAGRAD_ENUMERATION_MAX_TASKS:
-        masks = supports(k, m.device)
+        cands = _support_solutions(m, a, s, supports(k, m.device))
     else:
-        masks = _refine_support(m, a, s, _exponentiated_gradient(m, a, s, iterations) > 0)[None]
-    cands = torch.cat([_support_solutions(m, a, s, masks), min_norm_simplex(m)[None]])
+        cands = _cagrad_active_set(m, a, s, 3 * k + 10 if iterations is None else iterations)[None]
+    cands = torch.cat([cands, min_norm_simplex(m)[None]])
     objective = cands @ a + s * (small_matmul(cands, m) * cands).sum(-1).clamp_min(0).sqrt()
     feasible = (cands >= -1e-12).all(-1) & torch.isfinite(cands).all(-1)
     best = torch.where(feasible, objective, torch.inf).argmin().reshape(1)
     w = cands.index_select(0, best)[0].clamp_min(0)  # no host read (unlike cands[best])
     return _polish(m, a, s, w / w.sum())
+
+
+def _cagrad_active_set(m: Tensor, a: Tensor, s: Tensor, iterations: int) -> Tensor:
+    """Wolfe-style primal active-set method for ``min a^T w + s ||G^T w||`` over the simplex, as
+    a fixed number of branch-free iterations (the objective is convex, so moving from ``w``
+    towards the minimiser ``mu`` of a face never increases it).
+
+    Starts at the vertex of least objective, support ``S = {it}``. Each iteration takes the
+    stationary point ``mu`` on ``S`` (:func:`_support_solutions`). If it exists and ``mu >= 0``
+    it becomes ``w`` and the task ``j`` with the most negative ``grad_j - w^T grad`` (a KKT
+    violation, ``grad = a + s M w / ||G^T w||``) joins ``S``; if it exists with a negative
+    entry, ``w`` moves towards ``mu`` until a weight hits 0 and that task leaves ``S``. Where it
+    does not exist (``g_w`` can vanish on the face), the iteration stops changing; the caller
+    compares with the min-norm point. Once no task violates the KKT conditions, the iteration
+    is a fixed point (where the loop stops on the CPU; elsewhere it runs every step, sync-free)."""
+    k = m.shape[0]
+    index = torch.arange(k, device=m.device)
+    w = (index == (a + s * m.diagonal().clamp_min(0).sqrt()).argmin()).to(m.dtype)
+    support = w > 0
+    reads_free = m.device.type == "cpu"
+    for _ in range(iterations):
+        mu = _support_solutions(m, a, s, support[None])[0]
+        valid = torch.isfinite(mu).all()
+        mu = torch.where(valid, mu, w)
+        feasible = valid & (mu >= 0).all()
+        mw = m @ mu
+        grad = a + s * mw / (mu @ mw).clamp_min(1e-300).sqrt()
+        gap = torch.where(support, torch.inf, grad - mu @ grad)
+        grown = support | ((index == gap.argmin()) & (gap.min() < -1e-12 * (1 + grad.abs().max())))
+        shrinking = support & (mu < 0)
+        ratio = torch.where(shrinking, w / torch.where(shrinking, w - mu, 1), torch.inf)
+        t = ratio.min().clamp(0, 1)
+        moved = torch.where(shrinking & (ratio <= t), 0, w + t * (mu - w)).clamp_min(0)
+        w = torch.where(feasible, mu, torch.where(valid, moved, w))
+        new_support = torch.where(feasible, grown, torch.where(valid, support & (moved > 0), support))
+        if reads_free and bool(feasible & (new_support == support).all()):
+            break  # the fixed point (on the CPU, where reading a value waits for no device)
+        support = new_support
+    return w
 
 
 def _support_solutions(m: Tensor, a: Tensor, s: Tensor, masks: Tensor) -> Tensor:
@@ -283,35 +341,3 @@ def _polish(m: Tensor, a: Tensor, s: Tensor, w: Tensor, steps: int = 2) -> Tenso
         ok = torch.isfinite(trial).all() & (trial >= 0).all() & (n > 1e-8)
         w = torch.where(ok, trial, w)
     return w
-
-
-def _exponentiated_gradient(m: Tensor, a: Tensor, s: Tensor, iterations: int) -> Tensor:
-    """Approximate minimiser of ``a^T w + s ||G^T w||`` over the simplex (to find the
-    support for large K); entries below ``1e-6`` of the largest are set to 0."""
-    k = m.shape[0]
-    w = torch.full((k,), 1.0 / k, dtype=m.dtype, device=m.device)
-    for _ in range(iterations):
-        mw = m @ w
-        grad = a + s * mw / (w @ mw).clamp_min(1e-30).sqrt()
-        step = 1.0 / (grad.abs().max().clamp_min(1e-30))
-        w = w * torch.exp(-step * (grad - grad.min()))
-        w = w / w.sum()
-    return torch.where(w > 1e-6 * w.max(), w, 0)
-
-
-def _refine_support(m: Tensor, a: Tensor, s: Tensor, support: Tensor) -> Tensor:
-    """``K`` rounds of: solve on the support, drop tasks whose weight came out negative, add
-    the task whose directional derivative is below the support's the most (KKT check)."""
-    k = m.shape[0]
-    for _ in range(k):
-        w = _support_solutions(m, a, s, support[None])[0]
-        ok = torch.isfinite(w).all()
-        w = torch.where(ok, w, 0)
-        negative = support & (w < 0)
-        mw = m @ w
-        grad = a + s * mw / (w @ mw).clamp_min(1e-30).sqrt()
-        level = torch.where(support, grad, 0).sum() / support.sum().clamp_min(1)
-        gap = torch.where(support, torch.inf, grad - level)
-        add = torch.zeros_like(support).scatter(0, gap.argmin()[None], True) & (gap.min() < -1e-10)
-        support = torch.where(ok & negative.any(), support & ~negative, support | (add & ok))
-    return support

@@ -94,3 +94,47 @@ def test_above_the_enumeration_limit_equals_torchjd(case, k, n):
     g[1] = -0.7 * g[0] + 0.3 * g[1]
     torch.testing.assert_close(ours(name, g), reference(projector=exact_projector())(g),
                                rtol=0, atol=float(1e-6 * g.norm(dim=1).max()))
+
+
+def _zero_inside_hull(k: int, n: int, seed: int) -> torch.Tensor:
+    """``K x n`` float32 rows of rank ``n`` with 0 strictly inside their convex hull (the last
+    row is minus a positive combination of the others): the dual cone is the orthogonal
+    complement of the rows, so the exact projection is ``d = 0``."""
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.randn(k, n, generator=gen, dtype=D)
+    g[-1] = -(torch.rand(k - 1, 1, generator=gen, dtype=D) + 0.5).mul(g[:-1]).sum(0)
+    return g.float()
+
+
+def _float32_tolerance(g: torch.Tensor, w: torch.Tensor) -> float:
+    """The rounding of a decision made from a float32 Gram: ``(K + n) eps_32`` relative to the
+    terms ``d = w^T G`` is summed from."""
+    k, n = g.shape
+    return 10 * (k + n) * torch.finfo(torch.float32).eps * float(w.abs().double() @ g.norm(dim=1).double())
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_float32_zero_inside_the_hull_projects_to_zero(case, seed):
+    """Issue #19 item 1: on a float32 Gram the exact answer ``d = 0`` is returned (it was the
+    unprojected mean on about half of the draws: the rounded Gram is slightly indefinite)."""
+    name, _ = case
+    g = _zero_inside_hull(4, 3, seed)
+    method = gs.methods.create(name)
+    method.bind(4, device=g.device, dtype=g.dtype, generator=torch.Generator().manual_seed(0))
+    w = method.weights(g @ g.T, torch.ones(4))
+    assert float((w @ g).norm()) <= _float32_tolerance(g, w)
+
+
+@pytest.mark.parametrize("rank,seed", [(3, 24), (3, 49), (5, 12), (5, 37), (8, 45)])
+def test_float32_permutation_equivariant_on_singular_grams(case, rank, seed):
+    """Issue #19 item 1: permuting the tasks of a float32 9 x 11 matrix of rank < 9 permutes
+    the decision, to float32 rounding (torchjd's test: 1e-5; it moved by up to 10%)."""
+    name, _ = case
+    gen = torch.Generator().manual_seed(seed)
+    g = (torch.randn(9, rank, generator=gen, dtype=D) @ torch.randn(rank, 11, generator=gen, dtype=D)).float()
+    perm = torch.randperm(9, generator=gen)
+    method = gs.methods.create(name)
+    method.bind(9, device=g.device, dtype=g.dtype, generator=torch.Generator().manual_seed(0))
+    w = method.weights(g @ g.T, torch.ones(9))
+    w_perm = method.weights(g[perm] @ g[perm].T, torch.ones(9))
+    assert float((w @ g - w_perm @ g[perm]).norm()) <= _float32_tolerance(g, w)

@@ -165,3 +165,18 @@ def test_full_newton_budget_as_off_the_cpu(k, kind, seed, monkeypatch):
     monkeypatch.setattr(fairgrad, "EARLY_EXIT", 0.0)
     full = direction(g, max_norm=None)
     assert torch.allclose(full, early, rtol=0, atol=1e-6 * float(early.norm()))
+
+
+def test_small_alpha_converges_within_the_defaults():
+    """Issue #19 item 4: alpha = 0.1 on K = 20 rank-5 rows leaning one way (0 outside the hull,
+    so a solution exists) converged only with max_iter > 25; the defaults now solve it, to the
+    relative residual ``max_k |(M x)_k x_k^(1/alpha) - 1| <= tol`` checked here on the raw Gram."""
+    gen = torch.Generator().manual_seed(3)
+    g = torch.randn(20, 5, generator=gen, dtype=torch.float64) @ torch.randn(5, 10, generator=gen, dtype=torch.float64)
+    g = g / 5**0.5
+    direction = torch.randn(5, generator=gen, dtype=torch.float64) @ torch.randn(5, 10, generator=gen, dtype=torch.float64)
+    g = g + 0.3 * direction / direction.norm() * g.norm(dim=1, keepdim=True).mean()
+    method = gs.methods.create("fairgrad", alpha=0.1, max_norm=None)
+    method.bind(20, device=g.device, dtype=torch.float64, generator=torch.Generator())
+    x = method.weights(g @ g.T, torch.ones(20, dtype=torch.float64)) / 20
+    assert float(((g @ g.T @ x) * x.pow(10) - 1).abs().max()) <= 1e-5
