@@ -169,7 +169,6 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         self._method_params = {id(p) for p in own}
 
         self._path: paths.StackedPath | paths.ParamsPath | None = None
-        self._checked_graph = False  # the first backward walks the graphs (graph.check_readers)
         self._head_tasks: dict[int, int] = {}  # id(head parameter) -> its task, from that walk
         self._prepared = False  # prepare() ran for this optimizer step
         self._records: list[tuple] = []  # what each backward of this optimizer step saw (see stats)
@@ -455,9 +454,7 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         present = [loss is not None for loss in losses]
         if not all(present):
             self._check_absent(present)
-        if not self._checked_graph:
-            self._head_tasks = graph.check_readers(losses, self._path, self._path.shared)
-            self._checked_graph = True
+        self._head_tasks = graph.check_readers(losses, self._path, self._path.shared)  # every step
         given = [loss for loss in losses if loss is not None]
         stacked = torch.stack(given if all(loss.dim() == 0 for loss in given) else [loss.reshape(()) for loss in given])
         return stacked, None if all(present) else present
