@@ -267,6 +267,7 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         scaling = amp.Scaling.of(scaler, path.shared[0].device)
         sync = self._sync_for_step()
         values = sync.losses(values) if self._decides_from_losses(sync) else values
+        stacked, values, present = self._presence_across_ranks(sync, path, stacked, values, present)
         loss_weights = self._loss_weights(values)
         objective = stacked.sum() if loss_weights is None else (stacked * loss_weights.to(stacked.dtype)).sum()
         params = self._head_params()
@@ -278,6 +279,7 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
             gram if sync.exact else None, values if sync.exact and not self._decides_from_losses(sync) else None,
             flag, head_grads)
         gram, values = gram if total is None else total, values if reduced is None else reduced
+        _, values, present = self._presence_across_ranks(sync, path, stacked, values, present)
         if checked and not bool(torch.isfinite(flag)):  # the one host read
             if not scaling.active:
                 self._raise_nonfinite(values, loss_weights, path, backbone_loss)
@@ -420,7 +422,8 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         if self.rotations is not None:
             return paths.RotatedPath(self.rotations, shared, k, single)
         if self.kind is LossWeighting:  # g = sum_k w_k g_k added up as plain backward (float32/64)
-            exact_sum = all(t.dtype == compute_dtype(t.dtype) for t in shared)
+            exact_sum = all(t.dtype == compute_dtype(t.dtype) for t in shared) and (
+                self.distributed.world_size == 1 or self._decides_from_losses(self.distributed))  # else rows scale
             return (paths.SummedPath if exact_sum else paths.StackedPath)(shared, k, single)
         inner = paths.StackedPath(shared, k, single)
         return paths.ParamsPath(inner, *self._shared_for(shared)) if self.level == "params" else inner
@@ -452,31 +455,97 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         if backbone_loss is not None and (not isinstance(backbone_loss, Tensor) or backbone_loss.numel() != 1):
             raise ValueError(f"backbone_loss must be a scalar tensor, got {_describe(backbone_loss)}")
         present = [loss is not None for loss in losses]
-        if not all(present):
+        across_ranks = isinstance(self.distributed, distributed.Sync)
+        if not all(present) and not across_ranks:
             self._check_absent(present)
-        self._head_tasks = graph.check_readers(losses, self._path, self._path.shared)  # every step
+        reached = graph.check_readers(losses, self._path, self._path.shared)  # every step
+        self._head_tasks = graph.owners(reached)
+        if across_ranks:  # the tasks absent here may be present on other ranks: all K go on
+            self._note_presence(present, reached)
+            losses = [self._zero_loss(k) if loss is None else loss for k, loss in enumerate(losses)]
         given = [loss for loss in losses if loss is not None]
         stacked = torch.stack(given if all(loss.dim() == 0 for loss in given) else [loss.reshape(()) for loss in given])
         return stacked, None if all(present) else present
 
-    def _check_absent(self, present: list[bool]) -> None:
-        """Absent tasks need a method that can decide over any subset of the tasks."""
+    def _check_absent(self, present: list[bool], ranks: str = "") -> None:
+        """Absent tasks need a method that can decide over any subset of the tasks
+        (``ranks``: how the tasks are absent across ranks, said in the error)."""
         if not any(present):
-            raise ValueError("backward() got None for every task; skip the batch instead (nothing was changed)")
+            raise ValueError(f"backward() got None for every task{ranks}; skip the batch instead (nothing was changed)")
         reasons = []
         if not self.method.subset_safe:
-            reasons.append(f"{self.method!r} keeps per-task state, so it cannot decide over a subset of the tasks "
+            reasons.append(f"{self.method!r} cannot decide over a subset of the tasks: "
+                           f"{self.method.subset_refusal or 'it keeps per-task state'} "
                            f"(methods that can: {', '.join(_subset_methods())})")
         if self.rotations is not None:
             reasons.append("rotations align every task's gradient")
-        if self.distributed.world_size > 1:
-            reasons.append("under torch.distributed the ranks' absent tasks differ")
         if self.weight_ema is not None:
             reasons.append("weight_ema smooths the weights of every task")
         if reasons:
-            raise ValueError("backward() got None for absent task(s) "
-                             f"{[k for k, p in enumerate(present) if not p]}, but " + "; ".join(reasons)
+            raise ValueError(f"backward() got None for absent task(s) {[k for k, p in enumerate(present) if not p]}"
+                             f"{ranks}, but " + "; ".join(reasons)
                              + ". Nothing was changed; skip such batches, or pick a method that supports them.")
+
+    # -- absent tasks under torch.distributed (see gradsurgery.scale.distributed) --------
+    def _zero_loss(self, k: int) -> Tensor:
+        """A stand-in for task ``k``'s ``None`` under ``torch.distributed``: 0, read from
+        its view, so its row of ``G`` is exactly 0 and the losses keep all ``K`` places."""
+        view = self._path.views[k]
+        return (view if isinstance(view, Tensor) else view[0]).reshape(-1)[0] * 0
+
+    def _note_presence(self, present: list[bool], reached: dict[int, set[int]]) -> None:
+        """Hands the step's all-reduce this rank's presence and which tasks reached which
+        head parameter (the backbone's parameters, found once, are not the heads')."""
+        sync, params = self.distributed, self._head_params()
+        if sync.backbone is None:
+            sync.backbone = {id(p) for p in graph.shared_parameters(self._path.shared, params)}
+        reach = torch.zeros(len(params), self.num_tasks, dtype=torch.float64)
+        for i, p in enumerate(params):
+            for task in reached.get(id(p), ()):
+                reach[i, task] = 1.0
+        sync.note_presence(present, params, reach, [id(p) not in sync.backbone for p in params])
+
+    def _presence_across_ranks(self, sync, path, stacked: Tensor, values: Tensor, present: list[bool] | None
+                               ) -> tuple[Tensor, Tensor, list[bool] | None]:
+        """Once the all-reduced counts ``n_k`` are known (``sync.counts``): raises on every
+        rank together when the step must be refused, and returns the losses and presence
+        the method decides over. Distributed-exact: the tasks present on some rank, with
+        ``R / n_k`` folded into the losses (``sync.folded``) or into the rows of ``G``;
+        per-rank surgery: this rank's tasks. Identity when single-process or done."""
+        if sync.counts is None or sync.presence_applied:
+            return stacked, values, present
+        sync.presence_applied = True
+        counts, r = [int(c) for c in sync.counts.tolist()], sync.world_size
+        missing = [k for k, c in enumerate(counts) if c < r]
+        if sync.exact:
+            decided = [c > 0 for c in counts]
+            if not all(decided):
+                self._check_absent(decided, " on every rank")
+        else:
+            decided = [True] * self.num_tasks if present is None else present
+            if sync.empty:
+                raise ValueError(f"backward() got None for every task on {sync.empty} rank(s); per-rank surgery "
+                                 "(distributed_exact=False) has nothing to decide there. Nothing was changed; "
+                                 "use distributed_exact=True or skip the batch on every rank")
+            if missing:
+                self._check_absent([c == r for c in counts], " on some ranks (per-rank surgery)")
+        if self.rotations is not None and missing:
+            raise ValueError(f"task(s) {missing} are absent on some ranks, but rotations align every task's "
+                             "gradient on every rank. Nothing was changed; skip such batches on every rank")
+        if sync.inexact:
+            raise ValueError(f"a head parameter is read by several tasks, and task(s) {missing} are absent on some "
+                             "ranks: its gradient of the global batch cannot be told apart from the ranks' sum. "
+                             "Nothing was changed; give each task its own head, or skip such batches on every rank")
+        index = torch.tensor(decided).nonzero().flatten().to(values.device)
+        if sync.exact and (factors := sync.row_factors()) is not None:
+            if sync.folded:
+                stacked = stacked * factors.to(stacked.device, stacked.dtype)
+            else:
+                for g in path.grads:
+                    g.mul_(factors.to(g.device, g.dtype).view(-1, *[1] * (g.dim() - 1)))
+        if all(decided):
+            return stacked, values, None
+        return stacked[index.to(stacked.device)], values[index], decided
 
     def _decides_from_losses(self, sync) -> bool:
         """Whether the method's loss weights may depend on the losses, so that under exact

@@ -60,6 +60,7 @@ class Method:
         subset_safe: the method can decide over any subset of the tasks (it keeps no
             per-task state), so ``backward`` accepts ``None`` for a task absent from the
             batch: the method then sees the present tasks only, as if only they existed.
+        subset_refusal: when not ``subset_safe``, why (the error for an absent task says it).
         weights_heads: the heads receive ``c_k dL_k`` (the method's coefficient times
             their loss gradient) instead of ``dL_k``, as the official code of some
             methods does (an option of those methods); ``False`` by default.
@@ -70,6 +71,7 @@ class Method:
 
     rotation: ClassVar[bool] = False
     subset_safe: ClassVar[bool] = False
+    subset_refusal: ClassVar[str | None] = None
     levels: ClassVar[tuple[str, ...]] = ("rep", "params")
     loss_domain: ClassVar[str | None] = None
     observes_losses: ClassVar[bool] = False
