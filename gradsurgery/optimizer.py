@@ -465,6 +465,7 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
             losses = [self._zero_loss(k) if loss is None else loss for k, loss in enumerate(losses)]
         given = [loss for loss in losses if loss is not None]
         stacked = torch.stack(given if all(loss.dim() == 0 for loss in given) else [loss.reshape(()) for loss in given])
+        self.method.present = None if all(present) or across_ranks else present
         return stacked, None if all(present) else present
 
     def _check_absent(self, present: list[bool], ranks: str = "") -> None:
@@ -543,6 +544,7 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
             else:
                 for g in path.grads:
                     g.mul_(factors.to(g.device, g.dtype).view(-1, *[1] * (g.dim() - 1)))
+        self.method.present = None if all(decided) else decided
         if all(decided):
             return stacked, values, None
         return stacked[index.to(stacked.device)], values[index], decided

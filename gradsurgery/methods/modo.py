@@ -78,6 +78,8 @@ def part_gradient(part: Tensor, batch: int) -> Tensor:
 class MoDo(ElementWise):
     """Projected-gradient task weights from a doubly sampled Gram."""
 
+    subset_refusal = ("its weights lambda live on the simplex of all K tasks and take one step per batch")
+
     has_weights = True
 
     levels = ("rep",)

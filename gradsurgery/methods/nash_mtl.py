@@ -66,6 +66,8 @@ LINE_SEARCH_STEPS = 31
 class NashMTL(GramWeighting):
     """Nash bargaining weights ``M alpha = 1 / alpha``."""
 
+    subset_refusal = ("its bargaining solution alpha (one per task) continues from the last step's, over all tasks")
+
     def __init__(self, update_weights_every: int = 1, max_norm: float | None = 1.0,
                  tol: float = 1e-6, max_iter: int = 10, on_failure: str = "raise", weight_heads: bool = False):
         for name, value in (("update_weights_every", update_weights_every), ("max_iter", max_iter)):

@@ -47,6 +47,8 @@ from .registry import register
 class SDMGrad(ElementWise):
     """Direction-oriented weights by projected SGD on a triply sampled batch."""
 
+    subset_refusal = ("its weights w are kept across steps on the simplex of all K tasks")
+
     has_weights = True
 
     levels = ("rep",)
