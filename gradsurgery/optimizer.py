@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .methods import ElementWise, LossWeighting, Method, available, create, get, kind_of
 from .numerics.gram import compute_dtype, cosines, norms
-from .pipeline import graph, paths, stages
+from .pipeline import graph, paths, presence, stages
 from .pipeline import rotation as rot
 from .scale import amp, distributed
 
@@ -170,6 +170,7 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
 
         self._path: paths.StackedPath | paths.ParamsPath | None = None
         self._head_tasks: dict[int, int] = {}  # id(head parameter) -> its task, from that walk
+        self._warned_zero: set[int] = set()  # tasks warned about an exactly zero gradient
         self._prepared = False  # prepare() ran for this optimizer step
         self._records: list[tuple] = []  # what each backward of this optimizer step saw (see stats)
         self._step_done = True  # the next backward starts a new step's records
@@ -280,7 +281,7 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
             flag, head_grads)
         gram, values = gram if total is None else total, values if reduced is None else reduced
         _, values, present = self._presence_across_ranks(sync, path, stacked, values, present)
-        if checked and not bool(torch.isfinite(flag)):  # the one host read
+        if checked and not self._read_checks(flag, gram, values, present):  # the one host read
             if not scaling.active:
                 self._raise_nonfinite(values, loss_weights, path, backbone_loss)
             return self._skip_overflow(path, params, head_grads, scaling.apply(backbone_loss), values)
@@ -486,6 +487,14 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
             raise ValueError(f"backward() got None for absent task(s) {[k for k, p in enumerate(present) if not p]}"
                              f"{ranks}, but " + "; ".join(reasons)
                              + ". Nothing was changed; skip such batches, or pick a method that supports them.")
+
+    def _read_checks(self, flag: Tensor, gram: Tensor | None, values: Tensor, present: list[bool] | None) -> bool:
+        """The step's one host read: whether everything is finite; a present task with an
+        exactly zero gradient is warned about (once per task), from the same read."""
+        finite, zero = presence.read_checks(flag, gram, values, present)
+        if finite and zero:
+            presence.warn_zero_gradients(zero, self._warned_zero)
+        return finite
 
     # -- absent tasks under torch.distributed (see gradsurgery.scale.distributed) --------
     def _zero_loss(self, k: int) -> Tensor:

@@ -114,3 +114,34 @@ def test_refusal_of_per_task_options_names_the_option(method, options):
     losses = model.losses(opt.fork(model.rep(x)), ys)
     with pytest.raises(ValueError, match=f"{next(iter(options))} gives one .* per task"):
         opt.backward([losses[0], None, losses[2]])
+
+
+# -- the masked-loss trap (issue 21 row 8) ---------------------------------------------------
+def _masked_losses(model, views, ys, labelled):
+    """Task 1 as a masked loss: the mean over its labelled rows, ``sum / max(n, 1)``, the
+    natural way to write it; with no labelled row it is exactly 0 with a zero gradient."""
+    losses = model.losses(views, ys)
+    per_row = (model.heads[1](views[1]).squeeze(-1) - ys[1]).pow(2) * labelled
+    losses[1] = per_row.sum() / labelled.sum().clamp(min=1)
+    return losses
+
+
+@pytest.mark.parametrize("method", ["mgda", "mean", "rotograd"])
+def test_masked_loss_over_an_unlabelled_batch_warns_once_naming_the_task(method, recwarn):
+    model, x, ys = make(K, seed=7)
+    opt = _opt(model, method)
+    for labelled in (torch.ones(4), torch.zeros(4), torch.zeros(4), torch.tensor([1.0, 0, 0, 0])):
+        opt.zero_grad()
+        opt.backward(_masked_losses(model, opt.fork(model.rep(x)), ys, labelled.to(x.dtype)))
+        opt.step()
+    warned = [w for w in recwarn if "exactly zero gradient" in str(w.message)]
+    assert len(warned) == 1  # once, at the first unlabelled batch
+    assert "task(s) [1]" in str(warned[0].message) and "Pass None" in str(warned[0].message)
+
+
+def test_no_warning_for_ordinary_and_absent_tasks(recwarn):
+    model, x, ys = make(K, seed=8)
+    opt = _opt(model, "mgda")
+    wrapped_step(model, opt, x, ys)
+    _absent_step(model, opt, x, ys)
+    assert not [w for w in recwarn if "exactly zero gradient" in str(w.message)]
