@@ -507,8 +507,10 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         """Hands the step's all-reduce this rank's presence and which tasks reached which
         head parameter (the backbone's parameters, found once, are not the heads')."""
         sync, params = self.distributed, self._head_params()
-        if sync.backbone is None:
-            sync.backbone = {id(p) for p in graph.shared_parameters(self._path.shared, params)}
+        if sync.backbone is None:  # the first step: the backbone's parameters, and the heads outside DDP
+            backbone = {id(p) for p in graph.shared_parameters(self._path.shared, params)}
+            distributed.check_heads_outside_ddp(p for p in params if id(p) in reached and id(p) not in backbone)
+            sync.backbone = backbone
         reach = torch.zeros(len(params), self.num_tasks, dtype=torch.float64)
         for i, p in enumerate(params):
             for task in reached.get(id(p), ()):

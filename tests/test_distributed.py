@@ -146,6 +146,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         results[f"absent/{m}"] = _train(m, rows, ddp=True, absent=ABSENT)
     results["absent/gradnorm"] = _train("gradnorm", rows, ddp=True, absent=ABSENT_SOME_ONLY)
     results["absent/refused"] = _refused_on_every_rank(rank, rows)
+    results["whole model"] = _whole_model_in_ddp(rows)
 
     results["num_tasks"] = _expect_error(lambda: mismatched(2 + rank, "pcgrad"))
     results["method"] = _expect_error(lambda: mismatched(2, ("pcgrad", "mgda")[rank]))
@@ -176,6 +177,32 @@ def _refused_on_every_rank(rank: int, rows: slice) -> list:
     unchanged = all(torch.equal(a, b) for a, b in zip(before[:-1], opt.param_groups[0]["params"]))
     step(1, False)
     return [error, unchanged, [p.detach().clone() for p in opt.param_groups[0]["params"]]]
+
+def _whole_model_in_ddp(rows: slice) -> list:
+    """DDP(model) with the heads inside: refused at the first step, before anything
+    changed, saying to wrap the backbone only (DDP's reducer would otherwise wait for
+    the heads' gradients and fail at the next forward)."""
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = nn.Linear(5, FEATURES).double()
+            self.heads = nn.ModuleList([nn.Linear(FEATURES, 1), nn.Linear(FEATURES, 2)]).double()
+
+        def forward(self, x):
+            return self.backbone(x)
+
+    model = nn.parallel.DistributedDataParallel(Net())
+    opt = gs.MultiTaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "mgda", num_tasks=2)
+    x, y1, y2 = _data()
+    before = [p.detach().clone() for p in model.parameters()]
+    views = opt.fork(model(x[0, rows]))
+    error = _expect_error(lambda: opt.backward([(model.module.heads[0](views[0]) - y1[0, rows]).pow(2).mean(),
+                                                (model.module.heads[1](views[1]) - y2[0, rows]).pow(2).mean()]))
+    unchanged = all(torch.equal(a, b) for a, b in zip(before, model.parameters())) and all(
+        p.grad is None for p in model.parameters())
+    return [error, unchanged]
 
 
 @pytest.fixture(scope="module")
@@ -262,3 +289,11 @@ def test_task_absent_on_every_rank_is_refused_on_every_rank_together(ranks):
         assert error.startswith("ValueError") and "absent task(s) [1] on every rank" in error
         assert "GradNorm" in error and unchanged
     assert max_diff(ranks[0]["absent/refused"][2], ranks[1]["absent/refused"][2]) == 0
+
+
+def test_whole_model_in_ddp_is_refused_at_the_first_step(ranks):
+    """Issue 21 row 13."""
+    for r in ranks:
+        error, unchanged = r["whole model"]
+        assert error.startswith("ValueError") and "wrap the backbone only" in error and "heads.0.weight" in error
+        assert unchanged

@@ -65,6 +65,7 @@ Without DDP, average the backbone's gradients yourself after ``opt.backward`` wi
 """
 from __future__ import annotations
 
+import gc
 import zlib
 from typing import Iterable
 
@@ -110,6 +111,23 @@ def average_gradients(params: Iterable[Tensor], process_group=None) -> None:
         flat /= world
         for g, part in zip(same, flat.split([g.numel() for g in same])):
             g.copy_(part.view_as(g))
+
+
+def check_heads_outside_ddp(heads: Iterable[Tensor]) -> None:
+    """Raises when a head parameter sits inside a ``DistributedDataParallel`` module (the
+    whole model wrapped): the heads' gradients come from ``torch.autograd.grad``, which
+    DDP's hooks never see, so its reducer would wait for them forever (DDP's
+    ``find_unused_parameters`` error at the next forward). Looks for DDP modules once
+    (a scan of the live objects, at the first step)."""
+    wanted = {id(p) for p in heads}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.nn.parallel.DistributedDataParallel):
+            inside = [name for name, p in obj.module.named_parameters() if id(p) in wanted]
+            if inside:
+                raise ValueError(
+                    f"the heads' parameters ({', '.join(inside[:3])}{', ...' if len(inside) > 3 else ''}) are inside "
+                    "DistributedDataParallel: wrap the backbone only, DDP(backbone), and keep the heads outside "
+                    "(gradsurgery averages their gradients across ranks in its own all-reduce). Nothing was changed")
 
 
 def _by_dtype_and_device(tensors: list[Tensor]) -> dict[tuple, list[Tensor]]:
