@@ -78,10 +78,12 @@ def main() -> None:
             if r >= 20:
                 times[name].append(time.perf_counter() - t)
     graph.check_readers = check
-    ratio = statistics.median(e / f for e, f in zip(times["every"], times["first"]))
+    ratio = statistics.median(e / f for e, f in zip(times["every"], times["first"], strict=True))
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {args.rounds} rounds")
-    print(f"mgda, check every step / plain backward: {statistics.median(e / p for e, p in zip(times['every'], times['plain'])):.3f}")
-    print(f"mgda, check first step / plain backward: {statistics.median(f / p for f, p in zip(times['first'], times['plain'])):.3f}")
+    for name in ("every", "first"):
+        over_plain = statistics.median(t / p for t, p in zip(times[name], times["plain"], strict=True))
+        label = "every step" if name == "every" else "first step only"
+        print(f"mgda, check {label} / plain backward: {over_plain:.3f}")
     print(f"every step / first step only: {ratio:.4f}")
     print("median step times (ms): " + ", ".join(f"{n} {1e3 * statistics.median(t):.3f}" for n, t in times.items()))
 

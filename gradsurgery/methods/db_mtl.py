@@ -39,7 +39,8 @@ NORM_EPS = 1e-8
 class DBMTL(ElementWise):
     """Log-loss weighting plus moving-averaged gradients equalised to the largest norm."""
 
-    subset_refusal = ("it scales every task's moving-average gradient to the largest of all K, with one step count for their bias")
+    subset_refusal = ("it scales every task's moving-average gradient to the largest of all K, with one step count "
+                      "for their bias")
 
     def __init__(self, beta: float = 0.9, beta_sigma: float = 0.0, eps: float = 1e-8):
         if not 0 <= beta < 1:

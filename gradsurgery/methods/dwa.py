@@ -29,7 +29,8 @@ from .registry import register
 class DWA(LossWeighting):
     """Weights from the ratio of the last two epochs' mean losses, softmax with temperature."""
 
-    subset_refusal = ("its weights come from the epoch means of the losses, which count the batches once for all tasks")
+    subset_refusal = ("its weights come from the epoch means of the losses, which count the batches once for all "
+                      "tasks")
 
     def __init__(self, temperature: float = 2.0, per_step: bool = False):
         if not temperature > 0:

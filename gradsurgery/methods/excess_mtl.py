@@ -49,7 +49,8 @@ from .registry import register
 class ExcessMTL(ElementWise):
     """Exponentiated-gradient task weights driven by estimated excess risks."""
 
-    subset_refusal = ("each task's excess risk is accumulated at every step (AdaGrad squares) and divided by its first estimate, so a step without a task has no term for it")
+    subset_refusal = ("each task's excess risk is accumulated at every step (AdaGrad squares) and divided by its "
+                      "first estimate, so a step without a task has no term for it")
 
     has_weights = True
 

@@ -44,7 +44,8 @@ MIN_WEIGHT = 1e-6
 class GradNorm(GramWeighting):
     """Learnable task weights balancing the task gradients' norms (see module docstring)."""
 
-    subset_refusal = ("its weights are trained towards the mean weighted gradient norm over all tasks and renormalised to sum to K")
+    subset_refusal = ("its weights are trained towards the mean weighted gradient norm over all tasks and "
+                      "renormalised to sum to K")
 
     def __init__(self, alpha: float = 1.5, weight_heads: bool = False):
         if not alpha >= 0:

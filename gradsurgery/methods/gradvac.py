@@ -40,7 +40,8 @@ from .registry import register
 class GradVac(GramWeighting):
     """Gradient vaccine: raise each pair's cosine towards its running target."""
 
-    subset_refusal = ("its target similarities are moving averages of every pair's cosine, updated from all pairs at once")
+    subset_refusal = ("its target similarities are moving averages of every pair's cosine, updated from all pairs at "
+                      "once")
 
     def __init__(self, beta: float = 0.5):
         if not 0 <= beta <= 1:

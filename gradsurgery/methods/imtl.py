@@ -35,7 +35,8 @@ from .registry import register
 class IMTL(GramWeighting):
     """Learned loss scales ``e^{s_k}`` (IMTL-L) and equal-projection coefficients (IMTL-G)."""
 
-    subset_refusal = ("its gradient half (IMTL-G) weights are tied to the learnable loss scales of all tasks, trained together")
+    subset_refusal = ("its gradient half (IMTL-G) weights are tied to the learnable loss scales of all tasks, trained "
+                      "together")
 
     def __init__(self, init: float = 0.0):
         if isinstance(init, bool) or not isinstance(init, (int, float)) or not abs(init) < float("inf"):

@@ -38,7 +38,8 @@ from .registry import register
 class MoCo(ElementWise):
     """Tracked task gradients, weights by a softmax-mirror step on their Gram."""
 
-    subset_refusal = ("it tracks every task's gradient (Y, K x P) and moves its weights over all tasks from the tracked Gram")
+    subset_refusal = ("it tracks every task's gradient (Y, K x P) and moves its weights over all tasks from the "
+                      "tracked Gram")
 
     has_weights = True
 

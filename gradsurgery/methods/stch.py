@@ -41,7 +41,8 @@ TINY = 1e-20
 class STCH(LossWeighting):
     """Smooth Tchebycheff weights of the log losses relative to a warm-up nadir point."""
 
-    subset_refusal = ("its nadir point is the per-task epoch means of the warm-up, which count the batches once for all tasks")
+    subset_refusal = ("its nadir point is the per-task epoch means of the warm-up, which count the batches once for "
+                      "all tasks")
 
     def __init__(self, mu: float = 1.0, warmup_epoch: int = 4):
         if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not 0 < mu < float("inf"):

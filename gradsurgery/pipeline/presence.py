@@ -10,7 +10,8 @@ import torch
 from torch import Tensor
 
 
-def read_checks(flag: Tensor, gram: Tensor | None, values: Tensor, present: list[bool] | None) -> tuple[bool, list[int]]:
+def read_checks(flag: Tensor, gram: Tensor | None, values: Tensor,
+                present: list[bool] | None) -> tuple[bool, list[int]]:
     """One host read: whether ``flag`` (see the optimizer's finiteness check) is finite,
     and the present tasks whose gradient is exactly zero: a zero diagonal of the Gram
     ``||g_k||^2`` when there is one, else (loss weighting: no task gradients are formed)
