@@ -65,14 +65,17 @@ def _train(method: str, rows: slice, *, ddp: bool = False, manual: bool = False,
         z1, z2 = (v.flatten(1) for v in opt.fork(z.view(-1, 3, 2) if post else z))
         losses = [(heads[0](z1) - y1[t, rows]).pow(2).mean(), (heads[1](z2).tanh() - y2[t, rows]).pow(2).mean()]
         if absent is not None and t in absent:
-            labelled = [r for r in range(WORLD) if r not in absent[t]]
-            if rows != slice(None):
-                labelled = [r for r in labelled if _rows(r) == rows]
-            take = torch.cat([torch.arange(BATCH)[_rows(r)] for r in labelled]) if labelled else None
-            if take is None:
-                losses[1] = None
-            elif rows == slice(None):
-                losses[1] = (heads[1](z2[take]).tanh() - y2[t, take]).pow(2).mean()
+            spec = absent[t] if isinstance(absent[t], dict) else {1: absent[t]}
+            for task, missing in spec.items():
+                labelled = [r for r in range(WORLD) if r not in missing]
+                if rows != slice(None):
+                    labelled = [r for r in labelled if _rows(r) == rows]
+                take = torch.cat([torch.arange(BATCH)[_rows(r)] for r in labelled]) if labelled else None
+                if take is None:
+                    losses[task] = None
+                elif rows == slice(None):
+                    losses[task] = ((heads[0](z1[take]) - y1[t, take]) if task == 0 else
+                                    (heads[1](z2[take]).tanh() - y2[t, take])).pow(2).mean()
         if scaler is None:
             opt.backward(losses)
         else:
@@ -98,6 +101,8 @@ ABSENT = {1: {1}, 3: {1}, 5: {1}, 6: {0, 1}, 8: {1}}
 #: methods deciding after the Gram's all-reduce (mgda, sum, gradnorm) or folding R/n_k into
 #: the losses before the task backward (mean, gls: loss weights from the global losses)
 ABSENT_METHODS = ["mgda", "sum", "mean", "gls"]
+#: rank 1 has no task at all at step 2 (it still calls fork and backward); task 0 only on rank 1 at 4
+ABSENT_EMPTY_RANK = {2: {0: {1}, 1: {1}}, 4: {0: {0}}, 7: {0: {1}, 1: {0}}}
 #: present on one rank is present globally: methods that refuse absent tasks train on
 ABSENT_SOME_ONLY = {1: {1}, 3: {0}, 8: {1}}
 
@@ -145,6 +150,10 @@ def _worker(rank: int, port: int, out: str) -> None:
     for m in ABSENT_METHODS:
         results[f"absent/{m}"] = _train(m, rows, ddp=True, absent=ABSENT)
     results["absent/gradnorm"] = _train("gradnorm", rows, ddp=True, absent=ABSENT_SOME_ONLY)
+    results["absent/empty rank"] = _train("mgda", rows, ddp=True, absent=ABSENT_EMPTY_RANK)
+    results["absent/per-rank"] = _train("mgda", rows, ddp=True, exact=False, absent=ABSENT_SOME_ONLY)
+    results["absent/per-rank gradnorm"] = _expect_error(
+        lambda: _train("gradnorm", rows, ddp=True, exact=False, absent=ABSENT_SOME_ONLY))
     results["absent/refused"] = _refused_on_every_rank(rank, rows)
     results["whole model"] = _whole_model_in_ddp(rows)
 
@@ -281,6 +290,24 @@ def test_task_absent_on_one_rank_is_present_for_a_method_that_refuses_absent_tas
     reference = _train("gradnorm", slice(None), absent=ABSENT_SOME_ONLY)
     assert max_diff(ranks[0]["absent/gradnorm"], reference) < 1e-6
     assert max_diff(ranks[0]["absent/gradnorm"], ranks[1]["absent/gradnorm"]) == 0
+
+
+def test_a_rank_without_any_task_and_tasks_on_disjoint_ranks(ranks):
+    """A rank with None for every task still takes part (zeros of its own); tasks present on
+    different ranks only (step 7) are each the mean over their own rows."""
+    reference = _train("mgda", slice(None), absent=ABSENT_EMPTY_RANK)
+    assert max_diff(ranks[0]["absent/empty rank"], reference) < 1e-6
+    assert max_diff(ranks[0]["absent/empty rank"], ranks[1]["absent/empty rank"]) == 0
+
+
+def test_per_rank_surgery_decides_over_each_rank_s_tasks(ranks):
+    """distributed_exact=False: each rank decides over its own tasks; the replicas stay
+    identical (heads averaged over the ranks that have their task); a method that refuses
+    absent tasks refuses on both ranks."""
+    assert max_diff(ranks[0]["absent/per-rank"], ranks[1]["absent/per-rank"]) == 0
+    for r in ranks:
+        assert r["absent/per-rank gradnorm"].startswith("ValueError")
+        assert "on some ranks (per-rank surgery)" in r["absent/per-rank gradnorm"]
 
 
 def test_task_absent_on_every_rank_is_refused_on_every_rank_together(ranks):
