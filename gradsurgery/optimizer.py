@@ -500,15 +500,17 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
     def _zero_loss(self, k: int) -> Tensor:
         """A stand-in for task ``k``'s ``None`` under ``torch.distributed``: 0, read from
         its view, so its row of ``G`` is exactly 0 and the losses keep all ``K`` places."""
-        view = self._path.views[k]
+        view = self._pending_path().views[k]
         return (view if isinstance(view, Tensor) else view[0]).reshape(-1)[0] * 0
 
     def _note_presence(self, present: list[bool], reached: dict[int, set[int]]) -> None:
         """Hands the step's all-reduce this rank's presence and which tasks reached which
         head parameter (the backbone's parameters, found once, are not the heads')."""
         sync, params = self.distributed, self._head_params()
+        if not isinstance(sync, distributed.Sync):
+            return
         if sync.backbone is None:  # the first step: the backbone's parameters, and the heads outside DDP
-            backbone = {id(p) for p in graph.shared_parameters(self._path.shared, params)}
+            backbone = {id(p) for p in graph.shared_parameters(self._pending_path().shared, params)}
             distributed.check_heads_outside_ddp(p for p in params if id(p) in reached and id(p) not in backbone)
             sync.backbone = backbone
         reach = torch.zeros(len(params), self.num_tasks, dtype=torch.float64)

@@ -281,7 +281,7 @@ class Sync:
         known = self.counts is not None  # the losses' all-reduce brought n already
         surgery = [t.reshape(-1) for t in (gram, values) if t is not None] + [flag.reshape(1)]
         sent = [i for i, g in enumerate(head_grads) if g is not None or self.candidates[i]]
-        grads = [head_grads[i] if head_grads[i] is not None else self._zeros(i) for i in sent]
+        grads = [g if (g := head_grads[i]) is not None else self._zeros(i) for i in sent]
         presence = ([] if known else [self.present]) + [self.reach.reshape(-1)]  # small integers: exact
         parts = surgery + [g.reshape(-1) for g in grads]
         dtype = parts[0].dtype
@@ -302,10 +302,11 @@ class Sync:
         k = self.present.numel() - 1
         received = torch.cat(out[:len(presence)]).to(device="cpu", dtype=torch.float64)  # a host read
         out = out[len(presence):]
-        if not known:
-            self.counts, self.empty, received = received[:k], int(received[k]), received[k + 1:]
-        divisors = self._head_divisors(received.view_as(self.reach), sent)
         counts = self.counts
+        if counts is None:
+            counts, self.empty, received = received[:k], int(received[k]), received[k + 1:]
+            self.counts = counts
+        divisors = self._head_divisors(received.view_as(self.reach), sent)
         if total_gram is not None:
             everywhere = self.folded or bool((counts == r).all())
             gram = total_gram / (r * r) if everywhere else total_gram / torch.outer(counts, counts).clamp(min=1).to(
