@@ -461,12 +461,16 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
             self._check_absent(present)
         reached = graph.check_readers(losses, self._path, self._path.shared)  # every step
         self._head_tasks = graph.owners(reached)
-        if across_ranks:  # the tasks absent here may be present on other ranks: all K go on
+        # distributed-exact: the tasks absent here may be present on other ranks, so all K go on
+        # (per-rank surgery decides over this rank's tasks, as one process)
+        full = across_ranks and (self.distributed.exact or not any(present))
+        if across_ranks:
             self._note_presence(present, reached)
+        if full:
             losses = [self._zero_loss(k) if loss is None else loss for k, loss in enumerate(losses)]
         given = [loss for loss in losses if loss is not None]
         stacked = torch.stack(given if all(loss.dim() == 0 for loss in given) else [loss.reshape(()) for loss in given])
-        self.method.present = None if all(present) or across_ranks else present
+        self.method.present = None if all(present) or full else present
         return stacked, None if all(present) else present
 
     def _check_absent(self, present: list[bool], ranks: str = "") -> None:
@@ -550,8 +554,10 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
             raise ValueError(f"a head parameter is read by several tasks, and task(s) {missing} are absent on some "
                              "ranks: its gradient of the global batch cannot be told apart from the ranks' sum. "
                              "Nothing was changed; give each task its own head, or skip such batches on every rank")
+        if not sync.exact:  # this rank's tasks, already the only ones in the losses
+            return stacked, values, present
         index = torch.tensor(decided).nonzero().flatten().to(values.device)
-        if sync.exact and (factors := sync.row_factors()) is not None:
+        if (factors := sync.row_factors()) is not None:
             if sync.folded:
                 stacked = stacked * factors.to(stacked.device, stacked.dtype)
             else:

@@ -152,6 +152,9 @@ def _worker(rank: int, port: int, out: str) -> None:
     results["absent/gradnorm"] = _train("gradnorm", rows, ddp=True, absent=ABSENT_SOME_ONLY)
     results["absent/empty rank"] = _train("mgda", rows, ddp=True, absent=ABSENT_EMPTY_RANK)
     results["absent/per-rank"] = _train("mgda", rows, ddp=True, exact=False, absent=ABSENT_SOME_ONLY)
+    # loss weights of this rank's tasks (UW's own parameters are per-rank in this mode: not compared)
+    results["absent/per-rank uw"] = _expect_error(
+        lambda: _train("uw", rows, ddp=True, exact=False, absent=ABSENT_SOME_ONLY))
     results["absent/per-rank gradnorm"] = _expect_error(
         lambda: _train("gradnorm", rows, ddp=True, exact=False, absent=ABSENT_SOME_ONLY))
     results["absent/refused"] = _refused_on_every_rank(rank, rows)
@@ -305,6 +308,7 @@ def test_per_rank_surgery_decides_over_each_rank_s_tasks(ranks):
     identical (heads averaged over the ranks that have their task); a method that refuses
     absent tasks refuses on both ranks."""
     assert max_diff(ranks[0]["absent/per-rank"], ranks[1]["absent/per-rank"]) == 0
+    assert ranks[0]["absent/per-rank uw"] == ranks[1]["absent/per-rank uw"] == "no error"
     for r in ranks:
         assert r["absent/per-rank gradnorm"].startswith("ValueError")
         assert "on some ranks (per-rank surgery)" in r["absent/per-rank gradnorm"]
