@@ -456,7 +456,8 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         if backbone_loss is not None and (not isinstance(backbone_loss, Tensor) or backbone_loss.numel() != 1):
             raise ValueError(f"backbone_loss must be a scalar tensor, got {_describe(backbone_loss)}")
         present = [loss is not None for loss in losses]
-        across_ranks = isinstance(self.distributed, distributed.Sync)
+        # under torch.distributed, presence is all-reduced and read with the finiteness flag
+        across_ranks = isinstance(self.distributed, distributed.Sync) and self.check_finite
         if not all(present) and not across_ranks:
             self._check_absent(present)
         reached = graph.check_readers(losses, self._path, self._path.shared)  # every step
@@ -487,6 +488,9 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
             reasons.append("rotations align every task's gradient")
         if self.weight_ema is not None:
             reasons.append("weight_ema smooths the weights of every task")
+        if self.distributed.world_size > 1 and not self.check_finite:
+            reasons.append("under torch.distributed the ranks learn each other's tasks from a host read, which "
+                           "check_finite=False rules out (pass check_finite=True)")
         if reasons:
             raise ValueError(f"backward() got None for absent task(s) {[k for k, p in enumerate(present) if not p]}"
                              f"{ranks}, but " + "; ".join(reasons)

@@ -242,6 +242,8 @@ class Sync:
         buf = torch.cat([values, self.present.to(values)])
         dist.all_reduce(buf, group=self.group)
         self.bytes_last_step["surgery"] += buf.numel() * buf.element_size()
+        if not self.present.numel():  # not tracking presence (check_finite=False: no host read)
+            return buf / self.world_size
         presence = buf[k:].to(device="cpu", dtype=torch.float64)  # a host read (small integers)
         self.counts, self.empty, self.folded = presence[:k], int(presence[k]), True
         return self._mean(buf[:k], self.counts)
@@ -278,6 +280,8 @@ class Sync:
             (with absent tasks: ``/ (n_k n_l)``, ``/ n_k``, see the module's docstring;
             :attr:`counts` holds ``n``).
         """
+        if not self.present.numel():  # not tracking presence (check_finite=False): every rank has every task
+            return self._plain_reduce(gram, values, flag, head_grads)
         known = self.counts is not None  # the losses' all-reduce brought n already
         surgery = [t.reshape(-1) for t in (gram, values) if t is not None] + [flag.reshape(1)]
         sent = [i for i, g in enumerate(head_grads) if g is not None or self.candidates[i]]
@@ -316,6 +320,31 @@ class Sync:
         averaged = {i: None if d == 0 else (o / d).view_as(g).to(g.dtype)
                     for i, o, g, d in zip(sent, out, grads, divisors)}
         return gram, values, flag, [averaged.get(i) for i in range(len(head_grads))]
+
+    def _plain_reduce(self, gram: Tensor | None, values: Tensor | None, flag: Tensor,
+                      head_grads: list[Tensor | None]) -> tuple[Tensor | None, Tensor | None, Tensor, list[Tensor | None]]:
+        """:meth:`reduce` without presence (no host read): ``/ R^2``, ``/ R``, ``/ R``."""
+        surgery = [t.reshape(-1) for t in (gram, values) if t is not None] + [flag.reshape(1)]
+        present = [g for g in head_grads if g is not None]
+        parts = surgery + [g.reshape(-1) for g in present]
+        dtype = parts[0].dtype
+        for p in parts[1:]:
+            dtype = torch.promote_types(dtype, p.dtype)
+        buf = torch.cat([p.to(dtype) for p in parts])
+        dist.all_reduce(buf, group=self.group)
+        sizes = [p.numel() for p in parts]
+        n_surgery = sum(sizes[:len(surgery)])
+        self.bytes_last_step["surgery"] += n_surgery * buf.element_size()
+        self.bytes_last_step["heads"] += (buf.numel() - n_surgery) * buf.element_size()
+        out = list(buf.split(sizes))
+        r = self.world_size
+        if gram is not None:
+            gram = out.pop(0).view_as(gram).to(gram.dtype) / (r * r)
+        if values is not None:
+            values = out.pop(0).to(values.dtype) / r
+        flag = out.pop(0)[0]
+        averaged = iter([(o / r).view_as(g).to(g.dtype) for o, g in zip(out, present)])
+        return gram, values, flag, [None if g is None else next(averaged) for g in head_grads]
 
     def _zeros(self, i: int) -> Tensor:
         """Zeros in place of head parameter ``i``'s gradient (this rank's tasks missed it)."""
