@@ -37,15 +37,18 @@ def _data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return x, y1, y2
 
 
-def _train(method: str, rows: slice, *, ddp: bool = False, manual: bool = False,
-           exact: bool = True, post: bool = False, poison: bool | None = None, **options) -> list[torch.Tensor]:
+def _train(method: str, rows: slice, *, ddp: bool = False, manual: bool = False, exact: bool = True,
+           post: bool = False, poison: bool | None = None, absent: dict | None = None, **options) -> list[torch.Tensor]:
     """10 Adam steps on rows ``rows`` of every batch; returns every parameter (backbone,
     heads, the method's own) after training. ``post``: rotate the 3 channels of a
     ``batch x 3 x 2`` representation at each of its 2 positions, in cooperative mode
     (the rotation loss then averages over the batch instead of summing). ``poison`` (not
     None): with a GradScaler, whose final scale is returned last; True: this process's
     loss is 1e300 times larger at step 4: finite, but its Gram overflows float64 (an
-    overflow only this process sees, until the Gram is all-reduced)."""
+    overflow only this process sees, until the Gram is all-reduced). ``absent``: ``{step:
+    ranks}``, the ranks whose rows carry no label for task 1 at that step: a rank among them
+    passes None; a single process (``rows`` the whole batch) takes task 1's loss over the
+    other ranks' rows (None when it is every rank)."""
     torch.manual_seed(0)
     backbone = nn.Sequential(nn.Linear(5, FEATURES), nn.Tanh(), nn.Linear(FEATURES, FEATURES)).double()
     heads = nn.ModuleList([nn.Linear(FEATURES, 1), nn.Linear(FEATURES, 2)]).double()
@@ -61,6 +64,18 @@ def _train(method: str, rows: slice, *, ddp: bool = False, manual: bool = False,
         z = shared(x[t, rows])
         z1, z2 = (v.flatten(1) for v in opt.fork(z.view(-1, 3, 2) if post else z))
         losses = [(heads[0](z1) - y1[t, rows]).pow(2).mean(), (heads[1](z2).tanh() - y2[t, rows]).pow(2).mean()]
+        if absent is not None and t in absent:
+            spec = absent[t] if isinstance(absent[t], dict) else {1: absent[t]}
+            for task, missing in spec.items():
+                labelled = [r for r in range(WORLD) if r not in missing]
+                if rows != slice(None):
+                    labelled = [r for r in labelled if _rows(r) == rows]
+                take = torch.cat([torch.arange(BATCH)[_rows(r)] for r in labelled]) if labelled else None
+                if take is None:
+                    losses[task] = None
+                elif rows == slice(None):
+                    losses[task] = ((heads[0](z1[take]) - y1[t, take]) if task == 0 else
+                                    (heads[1](z2[take]).tanh() - y2[t, take])).pow(2).mean()
         if scaler is None:
             opt.backward(losses)
         else:
@@ -75,6 +90,21 @@ def _train(method: str, rows: slice, *, ddp: bool = False, manual: bool = False,
             scaler.update()
     scale = [] if scaler is None else [torch.tensor(scaler.get_scale(), dtype=torch.float64)]
     return [p.detach().clone() for g in base.param_groups for p in g["params"]] + scale
+
+
+def _rows(rank: int) -> slice:
+    return slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
+
+
+#: task 1 unlabelled on rank 1 at steps 1, 3, 5, 8, on both ranks at step 6
+ABSENT = {1: {1}, 3: {1}, 5: {1}, 6: {0, 1}, 8: {1}}
+#: methods deciding after the Gram's all-reduce (mgda, sum, gradnorm) or folding R/n_k into
+#: the losses before the task backward (mean, gls: loss weights from the global losses)
+ABSENT_METHODS = ["mgda", "sum", "mean", "gls"]
+#: rank 1 has no task at all at step 2 (it still calls fork and backward); task 0 only on rank 1 at 4
+ABSENT_EMPTY_RANK = {2: {0: {1}, 1: {1}}, 4: {0: {0}}, 7: {0: {1}, 1: {0}}}
+#: present on one rank is present globally: methods that refuse absent tasks train on
+ABSENT_SOME_ONLY = {1: {1}, 3: {0}, 8: {1}}
 
 
 class _ElementWise(gs.methods.ElementWise):
@@ -117,11 +147,74 @@ def _worker(rank: int, port: int, out: str) -> None:
         views = opt.fork(lin(torch.ones(2, 3)))
         opt.backward([v.sum() for v in views])
 
+    for m in ABSENT_METHODS:
+        results[f"absent/{m}"] = _train(m, rows, ddp=True, absent=ABSENT)
+    results["absent/gradnorm"] = _train("gradnorm", rows, ddp=True, absent=ABSENT_SOME_ONLY)
+    results["absent/empty rank"] = _train("mgda", rows, ddp=True, absent=ABSENT_EMPTY_RANK)
+    results["absent/per-rank"] = _train("mgda", rows, ddp=True, exact=False, absent=ABSENT_SOME_ONLY)
+    # loss weights of this rank's tasks (UW's own parameters are per-rank in this mode: not compared)
+    results["absent/per-rank uw"] = _expect_error(
+        lambda: _train("uw", rows, ddp=True, exact=False, absent=ABSENT_SOME_ONLY))
+    results["absent/per-rank gradnorm"] = _expect_error(
+        lambda: _train("gradnorm", rows, ddp=True, exact=False, absent=ABSENT_SOME_ONLY))
+    results["absent/refused"] = _refused_on_every_rank(rank, rows)
+    results["whole model"] = _whole_model_in_ddp(rows)
+
     results["num_tasks"] = _expect_error(lambda: mismatched(2 + rank, "pcgrad"))
     results["method"] = _expect_error(lambda: mismatched(2, ("pcgrad", "mgda")[rank]))
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
+
+def _refused_on_every_rank(rank: int, rows: slice) -> list:
+    """GradNorm, task 1 absent on both ranks: each rank raises the same error before
+    anything changed (nothing left half-reduced), and the next step works on both."""
+    torch.manual_seed(0)
+    backbone = nn.parallel.DistributedDataParallel(nn.Linear(5, FEATURES).double())
+    heads = nn.ModuleList([nn.Linear(FEATURES, 1), nn.Linear(FEATURES, 2)]).double()
+    opt = gs.MultiTaskOptimizer(torch.optim.SGD([*backbone.parameters(), *heads.parameters()], lr=0.1),
+                                "gradnorm", num_tasks=2)
+    x, y1, y2 = _data()
+
+    def step(t: int, drop: bool) -> None:
+        opt.zero_grad()
+        z1, z2 = opt.fork(backbone(x[t, rows]))
+        opt.backward([(heads[0](z1) - y1[t, rows]).pow(2).mean(),
+                      None if drop else (heads[1](z2) - y2[t, rows]).pow(2).mean()])
+        opt.step()
+
+    step(0, False)
+    before = [p.detach().clone() for p in opt.param_groups[0]["params"]] + [opt.method.state_dict()]
+    error = _expect_error(lambda: step(1, True))
+    unchanged = all(torch.equal(a, b) for a, b in zip(before[:-1], opt.param_groups[0]["params"]))
+    step(1, False)
+    return [error, unchanged, [p.detach().clone() for p in opt.param_groups[0]["params"]]]
+
+def _whole_model_in_ddp(rows: slice) -> list:
+    """DDP(model) with the heads inside: refused at the first step, before anything
+    changed, saying to wrap the backbone only (DDP's reducer would otherwise wait for
+    the heads' gradients and fail at the next forward)."""
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = nn.Linear(5, FEATURES).double()
+            self.heads = nn.ModuleList([nn.Linear(FEATURES, 1), nn.Linear(FEATURES, 2)]).double()
+
+        def forward(self, x):
+            return self.backbone(x)
+
+    model = nn.parallel.DistributedDataParallel(Net())
+    opt = gs.MultiTaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "mgda", num_tasks=2)
+    x, y1, y2 = _data()
+    before = [p.detach().clone() for p in model.parameters()]
+    views = opt.fork(model(x[0, rows]))
+    error = _expect_error(lambda: opt.backward([(model.module.heads[0](views[0]) - y1[0, rows]).pow(2).mean(),
+                                                (model.module.heads[1](views[1]) - y2[0, rows]).pow(2).mean()]))
+    unchanged = all(torch.equal(a, b) for a, b in zip(before, model.parameters())) and all(
+        p.grad is None for p in model.parameters())
+    return [error, unchanged]
 
 
 @pytest.fixture(scope="module")
@@ -182,3 +275,56 @@ def test_ranks_that_disagree_fail_fast(ranks):
     for r in ranks:
         assert r["num_tasks"].startswith("RuntimeError") and "num_tasks differs across ranks" in r["num_tasks"]
         assert r["method"].startswith("RuntimeError") and "method or its options differ" in r["method"]
+
+
+@pytest.mark.parametrize("method", ABSENT_METHODS)
+def test_task_absent_on_some_ranks_equals_one_process_on_the_labelled_rows(ranks, method):
+    """Issue 21 row 6: task 1 unlabelled on rank 1 (passes None) at some steps, on both at
+    step 6: the ranks take the steps of one process on the global batch whose task-1 loss
+    is the mean over the labelled rows (absent for the step at step 6)."""
+    reference = _train(method, slice(None), absent=ABSENT)
+    assert max_diff(ranks[0][f"absent/{method}"], reference) < 1e-6
+    assert max_diff(ranks[0][f"absent/{method}"], ranks[1][f"absent/{method}"]) == 0
+    # the comparison can fail: the plain mean over the whole batch is another run
+    assert max_diff(reference, _train(method, slice(None))) > 1e-4
+
+
+def test_task_absent_on_one_rank_is_present_for_a_method_that_refuses_absent_tasks(ranks):
+    reference = _train("gradnorm", slice(None), absent=ABSENT_SOME_ONLY)
+    assert max_diff(ranks[0]["absent/gradnorm"], reference) < 1e-6
+    assert max_diff(ranks[0]["absent/gradnorm"], ranks[1]["absent/gradnorm"]) == 0
+
+
+def test_a_rank_without_any_task_and_tasks_on_disjoint_ranks(ranks):
+    """A rank with None for every task still takes part (zeros of its own); tasks present on
+    different ranks only (step 7) are each the mean over their own rows."""
+    reference = _train("mgda", slice(None), absent=ABSENT_EMPTY_RANK)
+    assert max_diff(ranks[0]["absent/empty rank"], reference) < 1e-6
+    assert max_diff(ranks[0]["absent/empty rank"], ranks[1]["absent/empty rank"]) == 0
+
+
+def test_per_rank_surgery_decides_over_each_rank_s_tasks(ranks):
+    """distributed_exact=False: each rank decides over its own tasks; the replicas stay
+    identical (heads averaged over the ranks that have their task); a method that refuses
+    absent tasks refuses on both ranks."""
+    assert max_diff(ranks[0]["absent/per-rank"], ranks[1]["absent/per-rank"]) == 0
+    assert ranks[0]["absent/per-rank uw"] == ranks[1]["absent/per-rank uw"] == "no error"
+    for r in ranks:
+        assert r["absent/per-rank gradnorm"].startswith("ValueError")
+        assert "on some ranks (per-rank surgery)" in r["absent/per-rank gradnorm"]
+
+
+def test_task_absent_on_every_rank_is_refused_on_every_rank_together(ranks):
+    for r in ranks:
+        error, unchanged, _ = r["absent/refused"]
+        assert error.startswith("ValueError") and "absent task(s) [1] on every rank" in error
+        assert "GradNorm" in error and unchanged
+    assert max_diff(ranks[0]["absent/refused"][2], ranks[1]["absent/refused"][2]) == 0
+
+
+def test_whole_model_in_ddp_is_refused_at_the_first_step(ranks):
+    """Issue 21 row 13."""
+    for r in ranks:
+        error, unchanged = r["whole model"]
+        assert error.startswith("ValueError") and "wrap the backbone only" in error and "heads.0.weight" in error
+        assert unchanged

@@ -51,6 +51,30 @@ def test_loss_reading_z_directly_is_refused():
         opt.backward(losses)
 
 
+@pytest.mark.parametrize("misuse", ["z", "first view", "skip"])
+@pytest.mark.parametrize("method", ["mgda", "mean"])
+def test_misuse_after_the_first_step_is_refused_before_anything_changes(method, misuse):
+    """The readers are checked at every step (issue 21 row 10): a head that reads ``z``,
+    another task's view or an unforked backbone tensor at step 3 gets the same clear error
+    as at step 1 (not autograd's "backward through the graph a second time"), with
+    nothing changed."""
+    model, x, ys = make(2, seed=2)
+    opt = _opt(model, method, k=2)
+    wrapped_step(model, opt, x, ys)
+    wrapped_step(model, opt, x, ys)
+    opt.zero_grad()
+    inner = model.backbone[1](model.backbone[0](x))  # the skip feature: before the last layer
+    z = model.backbone[2](inner)
+    views = opt.fork(z)
+    read = {"z": z, "first view": views[0], "skip": nn.functional.pad(inner, (0, 6 - inner.shape[1]))}[misuse]
+    before = snapshot(model, opt)
+    with pytest.raises(ValueError, match="reads the backbone's output directly" if misuse != "first view"
+                       else "task 1 does not read its view"):
+        opt.backward(model.losses([views[0], read], ys))
+    assert_same(before, snapshot(model, opt))
+    wrapped_step(model, opt, x, ys)  # the next ordinary step works
+
+
 def test_head_reading_an_unforked_skip_feature_is_refused_with_the_fix():
     torch.manual_seed(0)
     stem, top = nn.Linear(4, 6).double(), nn.Linear(6, 5).double()

@@ -51,6 +51,7 @@ class AlignedMTL(GramWeighting):
                 raise ValueError(f"pref_vector must be a 1-D vector of K finite weights (None: sum, the authors'), "
                                  f"got shape {tuple(pref_vector.shape)}")
             self.subset_safe = False  # one weight per task: no subsets
+            self.subset_refusal = "pref_vector gives one weight per task, so all K tasks must be there"
         self.scale_mode = scale_mode
         self.pref_vector = pref_vector
 

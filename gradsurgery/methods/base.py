@@ -102,6 +102,10 @@ class Method:
         subset_safe: the method can decide over any subset of the tasks (it keeps no
             per-task state), so ``backward`` accepts ``None`` for a task absent from the
             batch: the method then sees the present tasks only, as if only they existed.
+        subset_refusal: when not ``subset_safe``, why (the error for an absent task says it).
+        present: which tasks this ``backward`` has (``None``: all), set by the optimizer
+            before the method is consulted: a ``subset_safe`` method with per-task
+            constants or draws picks the present tasks' with :meth:`present_index`.
         weight_heads: the heads receive ``c_k dL_k`` (the method's coefficient times
             their loss gradient) instead of ``dL_k``, as the official code of some
             methods does (an option of those methods); ``False`` by default.
@@ -118,6 +122,8 @@ class Method:
 
     rotation: ClassVar[bool] = False
     subset_safe: ClassVar[bool] = False
+    subset_refusal: ClassVar[str | None] = None
+    present: list[bool] | None = None
     levels: ClassVar[tuple[str, ...]] = ("rep", "params")
     loss_domain: ClassVar[str | None] = None
     observes_losses: ClassVar[bool] = False
@@ -139,6 +145,11 @@ class Method:
         """Fixes the number of tasks and where the method's parameters live."""
         self.num_tasks = num_tasks
         self.generator = generator
+
+    def present_index(self, like: Tensor) -> Tensor | None:
+        """The indices of the present tasks (see :attr:`present`) on ``like``'s device, or
+        ``None`` when every task is present."""
+        return None if self.present is None else torch.tensor(self.present).nonzero().flatten().to(like.device)
 
     # -- per-step hooks -----------------------------------------------------------------
     def loss_weights(self, losses: Tensor) -> Tensor | None:

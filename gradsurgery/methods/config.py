@@ -67,6 +67,7 @@ class ConFIG(GramWeighting):
                 raise ValueError(f"pref_vector must be finite, got {values.tolist()}")
             pref_vector = values
             self.subset_safe = False  # one preference per task: the tasks must all be there
+            self.subset_refusal = "pref_vector gives one preference per task, so all K tasks must be there"
         self.pref_vector = pref_vector
 
     def bind(self, num_tasks, *, device, dtype, generator):

@@ -23,6 +23,8 @@ from .registry import register
 class Constant(LossWeighting):
     """Fixed per-task loss weights ``task_weights``."""
 
+    subset_safe = True  # absent tasks: the present tasks' weights
+
     def __init__(self, task_weights: Sequence[float] | Tensor | None = None):
         if task_weights is not None:
             try:
@@ -46,4 +48,5 @@ class Constant(LossWeighting):
         self._weights = values.to(device)
 
     def loss_weights(self, losses: Tensor) -> Tensor:
-        return self._weights.to(losses.dtype)
+        index = self.present_index(self._weights)
+        return (self._weights if index is None else self._weights[index]).to(losses.dtype)

@@ -39,6 +39,8 @@ class DBMTL(ElementWise):
     """Log-loss weighting plus moving-averaged gradients equalised to the largest norm."""
 
     state_names = ("step", "average")
+    subset_refusal = ("it scales every task's moving-average gradient to the largest of all K, with one step count "
+                      "for their bias")
 
     def __init__(self, beta: float = 0.9, beta_sigma: float = 0.0, eps: float = 1e-8):
         self.beta = check_option("beta", beta, float, "[0, 1)", "the moving average's decay")

@@ -28,6 +28,8 @@ class DWA(LossWeighting):
     """Weights from the ratio of the last two epochs' mean losses, softmax with temperature."""
 
     state_names = ("history", "total", "count")
+    subset_refusal = ("its weights come from the epoch means of the losses, which count the batches once for all "
+                      "tasks")
 
     def __init__(self, temperature: float = 2.0, per_step: bool = False):
         self.temperature = check_option("temperature", temperature, float, "(0, inf)")

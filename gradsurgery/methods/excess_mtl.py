@@ -51,6 +51,8 @@ class ExcessMTL(ElementWise):
 
     state_names = ("step", "squares", "baseline", "weights")
     legacy_empty_is_none = ("squares",)  # 0.1.0 saved None as an empty tensor
+    subset_refusal = ("each task's excess risk is accumulated at every step (AdaGrad squares) and divided by its "
+                      "first estimate, so a step without a task has no term for it")
 
     has_weights = True
 

@@ -78,6 +78,8 @@ class FairGrad(GramWeighting):
         self.on_failure = on_failure
         if on_failure == "warn":
             self.subset_safe = False  # the kept solution is per task: the tasks must all be there
+            self.subset_refusal = ("on_failure='warn' keeps the last solution, one weight per task, so all K tasks "
+                                   "must be there")
 
     def bind(self, num_tasks, *, device, dtype, generator):
         super().bind(num_tasks, device=device, dtype=dtype, generator=generator)

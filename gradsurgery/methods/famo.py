@@ -42,6 +42,9 @@ EPS = 1e-8
 class FAMO(LossWeighting):
     """Loss weights whose logits follow the observed log-loss decreases."""
 
+    subset_refusal = ("its logits learn from every task's loss before and after the step (observe() takes all K "
+                      "losses)")
+
     observes_losses = True
     state_names = ("logits", "optimizer", "previous")
     legacy_state_names = {"adam": "optimizer"}  # 0.1.0's key

@@ -44,6 +44,8 @@ class GradNorm(GramWeighting):
     """Learnable task weights balancing the task gradients' norms (see module docstring)."""
 
     state_names = ("task_weights", "initial_losses")
+    subset_refusal = ("its weights are trained towards the mean weighted gradient norm over all tasks and "
+                      "renormalised to sum to K")
 
     def __init__(self, alpha: float = 1.5, weight_heads: bool = False):
         self.alpha = check_option("alpha", alpha, float, "[0, inf)")

@@ -39,6 +39,8 @@ class GradVac(GramWeighting):
     """Gradient vaccine: raise each pair's cosine towards its running target."""
 
     state_names = ("targets",)
+    subset_refusal = ("its target similarities are moving averages of every pair's cosine, updated from all pairs at "
+                      "once")
 
     def __init__(self, beta: float = 0.5):
         self.beta = check_option("beta", beta, float, "[0, 1]")

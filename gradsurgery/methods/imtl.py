@@ -35,6 +35,8 @@ class IMTL(GramWeighting):
     """Learned loss scales ``e^{s_k}`` (IMTL-L) and equal-projection coefficients (IMTL-G)."""
 
     state_names = ("loss_scale",)
+    subset_refusal = ("its gradient half (IMTL-G) weights are tied to the learnable loss scales of all tasks, trained "
+                      "together")
 
     def __init__(self, init: float = 0.0):
         self.init = check_option("init", init, float, what="the initial log loss scale s")

@@ -41,6 +41,8 @@ class MoCo(ElementWise):
     legacy_state_names = {"lambda": "lambd"}  # 0.1.0's keys
     legacy_missing = {"epoch": 0}  # 0.1.0 counted steps only
     legacy_empty_is_none = ("y",)  # 0.1.0 saved None as an empty tensor
+    subset_refusal = ("it tracks every task's gradient (Y, K x P) and moves its weights over all tasks from the "
+                      "tracked Gram")
 
     has_weights = True
 

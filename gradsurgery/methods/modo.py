@@ -79,6 +79,7 @@ class MoDo(ElementWise):
 
     state_names = ("lambd",)
     legacy_state_names = {"lambda": "lambd"}  # 0.1.0's keys
+    subset_refusal = ("its weights lambda live on the simplex of all K tasks and take one step per batch")
 
     has_weights = True
 

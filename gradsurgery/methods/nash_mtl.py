@@ -35,6 +35,7 @@ class NashMTL(GramWeighting):
 
     state_names = ("decisions", "alpha")
     legacy_state_names = {"step": "decisions"}  # 0.1.0's keys
+    subset_refusal = ("its bargaining solution alpha (one per task) continues from the last step's, over all tasks")
 
     def __init__(self, update_weights_every: int = 1, max_norm: float | None = 1.0,
                  tol: float = 1e-6, max_iter: int = 10, on_failure: str = "raise", weight_heads: bool = False):

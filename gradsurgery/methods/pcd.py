@@ -53,6 +53,8 @@ class PCD(GramWeighting):
     """Closest direction to the primary task's with guaranteed progress for the others."""
 
     state_names = ("sq_norm_ema", "n_steps")
+    subset_refusal = ("task 0 is the primary objective that constrains the others, and each gradient is scaled by a "
+                      "running estimate of its norm")
 
     def __init__(self, tau: float | Sequence[float] | Tensor = 0.02, beta: float = 0.999, eps: float = 1e-8):
         if not isinstance(tau, (list, tuple, Tensor)):

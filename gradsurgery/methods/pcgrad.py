@@ -32,6 +32,8 @@ from .registry import register
 class PCGrad(GramWeighting):
     """Projecting conflicting gradients; see the module docstring for the math."""
 
+    subset_safe = True  # absent tasks: the present tasks visit each other in the orders of their own keys
+
     _keys: Tensor | None = None
 
     def prepare(self) -> None:
@@ -43,7 +45,11 @@ class PCGrad(GramWeighting):
     def weights(self, gram: Tensor, losses: Tensor) -> Tensor:
         if self._keys is None:  # called outside the optimizer, without prepare()
             self._keys = visiting_keys(gram.shape[0], self.generator)
-        return project_conflicting(gram, orders_from_keys(self._keys, gram.device))
+        keys = self._keys
+        if keys.shape[0] != gram.shape[0]:  # absent tasks: the present ones' keys, a uniform draw among them
+            index = self.present_index(keys)
+            keys = keys[:gram.shape[0], :gram.shape[0]] if index is None else keys[index][:, index]
+        return project_conflicting(gram, orders_from_keys(keys, gram.device))
 
     def after_step(self) -> None:
         self._keys = None  # one draw per optimizer step

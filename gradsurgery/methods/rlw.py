@@ -24,6 +24,7 @@ class RLW(LossWeighting):
     """Random softmax-normal loss weights, redrawn every optimizer step."""
 
     state_names = ("current",)
+    subset_safe = True  # absent tasks: the softmax over the present tasks' normals
 
     current: Tensor | None = None  #: this optimizer step's committed draw
 
@@ -33,10 +34,18 @@ class RLW(LossWeighting):
 
     def loss_weights(self, losses: Tensor) -> Tensor:
         if self.current is not None:
-            return self.current.to(losses)
+            return self._present(self.current.to(losses))
         preview = torch.Generator()
         preview.set_state(self.generator.get_state())
-        return self._draw(preview, losses)
+        return self._present(self._draw(preview, losses))
+
+    def _present(self, weights: Tensor) -> Tensor:
+        """The present tasks' weights renormalised: ``softmax`` of their normals."""
+        index = self.present_index(weights)
+        if index is None:
+            return weights
+        kept = weights[index]
+        return kept / kept.sum()
 
     def update(self, losses: Tensor) -> None:
         if self.current is None:

@@ -50,6 +50,8 @@ class _LossNormalization(Method):
     """What the three share: RotoGrad's optional loss normalisation by the initial losses
     ``L(t0)`` (retaken at ``burn_in_period``), and the step counter."""
 
+    subset_refusal = ("it normalises each task by its initial loss, recorded for all tasks at the first steps")
+
     rotation = True
     levels = ("rep",)
     state_names: tuple[str, ...] = ("steps", "initial_losses", "initial_backbone_loss", "refresh_backbone")

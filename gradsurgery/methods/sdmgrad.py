@@ -47,6 +47,7 @@ class SDMGrad(ElementWise):
     """Direction-oriented weights by projected SGD on a triply sampled batch."""
 
     state_names = ("w",)
+    subset_refusal = ("its weights w are kept across steps on the simplex of all K tasks")
 
     has_weights = True
 

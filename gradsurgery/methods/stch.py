@@ -41,6 +41,8 @@ class STCH(LossWeighting):
 
     state_names = ("epoch", "loss_sum", "count", "nadir")
     legacy_empty_is_none = ("nadir",)  # 0.1.0 saved None as an empty tensor
+    subset_refusal = ("its nadir point is the per-task epoch means of the warm-up, which count the batches once for "
+                      "all tasks")
 
     def __init__(self, mu: float = 1.0, warmup_epoch: int = 4):
         self.mu = check_option("mu", mu, float, "(0, inf)", "the smoothing")

@@ -50,6 +50,7 @@ class UPGrad(GramWeighting):
                                  f"got {pref_vector!r}")
             self.pref_vector = pref
             self.subset_safe = False  # one preference per task: the tasks must all be there
+            self.subset_refusal = "pref_vector gives one preference per task, so all K tasks must be there"
 
     def bind(self, num_tasks, *, device, dtype, generator):
         super().bind(num_tasks, device=device, dtype=dtype, generator=generator)

@@ -28,6 +28,7 @@ class UncertaintyWeighting(LossWeighting):
     """Learnable homoscedastic-uncertainty loss weights ``exp(-s_k) / 2``."""
 
     state_names = ("log_vars",)
+    subset_safe = True  # absent tasks: their terms drop out; their log-variances get a zero gradient
 
     def __init__(self, init: float = -0.5):
         self.init = check_option("init", init, float, what="the initial log-variance")
@@ -40,9 +41,16 @@ class UncertaintyWeighting(LossWeighting):
         return [self.log_vars]
 
     def loss_weights(self, losses: Tensor) -> Tensor:
-        return 0.5 * torch.exp(-self.log_vars.detach().to(losses.dtype))
+        s = self.log_vars.detach().to(losses.dtype)
+        index = self.present_index(s)
+        return 0.5 * torch.exp(-(s if index is None else s[index]))
 
     def update(self, losses: Tensor) -> None:
         s = self.log_vars.detach().to(losses.dtype)
-        grad = (0.5 * (1 - torch.exp(-s) * losses)).to(self.log_vars.dtype)
+        index = self.present_index(s)
+        if index is None:
+            grad = (0.5 * (1 - torch.exp(-s) * losses)).to(self.log_vars.dtype)
+        else:  # an absent task's term is not in the objective: zero gradient for its s_k
+            grad = torch.zeros_like(self.log_vars).index_copy(
+                0, index, (0.5 * (1 - torch.exp(-s[index]) * losses)).to(self.log_vars.dtype))
         accumulate_grad(self.log_vars, grad)

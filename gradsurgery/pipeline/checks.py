@@ -28,19 +28,20 @@ def finite_flag(losses: Tensor, path: Path, gram: Tensor | None, head_grads: lis
     return (torch.cat(parts) * 0).sum()
 
 
-def reduce_and_check(sync: Sync | NoSync, path: Path, gram: Tensor | None, task_losses: Tensor,
-                     head_grads: list[Tensor | None], backbone_loss: Tensor | None, *, check: bool,
-                     reduce_losses: bool) -> tuple[bool, Tensor | None, Tensor, list[Tensor | None]]:
+def reduce(sync: Sync | NoSync, path: Path, gram: Tensor | None, task_losses: Tensor,
+           head_grads: list[Tensor | None], backbone_loss: Tensor | None, *, check: bool,
+           reduce_losses: bool) -> tuple[Tensor, Tensor | None, Tensor, list[Tensor | None]]:
     """The step's one all-reduce (the Gram and, when ``reduce_losses``, the losses, under
-    exact surgery; the finite flag; the heads' gradients; the identity when single-process)
-    and, when ``check``, its one host read: whether everything was finite on every rank.
-    Returns that, and the reduced Gram, losses and heads' gradients."""
+    exact surgery; the finite flag, :func:`finite_flag` when ``check``; the heads'
+    gradients; the identity when single-process). Returns the reduced flag (NaN when
+    anything was not finite on any rank; read once on the host by
+    :func:`gradsurgery.pipeline.presence.read_checks`), Gram, losses and heads' gradients."""
     flag = finite_flag(task_losses, path, gram, head_grads, backbone_loss) if check else task_losses.new_zeros(())
     total, reduced, flag, head_grads = sync.reduce(gram if sync.exact else None,
                                                    task_losses if sync.exact and reduce_losses else None,
                                                    flag, head_grads)
     gram, task_losses = gram if total is None else total, task_losses if reduced is None else reduced
-    return not check or bool(torch.isfinite(flag)), gram, task_losses, head_grads
+    return flag, gram, task_losses, head_grads
 
 
 def raise_nonfinite(losses: Tensor, loss_weights: Tensor | None, path: Path, backbone_loss: Tensor | None,

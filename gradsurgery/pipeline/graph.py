@@ -30,23 +30,65 @@ def shared_parameters(shared: Sequence[Tensor], candidates: list[Tensor]) -> lis
     return [p for p in candidates if id(p) in found]
 
 
-def check_readers(losses: Sequence[Tensor | None], path, shared: Sequence[Tensor]) -> dict[int, int]:
+def check_readers(losses: Sequence[Tensor | None], path, shared: Sequence[Tensor]) -> dict[int, set[int]]:
     """Raises when a task's loss does not read its own view (e.g. every loss computed from
     ``views[0]``), or reads the backbone other than through the views (``z`` itself, or a
     tensor of the backbone that was not forked, such as a skip connection's features).
     Reading another task's view is not refused: heads fused into one autograd node (a
     compiled or batched head module) legitimately reach every view.
 
-    ``path.reader(node, nr)`` names the ``(task, tensor)`` of a view edge. Run on the
-    first ``backward`` of an optimizer (the graphs of later steps have the same shape):
-    it walks the heads' graphs and, once, the backbone's. Returns ``{id(parameter): task}``
-    for the parameters each loss reaches (its head's)."""
-    backbone = {id(node) for node, _ in _walk([t.grad_fn for t in shared])  # its operations, not its
-                if not hasattr(node, "variable")}                             # leaves (tied weights)
-    fix = ("compute task k's loss from the k-th item fork() returned only; a head that also reads "
-           "other features of the backbone (skip connections, several scales) needs them forked "
-           "too: a, b = ...; views = opt.fork((a, b)), and head k reads views[k] = (a_k, b_k)")
-    owners: dict[int, int] = {}
+    ``path.reader(node, nr)`` names the ``(task, tensor)`` of a view edge. Run at every
+    ``backward``, before anything changes, at the price of a walk of the heads' graphs
+    only: autograd numbers its nodes in creation order (per thread), so the backbone's
+    operations are those numbered at most ``z``'s; the heads' walk stops at the views and
+    at such a node. Only when it meets one (a misuse, or a head reading a tensor made
+    before ``fork`` that is not the backbone's) is the backbone walked, to tell them apart
+    (:func:`_check_readers_exactly`). Returns ``{id(parameter): tasks}``: the tasks whose
+    loss reaches each parameter (its head's; see :func:`owners`)."""
+    marks = [t.grad_fn._sequence_nr() for t in shared if t.grad_fn is not None]
+    if not marks:  # the shared tensors are leaves: no backbone to reach
+        return _check_readers_exactly(losses, path, shared)
+    last = max(marks)
+
+    def before_fork(node) -> bool:  # parameters (AccumulateGrad) are numbered 2**64 - 1
+        return node._sequence_nr() <= last and not hasattr(node, "variable")
+
+    reached: dict[int, set[int]] = {}
+    for task, loss in enumerate(losses):
+        if loss is None:
+            continue
+        read = set()
+        for node, nr in _walk([loss.grad_fn], stop=lambda node, nr: path.reader(node, nr) is not None
+                              or before_fork(node)):
+            hit = path.reader(node, nr)
+            if hit is not None:
+                read.add(hit[0])
+            elif before_fork(node):
+                return _check_readers_exactly(losses, path, shared)
+            elif (variable := getattr(node, "variable", None)) is not None:
+                reached.setdefault(id(variable), set()).add(task)
+        if task not in read:
+            raise ValueError(f"the loss of task {task} does not read its view from fork(); nothing was changed. "
+                             f"Fix: {_FIX}")
+    return reached
+
+
+def owners(reached: dict[int, set[int]]) -> dict[int, int]:
+    """``{id(parameter): task}`` from :func:`check_readers`'s answer (``-1``: several tasks')."""
+    return {i: next(iter(tasks)) if len(tasks) == 1 else -1 for i, tasks in reached.items()}
+
+
+_FIX = ("compute task k's loss from the k-th item fork() returned only; a head that also reads "
+        "other features of the backbone (skip connections, several scales) needs them forked "
+        "too: a, b = ...; views = opt.fork((a, b)), and head k reads views[k] = (a_k, b_k)")
+
+
+def _check_readers_exactly(losses: Sequence[Tensor | None], path, shared: Sequence[Tensor]) -> dict[int, set[int]]:
+    """:func:`check_readers` by walking the backbone's graph too (its operations, not its
+    leaves: a head may share a weight with the backbone)."""
+    backbone = {id(node) for node, _ in _walk([t.grad_fn for t in shared])
+                if not hasattr(node, "variable")}
+    reached: dict[int, set[int]] = {}
     for task, loss in enumerate(losses):
         if loss is None:
             continue
@@ -59,11 +101,11 @@ def check_readers(losses: Sequence[Tensor | None], path, shared: Sequence[Tensor
             elif id(node) in backbone:
                 outside = True
             elif (variable := getattr(node, "variable", None)) is not None:
-                owners[id(variable)] = -1 if owners.get(id(variable), task) != task else task
+                reached.setdefault(id(variable), set()).add(task)
         if outside:
             raise ValueError(f"the loss of task {task} reads the backbone's output directly, not only through "
-                             f"its view from fork(); nothing was changed. Fix: {fix}")
+                             f"its view from fork(); nothing was changed. Fix: {_FIX}")
         if task not in read:
             raise ValueError(f"the loss of task {task} does not read its view from fork(); nothing was changed. "
-                             f"Fix: {fix}")
-    return owners
+                             f"Fix: {_FIX}")
+    return reached

@@ -101,15 +101,18 @@ class Path:
 
 
 def new_path(method: Method, shared: list[Tensor], num_tasks: int, single: bool, *, rotations: rot.Rotations | None,
-             level: str, shared_params: list[Tensor] | None, candidates: Callable[[], list[Tensor]]) -> Path:
+             level: str, shared_params: list[Tensor] | None, candidates: Callable[[], list[Tensor]],
+             rescaled_rows: bool = False) -> Path:
     """The path this step takes: rotated with rotations; summed for loss weighting
     (``g = sum_k w_k g_k`` added up as plain backward, exact in float32/64; stacked in lower
-    precision); at ``level="params"`` the parameter level over a stacked path (its
-    parameters: ``shared_params``, or the ``candidates`` the shared tensors depend on)."""
+    precision, or when the rows of ``G`` may be rescaled after the task backward:
+    ``rescaled_rows``, absent tasks under ``torch.distributed``); at ``level="params"`` the
+    parameter level over a stacked path (its parameters: ``shared_params``, or the
+    ``candidates`` the shared tensors depend on)."""
     if rotations is not None:
         return RotatedPath(rotations, shared, num_tasks, single)
     if isinstance(method, LossWeighting):
-        if all(t.dtype == compute_dtype(t.dtype) for t in shared):
+        if not rescaled_rows and all(t.dtype == compute_dtype(t.dtype) for t in shared):
             return SummedPath(shared, num_tasks, single)
         return StackedPath(shared, num_tasks, single)
     inner = StackedPath(shared, num_tasks, single)
