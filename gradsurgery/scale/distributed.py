@@ -115,19 +115,26 @@ def average_gradients(params: Iterable[Tensor], process_group=None) -> None:
 
 def check_heads_outside_ddp(heads: Iterable[Tensor]) -> None:
     """Raises when a head parameter sits inside a ``DistributedDataParallel`` module (the
-    whole model wrapped): the heads' gradients come from ``torch.autograd.grad``, which
-    DDP's hooks never see, so its reducer would wait for them forever (DDP's
-    ``find_unused_parameters`` error at the next forward). Looks for DDP modules once
-    (a scan of the live objects, at the first step)."""
+    whole model wrapped) that synchronises this backward: the heads' gradients come from
+    ``torch.autograd.grad``, which DDP's hooks never see, so its reducer would wait for them
+    forever (DDP's ``find_unused_parameters`` error at the next forward). Not a DDP module
+    whose reducer never runs: one wrapping a Lightning module in manual optimisation
+    (Lightning turns the reducer off around its ``training_step``;
+    :class:`gradsurgery.integrations.lightning.MultiTaskModule` averages the backbone's
+    gradients itself). Looks for DDP modules once (a scan of the live objects, at the first step)."""
     wanted = {id(p) for p in heads}
+    ddp = torch.nn.parallel.DistributedDataParallel
     for obj in gc.get_objects():
-        if isinstance(obj, torch.nn.parallel.DistributedDataParallel):
-            inside = [name for name, p in obj.module.named_parameters() if id(p) in wanted]
-            if inside:
-                raise ValueError(
-                    f"the heads' parameters ({', '.join(inside[:3])}{', ...' if len(inside) > 3 else ''}) are inside "
-                    "DistributedDataParallel: wrap the backbone only, DDP(backbone), and keep the heads outside "
-                    "(gradsurgery averages their gradients across ranks in its own all-reduce). Nothing was changed")
+        if not issubclass(type(obj), ddp):  # type(): never dereferences a dead weak proxy
+            continue
+        if getattr(obj.module, "automatic_optimization", True) is False:
+            continue
+        inside = [name for name, p in obj.module.named_parameters() if id(p) in wanted]
+        if inside:
+            raise ValueError(
+                f"the heads' parameters ({', '.join(inside[:3])}{', ...' if len(inside) > 3 else ''}) are inside "
+                "DistributedDataParallel: wrap the backbone only, DDP(backbone), and keep the heads outside "
+                "(gradsurgery averages their gradients across ranks in its own all-reduce). Nothing was changed")
 
 
 def _by_dtype_and_device(tensors: list[Tensor]) -> dict[tuple, list[Tensor]]:
