@@ -16,6 +16,9 @@ SAVED = torch.load(fixture.PATH, weights_only=True)
 #: Options under which today's methods run what 0.1.0's defaults ran (defaults that changed
 #: since, CHANGELOG.md): a 0.1.0 checkpoint records no options, so its user passes these.
 DEFAULTS_0_1_0 = {"moco": dict(beta=0.5, normalize=True, scale_by_tasks=False, decay="step")}
+#: Methods whose decision is computed differently since 0.1.0, equal to rounding: compared to
+#: a tolerance (the checkpoint's state still decides every step), the others bit for bit.
+REWRITTEN = {"cagrad": "its Gram's spectrum is cleaned before the solve (float32-exact solver, issue #19)"}
 
 
 def test_fixture_is_from_0_1_0():
@@ -32,4 +35,8 @@ def test_0_1_0_checkpoint_resumes_bit_exactly(case, method, options):
     opt.load_state_dict(saved["optimizer"])
     for j, expected in enumerate(saved["after"]):
         fixture.train_step(model, opt, fixture.TRAIN + j)
-        assert torch.equal(fixture.flat(model), expected), f"{case}: step {j + 1} after loading differs"
+        if method in REWRITTEN:
+            torch.testing.assert_close(fixture.flat(model), expected, rtol=1e-10, atol=1e-12,
+                                       msg=f"{case}: step {j + 1} after loading differs ({REWRITTEN[method]})")
+        else:
+            assert torch.equal(fixture.flat(model), expected), f"{case}: step {j + 1} after loading differs"

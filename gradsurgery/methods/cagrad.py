@@ -83,9 +83,7 @@ class CAGrad(GramWeighting):
         w = cagrad_dual(m, a, s, self.iterations)
         norm_w = (w @ m @ w).clamp_min(0).sqrt()
         # g_w = 0 at the optimum: the authors' regularisers pick the direction (module docstring)
-        degenerate = norm_w <= 1e-8
-        if m.device.type == "cpu" and not bool(degenerate):  # reading it there waits for no device
-            return ((mean + s / norm_w * w) * self._scale(k)).to(gram.dtype)
+        degenerate = norm_w <= 1e-8  # both solves run: choosing one would be a host read
         m_reg = m + AUTHORS_EPS
         w_reg = cagrad_dual(m_reg, m_reg @ mean, s, self.iterations)
         norm_reg = (w_reg @ m @ w_reg).clamp_min(0).sqrt()

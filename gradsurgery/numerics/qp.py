@@ -281,7 +281,7 @@ def _cagrad_active_set(m: Tensor, a: Tensor, s: Tensor, iterations: int) -> Tens
     index = torch.arange(k, device=m.device)
     w = (index == (a + s * m.diagonal().clamp_min(0).sqrt()).argmin()).to(m.dtype)
     support = w > 0
-    reads_free = m.device.type == "cpu"
+    reads_free = m.device.type == "cpu" and not torch.compiler.is_compiling()  # no graph break when traced
     for _ in range(iterations):
         mu = _support_solutions(m, a, s, support[None])[0]
         valid = torch.isfinite(mu).all()
