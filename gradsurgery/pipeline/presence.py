@@ -1,6 +1,11 @@
-"""Which tasks a step has: the read that closes the finiteness check also says which
-present task's gradient is exactly zero (the trap of a masked loss over a batch without
-labels for its task, which should have been ``None``)."""
+"""Which tasks a step has (a ``None`` loss: a task absent from the batch).
+
+:class:`Presence` refuses what an optimizer cannot take, and under ``torch.distributed``
+turns each rank's presence into the step's: ``begin`` (this rank's, into the all-reduce;
+zero stand-ins), ``apply_counts`` (the all-reduced counts ``n_k``: refusals on every rank
+together, the ``R / n_k`` factors), ``read`` (the one host read, which closes the finiteness
+check and also says which present task's gradient is exactly zero: the trap of a masked
+loss over a batch without labels for its task, which should have been ``None``)."""
 from __future__ import annotations
 
 import math
