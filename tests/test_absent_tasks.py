@@ -174,3 +174,31 @@ def test_no_warning_for_ordinary_and_absent_tasks(recwarn):
     wrapped_step(model, opt, x, ys)
     _absent_step(model, opt, x, ys)
     assert not [w for w in recwarn if "exactly zero gradient" in str(w.message)]
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_uw_optimizer_state_of_one_log_variance_vector_loads_into_the_scalars(k):
+    """A wrapped-optimizer state saved when UW's ``s`` was one K-vector parameter (0.1.0;
+    tests/test_checkpoint_compat.py runs 0.1.0's own for K = 3) is split into the K
+    scalars' states: here built from a run's own state, so they must match exactly."""
+    model, x, ys = make(k, seed=6)
+    opt = gs.MultiTaskOptimizer(torch.optim.Adam(model.parameters(), lr=0.05), "uw", num_tasks=k)
+    for step in range(2):
+        opt.zero_grad()
+        opt.backward(list(model.losses(opt.fork(model.rep(x + step)), ys)))
+        opt.step()
+    saved = opt.state_dict()
+    inner, group = saved["optimizer"], saved["optimizer"]["param_groups"][-1]
+    one = group["params"][0]
+    state = {i: v for i, v in inner["state"].items() if i not in group["params"]}
+    state[one] = {name: v if name == "step" else torch.stack([inner["state"][i][name] for i in group["params"]])
+                  for name, v in inner["state"][one].items()}
+    legacy = {**saved, "optimizer": {"state": state, "param_groups": [*inner["param_groups"][:-1],
+                                                                      {**group, "params": [one]}]}}
+    fresh = gs.MultiTaskOptimizer(torch.optim.Adam(copy.deepcopy(model).parameters(), lr=0.05), "uw", num_tasks=k)
+    fresh.load_state_dict(legacy)
+    assert len(legacy["optimizer"]["param_groups"][-1]["params"]) == 1  # the caller's dict is left as it was
+    for p, q in zip(opt.method.parameters(), fresh.method.parameters()):
+        assert torch.equal(p, q)
+        assert all(torch.equal(v, fresh.state[q][name]) and v.shape == fresh.state[q][name].shape
+                   for name, v in opt.state[p].items())

@@ -63,9 +63,12 @@ class UncertaintyWeighting(LossWeighting):
         continue bit for bit. Today's ``state_dict`` is returned as it is."""
         groups, k = saved.get("param_groups"), self.num_tasks
         if not isinstance(groups, list) or not groups or not isinstance(groups[-1], dict) \
-                or groups[-1].get("name") != "method" or len(groups[-1].get("params", ())) != 1 or k == 1:
+                or groups[-1].get("name") != "method" or len(groups[-1].get("params", ())) != 1:
             return saved
         (old,) = groups[-1]["params"]
+        vectors = [v for v in saved.get("state", {}).get(old, {}).values() if isinstance(v, Tensor) and v.dim() == 1]
+        if k == 1 and not vectors:  # K = 1: today's one scalar (shape ()), unless its state is a 1-vector
+            return saved
         new = [old] + [max(i for g in groups for i in g["params"]) + 1 + j for j in range(k - 1)]
         state = {i: v for i, v in saved["state"].items() if i != old}
         for j, index in enumerate(new):
