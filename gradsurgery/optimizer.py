@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from . import checkpoint
-from .methods import Method, available, create, get, kind_of
+from .methods import Method, create, kind_of
 from .methods.smoothed import Smoothed
 from .numerics.gram import compute_dtype
 from .pipeline import checks, graph, paths, presence, stages
@@ -169,7 +169,8 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
 
         self._path: paths.Path | None = None
         self._head_tasks: dict[int, int] = {}  # id(head parameter) -> its task, from that walk
-        self._warned_zero: set[int] = set()  # tasks warned about an exactly zero gradient
+        self.presence = presence.Presence(self.method, num_tasks, rotations=self.rotations is not None,
+                                          weight_ema=self.weight_ema is not None, check_finite=self.check_finite)
         self._prepared = False  # prepare() ran for this optimizer step
         self._records: list[StepRecord] = []  # what each backward of this optimizer step saw (see stats)
         self._step_done = True  # the next backward starts a new step's records
@@ -227,7 +228,8 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         evaluation); otherwise the next call must be :meth:`backward`.
         """
         single = isinstance(z, Tensor)
-        shared: list[Tensor] | None = [z] if isinstance(z, Tensor) else list(z) if isinstance(z, (tuple, list)) else None
+        shared: list[Tensor] | None = ([z] if isinstance(z, Tensor)
+                                       else list(z) if isinstance(z, (tuple, list)) else None)
         if not shared or not all(isinstance(t, Tensor) and t.is_floating_point() and t.dim() >= 1 for t in shared):
             raise TypeError("fork(z) takes the backbone's output: a floating-point tensor with a leading batch "
                             f"dimension, or a tuple/list of such tensors; got {_describe(z)}")
@@ -278,7 +280,7 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         task_losses = loss_vector.detach().to(compute_dtype(loss_vector.dtype))
         if self._decides_from_losses(sync):
             task_losses = sync.losses(task_losses)
-        loss_vector, task_losses, present = self._presence_across_ranks(sync, path, loss_vector, task_losses, present)
+        loss_vector, task_losses, present = self.presence.apply_counts(sync, path, loss_vector, task_losses, present)
         loss_weights = self.decider.step_loss_weights(task_losses)  # pure
         # task gradients -> Gram -> the one all-reduce -> the one host read (finite check)
         head_params = self._head_params()
@@ -290,8 +292,8 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         flag, gram, task_losses, head_grads = checks.reduce(
             sync, path, gram, task_losses, head_grads, backbone_loss, check=checked,
             reduce_losses=not self._decides_from_losses(sync))
-        _, task_losses, present = self._presence_across_ranks(sync, path, loss_vector, task_losses, present)
-        if checked and not self._read_checks(flag, gram, task_losses, present):  # the one host read
+        _, task_losses, present = self.presence.apply_counts(sync, path, loss_vector, task_losses, present)
+        if checked and not self.presence.read(flag, gram, task_losses, present):  # the one host read
             if not scaling.active:
                 checks.raise_nonfinite(task_losses, loss_weights, path, backbone_loss, self.method,
                                        self.distributed.world_size)
@@ -387,6 +389,8 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         state (its moments, step counts and learning rates, for the backbone's and heads'
         groups) is restored, from a checkpoint of any method; this optimizer's method,
         rotations, generator and own param group stay as built."""
+        if method_state and isinstance(state_dict, dict) and isinstance(state_dict.get("optimizer"), dict):
+            state_dict = {**state_dict, "optimizer": self.method.legacy_optimizer_state(state_dict["optimizer"])}
         checkpoint.validate(self, state_dict, method_state=method_state)
         self._path = None
         if not method_state:
@@ -445,122 +449,14 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
                                  "returned by fork() (not under torch.no_grad())")
         if backbone_loss is not None and (not isinstance(backbone_loss, Tensor) or backbone_loss.numel() != 1):
             raise ValueError(f"backbone_loss must be a scalar tensor, got {_describe(backbone_loss)}")
-        present = [loss is not None for loss in losses]
-        # under torch.distributed, presence is all-reduced and read with the finiteness flag
-        across_ranks = isinstance(self.distributed, distributed.Sync) and self.check_finite
-        if not all(present) and not across_ranks:
-            self._check_absent(present)
-        reached = graph.check_readers(losses, self._path, self._path.shared)  # every step
+        path, present = self._pending_path(), [loss is not None for loss in losses]
+        self.presence.check(present, self.distributed)
+        reached = graph.check_readers(losses, path, path.shared)  # every step
         self._head_tasks = graph.owners(reached)
-        # distributed-exact: the tasks absent here may be present on other ranks, so all K go on
-        # (per-rank surgery decides over this rank's tasks, as one process)
-        full = across_ranks and (self.distributed.exact or not any(present))
-        if across_ranks:
-            self._note_presence(present, reached)
-        if full:
-            losses = [self._zero_loss(k) if loss is None else loss for k, loss in enumerate(losses)]
+        losses, self.method.present = self.presence.begin(self.distributed, losses, path, reached, self._head_params())
         given = [loss for loss in losses if loss is not None]
-        stacked = torch.stack(given if all(loss.dim() == 0 for loss in given) else [loss.reshape(()) for loss in given])
-        self.method.present = None if all(present) or full else present
-        return stacked, None if all(present) else present
-
-    def _check_absent(self, present: list[bool], ranks: str = "") -> None:
-        """Absent tasks need a method that can decide over any subset of the tasks
-        (``ranks``: how the tasks are absent across ranks, said in the error)."""
-        if not any(present):
-            raise ValueError(f"backward() got None for every task{ranks}; skip the batch instead (nothing was changed)")
-        reasons = []
-        if not self.method.subset_safe:
-            reasons.append(f"{self.method!r} cannot decide over a subset of the tasks: "
-                           f"{self.method.subset_refusal or 'it keeps per-task state'} "
-                           f"(methods that can: {', '.join(_subset_methods())})")
-        if self.rotations is not None:
-            reasons.append("rotations align every task's gradient")
-        if self.weight_ema is not None:
-            reasons.append("weight_ema smooths the weights of every task")
-        if self.distributed.world_size > 1 and not self.check_finite:
-            reasons.append("under torch.distributed the ranks learn each other's tasks from a host read, which "
-                           "check_finite=False rules out (pass check_finite=True)")
-        if reasons:
-            raise ValueError(f"backward() got None for absent task(s) {[k for k, p in enumerate(present) if not p]}"
-                             f"{ranks}, but " + "; ".join(reasons)
-                             + ". Nothing was changed; skip such batches, or pick a method that supports them.")
-
-    def _read_checks(self, flag: Tensor, gram: Tensor | None, values: Tensor, present: list[bool] | None) -> bool:
-        """The step's one host read: whether everything is finite; a present task with an
-        exactly zero gradient is warned about (once per task), from the same read."""
-        finite, zero = presence.read_checks(flag, gram, values, present)
-        if finite and zero:
-            presence.warn_zero_gradients(zero, self._warned_zero)
-        return finite
-
-    # -- absent tasks under torch.distributed (see gradsurgery.scale.distributed) --------
-    def _zero_loss(self, k: int) -> Tensor:
-        """A stand-in for task ``k``'s ``None`` under ``torch.distributed``: 0, read from
-        its view, so its row of ``G`` is exactly 0 and the losses keep all ``K`` places."""
-        view = self._pending_path().views[k]
-        return (view if isinstance(view, Tensor) else view[0]).reshape(-1)[0] * 0
-
-    def _note_presence(self, present: list[bool], reached: dict[int, set[int]]) -> None:
-        """Hands the step's all-reduce this rank's presence and which tasks reached which
-        head parameter (the backbone's parameters, found once, are not the heads')."""
-        sync, params = self.distributed, self._head_params()
-        if not isinstance(sync, distributed.Sync):
-            return
-        if sync.backbone is None:  # the first step: the backbone's parameters, and the heads outside DDP
-            backbone = {id(p) for p in graph.shared_parameters(self._pending_path().shared, params)}
-            distributed.check_heads_outside_ddp(p for p in params if id(p) in reached and id(p) not in backbone)
-            sync.backbone = backbone
-        reach = torch.zeros(len(params), self.num_tasks, dtype=torch.float64)
-        for i, p in enumerate(params):
-            for task in reached.get(id(p), ()):
-                reach[i, task] = 1.0
-        sync.note_presence(present, params, reach, [id(p) not in sync.backbone for p in params])
-
-    def _presence_across_ranks(self, sync, path, stacked: Tensor, values: Tensor, present: list[bool] | None
-                               ) -> tuple[Tensor, Tensor, list[bool] | None]:
-        """Once the all-reduced counts ``n_k`` are known (``sync.counts``): raises on every
-        rank together when the step must be refused, and returns the losses and presence
-        the method decides over. Distributed-exact: the tasks present on some rank, with
-        ``R / n_k`` folded into the losses (``sync.folded``) or into the rows of ``G``;
-        per-rank surgery: this rank's tasks. Identity when single-process or done."""
-        if sync.counts is None or sync.presence_applied:
-            return stacked, values, present
-        sync.presence_applied = True
-        counts, r = [int(c) for c in sync.counts.tolist()], sync.world_size
-        missing = [k for k, c in enumerate(counts) if c < r]
-        if sync.exact:
-            decided = [c > 0 for c in counts]
-            if not all(decided):
-                self._check_absent(decided, " on every rank")
-        else:
-            decided = [True] * self.num_tasks if present is None else present
-            if sync.empty:
-                raise ValueError(f"backward() got None for every task on {sync.empty} rank(s); per-rank surgery "
-                                 "(distributed_exact=False) has nothing to decide there. Nothing was changed; "
-                                 "use distributed_exact=True or skip the batch on every rank")
-            if missing:
-                self._check_absent([c == r for c in counts], " on some ranks (per-rank surgery)")
-        if self.rotations is not None and missing:
-            raise ValueError(f"task(s) {missing} are absent on some ranks, but rotations align every task's "
-                             "gradient on every rank. Nothing was changed; skip such batches on every rank")
-        if sync.inexact:
-            raise ValueError(f"a head parameter is read by several tasks, and task(s) {missing} are absent on some "
-                             "ranks: its gradient of the global batch cannot be told apart from the ranks' sum. "
-                             "Nothing was changed; give each task its own head, or skip such batches on every rank")
-        if not sync.exact:  # this rank's tasks, already the only ones in the losses
-            return stacked, values, present
-        index = torch.tensor(decided).nonzero().flatten().to(values.device)
-        if (factors := sync.row_factors()) is not None:
-            if sync.folded:
-                stacked = stacked * factors.to(stacked.device, stacked.dtype)
-            else:
-                for g in path.grads:
-                    g.mul_(factors.to(g.device, g.dtype).view(-1, *[1] * (g.dim() - 1)))
-        self.method.present = None if all(decided) else decided
-        if all(decided):
-            return stacked, values, None
-        return stacked[index.to(stacked.device)], values[index], decided
+        loss_vector = torch.stack([loss if loss.dim() == 0 else loss.reshape(()) for loss in given])
+        return loss_vector, None if all(present) else present
 
     def _decides_from_losses(self, sync) -> bool:
         """Whether the method's loss weights may depend on the losses, so that under exact
@@ -635,11 +531,6 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         if self._stats is None:
             self._stats = step_stats(self._records, self.num_tasks)
         return self._stats
-
-
-def _subset_methods() -> list[str]:
-    """Names of the registered methods that accept absent tasks."""
-    return [name for name in available() if get(name).subset_safe]
 
 
 def _describe(x: Any) -> str:

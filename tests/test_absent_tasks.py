@@ -8,10 +8,10 @@ import re
 
 import pytest
 import torch
+from core_helpers import assert_same, make, snapshot, wrapped_step
 from torch import nn
 
 import gradsurgery as gs
-from core_helpers import assert_same, make, snapshot, wrapped_step
 
 K, PRESENT = 3, [0, 2]
 
@@ -60,9 +60,38 @@ def test_method_decides_as_an_optimizer_built_on_the_present_tasks(method, optio
     two, ref = _present_only(model, method, x, ys, **reference)
     _assert_same_grads(model, two)
     if method == "uw":
-        grad = opt.method.log_vars.grad
-        torch.testing.assert_close(grad[PRESENT], ref.method.log_vars.grad, rtol=1e-12, atol=0)
-        assert grad[1] == 0
+        grads = [p.grad for p in opt.method.parameters()]
+        torch.testing.assert_close(torch.stack([grads[k] for k in PRESENT]),
+                                   torch.stack([p.grad for p in ref.method.parameters()]), rtol=1e-12, atol=0)
+        assert grads[1] is None
+
+
+def test_uw_absent_task_log_variance_and_adam_moments_stay_untouched():
+    """UW under Adam, task 1 absent at steps 2-3: its log-variance and its moments are
+    bit-identical across those steps (Adam skips a parameter without gradient, its step
+    count included), and every log-variance follows torch's Adam on the gradient
+    ``(1 - exp(-s_k) L_k) / 2`` of the losses the steps saw (None where absent)."""
+    model, x, ys = make(K, seed=5)
+    opt = gs.MultiTaskOptimizer(torch.optim.Adam(model.parameters(), lr=0.05), "uw", num_tasks=K)
+    scalars = opt.method.parameters()
+    mirror = [torch.nn.Parameter(p.detach().clone()) for p in scalars]
+    reference = torch.optim.Adam(mirror, lr=0.05)
+    for step, absent in enumerate([False, True, True, False]):
+        opt.zero_grad()
+        losses = model.losses(opt.fork(model.rep(x + step)), ys)
+        opt.backward([losses[0], None, losses[2]] if absent else list(losses))
+        if step == 1:
+            held = scalars[1].detach().clone(), {k: v.clone() for k, v in opt.state[scalars[1]].items()}
+        opt.step()
+        seen = opt.stats["losses"]
+        for k, p in enumerate(mirror):
+            p.grad = None if absent and k == 1 else (0.5 * (1 - torch.exp(-p.detach()) * seen[k])).to(p.dtype)
+        reference.step()
+        if step == 2:
+            assert torch.equal(scalars[1].detach(), held[0])
+            assert all(torch.equal(opt.state[scalars[1]][k], v) for k, v in held[1].items())
+    torch.testing.assert_close(opt.method.log_vars, torch.stack([p.detach() for p in mirror]), rtol=1e-12, atol=0)
+    assert opt.state[scalars[1]]["step"] == 2 and opt.state[scalars[0]]["step"] == 4
 
 
 def test_rlw_weights_the_present_tasks_by_the_softmax_of_their_draws():
@@ -145,3 +174,31 @@ def test_no_warning_for_ordinary_and_absent_tasks(recwarn):
     wrapped_step(model, opt, x, ys)
     _absent_step(model, opt, x, ys)
     assert not [w for w in recwarn if "exactly zero gradient" in str(w.message)]
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_uw_optimizer_state_of_one_log_variance_vector_loads_into_the_scalars(k):
+    """A wrapped-optimizer state saved when UW's ``s`` was one K-vector parameter (0.1.0;
+    tests/test_checkpoint_compat.py runs 0.1.0's own for K = 3) is split into the K
+    scalars' states: here built from a run's own state, so they must match exactly."""
+    model, x, ys = make(k, seed=6)
+    opt = gs.MultiTaskOptimizer(torch.optim.Adam(model.parameters(), lr=0.05), "uw", num_tasks=k)
+    for step in range(2):
+        opt.zero_grad()
+        opt.backward(list(model.losses(opt.fork(model.rep(x + step)), ys)))
+        opt.step()
+    saved = opt.state_dict()
+    inner, group = saved["optimizer"], saved["optimizer"]["param_groups"][-1]
+    one = group["params"][0]
+    state = {i: v for i, v in inner["state"].items() if i not in group["params"]}
+    state[one] = {name: v if name == "step" else torch.stack([inner["state"][i][name] for i in group["params"]])
+                  for name, v in inner["state"][one].items()}
+    legacy = {**saved, "optimizer": {"state": state, "param_groups": [*inner["param_groups"][:-1],
+                                                                      {**group, "params": [one]}]}}
+    fresh = gs.MultiTaskOptimizer(torch.optim.Adam(copy.deepcopy(model).parameters(), lr=0.05), "uw", num_tasks=k)
+    fresh.load_state_dict(legacy)
+    assert len(legacy["optimizer"]["param_groups"][-1]["params"]) == 1  # the caller's dict is left as it was
+    for p, q in zip(opt.method.parameters(), fresh.method.parameters()):
+        assert torch.equal(p, q)
+        assert all(torch.equal(v, fresh.state[q][name]) and v.shape == fresh.state[q][name].shape
+                   for name, v in opt.state[p].items())

@@ -158,6 +158,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     results["absent/per-rank gradnorm"] = _expect_error(
         lambda: _train("gradnorm", rows, ddp=True, exact=False, absent=ABSENT_SOME_ONLY))
     results["absent/refused"] = _refused_on_every_rank(rank, rows)
+    results["absent/unchecked"] = _refused_without_the_read(rows)
     results["whole model"] = _whole_model_in_ddp(rows)
 
     results["num_tasks"] = _expect_error(lambda: mismatched(2 + rank, "pcgrad"))
@@ -189,6 +190,31 @@ def _refused_on_every_rank(rank: int, rows: slice) -> list:
     unchanged = all(torch.equal(a, b) for a, b in zip(before[:-1], opt.param_groups[0]["params"]))
     step(1, False)
     return [error, unchanged, [p.detach().clone() for p in opt.param_groups[0]["params"]]]
+
+def _refused_without_the_read(rows: slice) -> list:
+    """check_finite=False: presence has no host read to travel with, so ``None`` is refused
+    (here on both ranks, which both pass it) saying to pass check_finite=True, before
+    anything changed; the next step, every task present, runs on both ranks."""
+    torch.manual_seed(0)
+    backbone = nn.parallel.DistributedDataParallel(nn.Linear(5, FEATURES).double())
+    heads = nn.ModuleList([nn.Linear(FEATURES, 1), nn.Linear(FEATURES, 2)]).double()
+    opt = gs.MultiTaskOptimizer(torch.optim.SGD([*backbone.parameters(), *heads.parameters()], lr=0.1),
+                                "mean", num_tasks=2, check_finite=False)
+    x, y1, y2 = _data()
+
+    def step(drop: bool) -> None:
+        opt.zero_grad()
+        z1, z2 = opt.fork(backbone(x[0, rows]))
+        opt.backward([(heads[0](z1) - y1[0, rows]).pow(2).mean(),
+                      None if drop else (heads[1](z2) - y2[0, rows]).pow(2).mean()])
+        opt.step()
+
+    before = [p.detach().clone() for p in opt.param_groups[0]["params"]]
+    error = _expect_error(lambda: step(True))
+    unchanged = all(torch.equal(a, b) for a, b in zip(before, opt.param_groups[0]["params"]))
+    step(False)
+    return [error, unchanged, [p.detach().clone() for p in opt.param_groups[0]["params"]]]
+
 
 def _whole_model_in_ddp(rows: slice) -> list:
     """DDP(model) with the heads inside: refused at the first step, before anything
@@ -287,6 +313,13 @@ def test_task_absent_on_some_ranks_equals_one_process_on_the_labelled_rows(ranks
     assert max_diff(ranks[0][f"absent/{method}"], ranks[1][f"absent/{method}"]) == 0
     # the comparison can fail: the plain mean over the whole batch is another run
     assert max_diff(reference, _train(method, slice(None))) > 1e-4
+
+
+def test_absent_task_without_check_finite_is_refused_saying_to_pass_it(ranks):
+    for r in ranks:
+        error, unchanged, _ = r["absent/unchecked"]
+        assert error.startswith("ValueError") and "pass check_finite=True" in error and unchanged
+    assert max_diff(ranks[0]["absent/unchecked"][2], ranks[1]["absent/unchecked"][2]) == 0
 
 
 def test_task_absent_on_one_rank_is_present_for_a_method_that_refuses_absent_tasks(ranks):

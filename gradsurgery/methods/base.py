@@ -237,6 +237,11 @@ class Method:
             else:
                 setattr(self, name, _copy(saved, like=current if isinstance(current, Tensor) else None))
 
+    def legacy_optimizer_state(self, saved: dict[str, Any]) -> dict[str, Any]:
+        """The wrapped optimizer's saved ``state_dict`` as today's method parameters expect
+        it (a method whose parameters changed since a saved version converts it; pure)."""
+        return saved
+
     def _renamed(self, state: dict[str, Any]) -> dict[str, Any]:
         """``state`` with 0.1.0's keys (:attr:`legacy_state_names`) under today's names, the
         states it did not save (:attr:`legacy_missing`) at their values, and 0.1.0's empty
