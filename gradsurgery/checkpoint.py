@@ -168,7 +168,8 @@ def wrapped_state_only(optimizer: torch.optim.Optimizer, saved: dict[str, Any], 
             continue
         source = next(taken)
         out_groups.append({**source, "params": group["params"]})
-        state.update({i: saved["state"][j] for i, j in zip(group["params"], source["params"], strict=True) if j in saved["state"]})
+        state.update({i: saved["state"][j] for i, j in zip(group["params"], source["params"], strict=True)
+                      if j in saved["state"]})
     return {"state": state, "param_groups": out_groups}
 
 

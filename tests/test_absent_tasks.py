@@ -8,10 +8,10 @@ import re
 
 import pytest
 import torch
+from core_helpers import assert_same, make, snapshot, wrapped_step
 from torch import nn
 
 import gradsurgery as gs
-from core_helpers import assert_same, make, snapshot, wrapped_step
 
 K, PRESENT = 3, [0, 2]
 

@@ -7,7 +7,8 @@ from typing import Callable, Iterator, Sequence
 from torch import Tensor
 
 
-def _walk(roots: Sequence, stop: Callable[[object, int], bool] = lambda node, nr: False) -> Iterator[tuple[object, int]]:
+def _walk(roots: Sequence, stop: Callable[[object, int], bool] = lambda node, nr: False
+          ) -> Iterator[tuple[object, int]]:
     """Every edge ``(node, nr)`` reachable from the ``roots`` (autograd nodes), each node
     expanded once; an edge for which ``stop`` is true is yielded but not followed."""
     seen: set[int] = set()

@@ -233,8 +233,8 @@ class SummedPath(Path):
         return list(out[len(flat):])
 
     def flat_task_gradients(self) -> Tensor:
-        return torch.cat([torch.stack([torch.zeros_like(t) if g is None else g for g in grads]).reshape(self.num_tasks, -1)
-                          for grads, t in zip(self.task_grads, self.shared)], 1)
+        return torch.cat([torch.stack([torch.zeros_like(t) if g is None else g for g in grads])
+                          .reshape(self.num_tasks, -1) for grads, t in zip(self.task_grads, self.shared)], 1)
 
     def nonfinite_indicator(self, gram: Tensor | None) -> Tensor:
         return torch.stack([g.sum() for g in self.grads])

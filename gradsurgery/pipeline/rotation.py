@@ -177,7 +177,9 @@ class Rotations(nn.Module):
 
     def _map(self, x: Tensor) -> Tensor:
         # module-level names looked up at call time (the structural tests count expm's calls)
-        return expm(x) if self.param == "expm" else cayley(x) if self.param == "cayley" else self.param(x)
+        if isinstance(self.param, str):  # "expm" or "cayley" ("riemannian" overrides matrices/matrix)
+            return expm(x) if self.param == "expm" else cayley(x)
+        return self.param(x)
 
     # -- layout -------------------------------------------------------------------------
     def layout(self, shape: Sequence[int]) -> tuple[int, int, int, float]:
@@ -417,6 +419,8 @@ class RotatedHead(nn.Module):
     holds no rotation of its own (the compat facade's heads).
     """
 
+    rotation: Tensor | None  # the buffer: None when live or without rotations
+
     def __init__(self, head: nn.Module, rotations: Rotations | None, task: int, *, live: bool = False):
         super().__init__()
         self.head, self.task, self.live = head, task, bool(live)
@@ -435,6 +439,7 @@ class RotatedHead(nn.Module):
             with torch.no_grad():
                 r = rotations.matrix(self.task)[0]
         else:
+            assert self.rotation is not None, "a RotatedHead built with rotations and live=False holds R_task"
             r = self.rotation
         _, feat, post, _ = rotations.layout(z.shape)
         rotated = rotations.rotate(z.reshape(-1, feat, post), r.unsqueeze(0).to(z.dtype))
@@ -469,13 +474,14 @@ def build(method, num_tasks: int, *, rotation: bool | None, rep_size: int | None
     if level != "rep":
         raise ValueError(f"rotations act on the shared representation, so they cannot run with level={level!r}; "
                          "use level='rep' or rotation=False")
-    if rotation_shape is None and rep_size is None:
+    shape = rotation_shape if rotation_shape is not None else rep_size
+    if shape is None:
         raise ValueError(f"{method!r} learns rotations of the representation and needs their size: pass "
                          "rep_size=<number of features of z> (or rotation_shape=<shape of z's features>)")
     if rotation_shape is not None and rep_size is not None \
             and _as_shape(rotation_shape, "rotation_shape") != _as_shape(rep_size, "rep_size"):
         raise ValueError(f"rep_size={rep_size!r} and rotation_shape={rotation_shape!r} disagree; pass one of them")
-    shape = rotation_shape if rotation_shape is not None else rep_size
+    cls = RiemannianRotations if isinstance(param, str) and param == "riemannian" else Rotations
     # rotations live in float32 or wider (half-precision models: eigh needs it; the views are cast)
-    return (RiemannianRotations if isinstance(param, str) and param == "riemannian" else Rotations)(num_tasks, shape, post_shape=post_shape, init=init, coop=coop, param=param,
-                     dtype=compute_dtype(dtype), device=device)
+    return cls(num_tasks, shape, post_shape=post_shape, init=init, coop=coop, param=param,
+               dtype=compute_dtype(dtype), device=device)

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from ..numerics.grads import accumulate_grad
 
+
 def combine(coefficients: Tensor, grads: Tensor) -> Tensor:
     """``g = c^T G``: one matmul of the ``K`` coefficients with the ``K x N`` gradients,
     in the coefficients' (float32 or wider) precision, returned in ``G``'s dtype."""
