@@ -34,8 +34,9 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from .methods.rotograd import RotoGradNorm as RotoGradNormMethod
 from .optimizer import MultiTaskOptimizer
-from .pipeline.rotation import RiemannianRotations, RotatedHead, haar
+from .pipeline.rotation import RiemannianRotations, RotatedHead, Rotations, haar
 
 __all__ = ["VanillaMTL", "RotateOnly", "RotoGrad", "RotoGradNorm", "cached"]
 
@@ -205,6 +206,7 @@ class RotateOnly(VanillaMTL):
     """Rotations alone (rotograd's ``RotateOnly``; gradsurgery method ``rotate_only``)."""
 
     _method = "rotate_only"
+    rotations: Rotations  # always built: the RotoGrad family learns rotations
 
     def __init__(self, backbone: nn.Module, heads: Sequence[nn.Module], rotation_shape: int | Sequence[int],
                  *args, post_shape: Sequence[int] = (), normalize_losses: bool = False,
@@ -264,7 +266,9 @@ class RotoGradNorm(RotateOnly):
     @property
     def weight(self) -> list[Tensor]:
         """The task weights ``w_k`` (positive, summing to ``K``)."""
-        return list(self._optimizer.method.task_weights().unbind(0))
+        method = self._optimizer.method
+        assert isinstance(method, RotoGradNormMethod)  # built from _method = "rotogradnorm"
+        return list(method.task_weights().unbind(0))
 
 
 def _package_keys(model: VanillaMTL) -> list[str]:

@@ -65,6 +65,7 @@ class GradVac(GramWeighting):
         m = gram.to(torch.float64)
         # ||g_i'|| from c^T M c keeps ~sqrt(eps) of its terms' size: below that, g_i' cancelled
         floor = 4 * (k * torch.finfo(gram.dtype).eps) ** 0.5
+        assert self.targets is not None, "bind() creates the targets"
         targets = self.targets.to(m.device)
         coefs = torch.eye(k, dtype=m.dtype, device=m.device)
         rows = torch.arange(k, device=m.device)
