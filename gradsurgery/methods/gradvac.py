@@ -46,7 +46,8 @@ class GradVac(GramWeighting):
         self.beta = check_option("beta", beta, float, "[0, 1]")
         self.targets: Tensor | None = None
 
-    def bind(self, num_tasks, *, device, dtype, generator):
+    def bind(self, num_tasks: int, *, device: torch.device, dtype: torch.dtype,
+             generator: torch.Generator) -> None:
         super().bind(num_tasks, device=device, dtype=dtype, generator=generator)
         self.targets = torch.zeros(num_tasks, num_tasks, dtype=torch.float64, device=device)
 

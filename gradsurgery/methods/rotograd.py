@@ -133,7 +133,8 @@ class RotoGradNorm(_LossNormalization, GramWeighting):
         self.alpha = check_option("alpha", alpha, float, "[0, inf)", "GradNorm's asymmetry")
         super().__init__(normalize_losses, burn_in_period)
 
-    def bind(self, num_tasks, *, device, dtype, generator):
+    def bind(self, num_tasks: int, *, device: torch.device, dtype: torch.dtype,
+             generator: torch.Generator) -> None:
         super().bind(num_tasks, device=device, dtype=dtype, generator=generator)
         self.weight_logits = nn.Parameter(torch.ones(num_tasks, device=device, dtype=dtype))
 

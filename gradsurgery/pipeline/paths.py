@@ -30,6 +30,7 @@ from . import rotation as rot
 
 if TYPE_CHECKING:
     from ..scale.amp import Scaling
+    from ..scale.distributed import NoSync, Sync
 
 
 def _per_task(by_tensor: list[list[Tensor]], single: bool) -> list:
@@ -84,7 +85,7 @@ class Path:
         ``present`` tasks (``scaling``: the loss scale of a GradScaler step, if any)."""
         raise TypeError(f"{type(self).__name__} does not hold the task gradients' elements")
 
-    def align(self, gram: Tensor | None, loss_scale: Tensor | None, sync: Any) -> Tensor | None:
+    def align(self, gram: Tensor | None, loss_scale: Tensor | None, sync: Sync | NoSync) -> Tensor | None:
         """Trains what the path learns (rotations); returns its losses. Nothing by default."""
         return None
 
@@ -296,7 +297,7 @@ class RotatedPath(StackedPath):
         """The Gram of the rotated tensor's gradients (``gram`` itself for one tensor)."""
         return gram if self.single else gram_of(self.grads[0])
 
-    def align(self, gram: Tensor | None, loss_scale: Tensor | None, sync: Any) -> Tensor:
+    def align(self, gram: Tensor | None, loss_scale: Tensor | None, sync: Sync | NoSync) -> Tensor:
         """Trains the rotations (see :func:`gradsurgery.pipeline.rotation.align`); frees the
         exponential's graph and the rotated gradients."""
         assert gram is not None and self.rotation is not None and self.rotated is not None  # after gram()

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -58,6 +59,9 @@ from ..numerics.cayley import cayley
 from ..numerics.expm import expm, skew
 from ..numerics.gram import compute_dtype
 from . import stages
+
+if TYPE_CHECKING:
+    from ..scale.distributed import NoSync, Sync
 
 #: Largest ``max |R R^T - I|`` accepted for a given initial rotation (geotorch's tolerance).
 ORTHOGONALITY_TOLERANCE = 1e-4
@@ -317,7 +321,8 @@ def _lead_feat_post(rotations: Rotations, shape: Sequence[int]) -> tuple[int, in
 
 
 def align(rotations: Rotations, rotation: Tensor, scale: float, z: Tensor, grads: Tensor,
-          rotated_grads: Tensor, gram: Tensor, loss_scale: Tensor | None = None, sync=None) -> Tensor:
+          rotated_grads: Tensor, gram: Tensor, loss_scale: Tensor | None = None,
+          sync: Sync | NoSync | None = None) -> Tensor:
     """Trains the rotations: writes the gradient of every task's alignment loss (plus, in
     cooperative mode, of the task losses) to ``A``'s ``.grad`` in one backward through the
     exponentials. Returns the ``K`` alignment losses (detached).
@@ -363,7 +368,7 @@ def align(rotations: Rotations, rotation: Tensor, scale: float, z: Tensor, grads
 
 
 def _align_riemannian(rotations: RiemannianRotations, scale: float, z: Tensor, g: Tensor, reference: Tensor,
-                      loss_scale: Tensor | None, sync) -> Tensor:
+                      loss_scale: Tensor | None, sync: Sync | NoSync | None) -> Tensor:
     """:func:`align` for rotations held directly: the same losses and terms, in the frame
     of ``R`` (``g``: the original-space gradients ``G = R^T H``, ``(K, L, F, P)``).
 
