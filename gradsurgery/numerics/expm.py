@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
@@ -102,7 +103,7 @@ class _SkewExp(torch.autograd.Function):
     evaluated approximant as its backward (skew-symmetric part)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, sync_free: bool) -> Tensor:
+    def forward(ctx: Any, x: Tensor, sync_free: bool) -> Tensor:  # ctx: autograd's, with our attributes
         grad = ctx.needs_input_grad[0]
         thetas = _THETAS[x.dtype] if x.dtype in _THETAS else _taylor_theta(x.dtype)
         n1 = _norm1(x)
@@ -155,12 +156,12 @@ class _SkewExp(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, g: Tensor):
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None]:
         with torch.autocast(g.device.type, enabled=False):  # the backward may run under the caller's autocast
             return _SkewExp._backward(ctx, g.to(ctx.saved_tensors[0].dtype))
 
     @staticmethod
-    def _backward(ctx, g: Tensor):
+    def _backward(ctx: Any, g: Tensor) -> tuple[Tensor, None]:
         q, n_horner, n_squares = ctx.counts
         saved = ctx.saved_tensors
         powers = [None, *saved[:q]]
@@ -251,7 +252,7 @@ class _Gradients(list):
             self[i], self.owned[i] = torch.baddbmm(self[i], a, b, alpha=alpha), True
 
 
-def _horner_adjoint(g: Tensor, powers: list, saved, q: int, degree: int) -> _Gradients:
+def _horner_adjoint(g: Tensor, powers: list, saved: Sequence[Tensor], q: int, degree: int) -> _Gradients:
     """The gradients of ``X, .., X^q`` (index 1..q) from the gradient ``g`` of ``T_d``:
     the exact adjoint of :func:`_horner`."""
     c = _COEFFICIENTS[degree]
