@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -61,6 +61,7 @@ from ..numerics.gram import compute_dtype
 from . import stages
 
 if TYPE_CHECKING:
+    from ..methods.base import Method
     from ..scale.distributed import NoSync, Sync
 
 #: Largest ``max |R R^T - I|`` accepted for a given initial rotation (geotorch's tolerance).
@@ -146,7 +147,7 @@ class Rotations(nn.Module):
         return (size, size)
 
     @staticmethod
-    def _initial(init: str | Tensor, k: int, m: int, dtype: torch.dtype, device) -> Tensor:
+    def _initial(init: str | Tensor, k: int, m: int, dtype: torch.dtype, device: torch.device | None) -> Tensor:
         if isinstance(init, Tensor):
             if init.shape != (k, m, m):
                 raise ValueError(f"rotation_init must have shape (num_tasks, m, m) = {(k, m, m)}, "
@@ -249,7 +250,7 @@ class RiemannianRotations(Rotations):
 
     _indices: Tensor
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args: Any, **kwargs: Any):  # Rotations' arguments
         super().__init__(*args, **kwargs)
         self.register_buffer("_indices", retraction.tril_indices(self.size, self.base.device), persistent=False)
         # steps taken and the defect bound accumulated since the last re-orthogonalisation
@@ -436,7 +437,7 @@ class RotatedHead(nn.Module):
                 rotation = rotations.matrix(task)[0].detach().clone()
         self.register_buffer("rotation", rotation)
 
-    def forward(self, z: Tensor):
+    def forward(self, z: Tensor) -> Any:  # what the head returns
         rotations = self._rotations[0]
         if rotations is None:
             return self.head(z)
@@ -454,7 +455,7 @@ class RotatedHead(nn.Module):
         return f"task={self.task}" + (", live=True" if self.live else "")
 
 
-def build(method, num_tasks: int, *, rotation: bool | None, rep_size: int | None,
+def build(method: Method, num_tasks: int, *, rotation: bool | None, rep_size: int | None,
           rotation_shape: int | Sequence[int] | None, post_shape: int | Sequence[int],
           init: str | Tensor, coop: bool, level: str, dtype: torch.dtype,
           device: torch.device, param: str | Callable[[Tensor], Tensor] = "expm") -> Rotations | None:
