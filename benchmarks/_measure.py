@@ -25,6 +25,7 @@ file-backed pages too.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -35,9 +36,8 @@ import time
 import traceback
 from typing import Any, Callable
 
-import torch
-
 import _workloads as W
+import torch
 
 
 def _status_kb(key: str) -> int:
@@ -172,13 +172,14 @@ def run_jobs(jobs: list[dict[str, Any]], threads: int, log: Callable[[str], None
         skipped = {r["key"]: {"error": missing[r["lib"]]} for r in job["rows"] if r["lib"] in missing}
         t0 = time.perf_counter()
         if job["kind"] == "time":
-            res = in_child(lambda: time_rows(cfg, rows, **job["timing"]), job["timeout_s"], threads) if rows else {}
+            timing = functools.partial(time_rows, cfg, rows, **job["timing"])
+            res = in_child(timing, job["timeout_s"], threads) if rows else {}
             if "error" in res and len(res) == 1:
                 res = {r["key"]: dict(res) for r in rows}
         else:
             res = {}
             for row in rows:
-                res[row["key"]] = in_child(lambda row=row: peak_memory(cfg, row), job["timeout_s"], threads)
+                res[row["key"]] = in_child(functools.partial(peak_memory, cfg, row), job["timeout_s"], threads)
         res.update(skipped)
         log(f"  {job['kind']:6s} d={cfg.d} K={cfg.k}: {len(job['rows'])} rows in {time.perf_counter() - t0:.1f}s")
         results.append(res)

@@ -34,10 +34,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import torch  # noqa: E402
-
 import _measure  # noqa: E402
 import _workloads as W  # noqa: E402
+import torch  # noqa: E402
 
 #: (gradsurgery method, torchjd aggregator) pairs compared at the parameter level
 PAIRS = [("upgrad", "UPGrad"), ("mgda", "MGDA"), ("pcgrad", "PCGrad")]

@@ -39,10 +39,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.append(str(HERE.parent))  # gradsurgery from this checkout when it is not installed
 
-import torch  # noqa: E402
-
 import _measure  # noqa: E402
 import _workloads as W  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = HERE.parent
 DOCS = ROOT / "docs"

@@ -13,8 +13,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from . import methods
-from .stats import stats_to_scalars
 from .optimizer import MultiTaskOptimizer
+from .stats import stats_to_scalars
 
 if TYPE_CHECKING:
     from . import compare

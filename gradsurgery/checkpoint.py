@@ -16,7 +16,7 @@ gradsurgery 0.1.0 wrote the same dict without ``format_version``, ``method_name`
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Concatenate, ParamSpec, TypeVar
 
 import torch
 from torch import Tensor
@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 #: The version of the format :func:`describe` writes (0.1.0's, without one, is version 0).
 FORMAT_VERSION = 1
 
-F = TypeVar("F", bound=Callable[..., Any])
+O = TypeVar("O", bound=torch.optim.Optimizer)
+P = ParamSpec("P")
 
 
 def method_name(method: Method) -> str:
@@ -168,16 +169,17 @@ def wrapped_state_only(optimizer: torch.optim.Optimizer, saved: dict[str, Any], 
             continue
         source = next(taken)
         out_groups.append({**source, "params": group["params"]})
-        state.update({i: saved["state"][j] for i, j in zip(group["params"], source["params"], strict=True) if j in saved["state"]})
+        state.update({i: saved["state"][j] for i, j in zip(group["params"], source["params"], strict=True)
+                      if j in saved["state"]})
     return {"state": state, "param_groups": out_groups}
 
 
-def state_dict_hooks(state_dict: F) -> F:
+def state_dict_hooks(state_dict: Callable[[O], dict[str, Any]]) -> Callable[[O], dict[str, Any]]:
     """Runs ``torch.optim``'s state-dict hooks around ``state_dict``, as
     ``torch.optim.Optimizer.state_dict`` does: the pre-hooks with the optimizer, the
     post-hooks with the optimizer and the dict (a hook's return value replaces it)."""
     @functools.wraps(state_dict)
-    def wrapper(self: torch.optim.Optimizer) -> dict[str, Any]:
+    def wrapper(self: O) -> dict[str, Any]:
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         result = state_dict(self)
@@ -186,16 +188,17 @@ def state_dict_hooks(state_dict: F) -> F:
             if replaced is not None:
                 result = replaced
         return result
-    return wrapper  # type: ignore[return-value]
+    return wrapper
 
 
-def load_state_dict_hooks(load_state_dict: F) -> F:
+def load_state_dict_hooks(load_state_dict: Callable[Concatenate[O, dict[str, Any], P], None]
+                          ) -> Callable[Concatenate[O, dict[str, Any], P], None]:
     """Runs ``torch.optim``'s load-state-dict hooks around ``load_state_dict``, as
     ``torch.optim.Optimizer.load_state_dict`` does: the pre-hooks with the optimizer and a
     shallow copy of the dict (a hook's return value replaces it), the post-hooks with the
     optimizer once it is loaded."""
     @functools.wraps(load_state_dict)
-    def wrapper(self: torch.optim.Optimizer, state_dict: dict[str, Any], *args: Any, **kwargs: Any) -> None:
+    def wrapper(self: O, state_dict: dict[str, Any], *args: P.args, **kwargs: P.kwargs) -> None:
         state_dict = state_dict.copy() if isinstance(state_dict, dict) else state_dict
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             replaced = pre_hook(self, state_dict)
@@ -204,7 +207,7 @@ def load_state_dict_hooks(load_state_dict: F) -> F:
         load_state_dict(self, state_dict, *args, **kwargs)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
-    return wrapper  # type: ignore[return-value]
+    return wrapper
 
 
 def _plain(value: Any) -> Any:

@@ -33,9 +33,11 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.module import _IncompatibleKeys
 
+from .methods.rotograd import RotoGradNorm as RotoGradNormMethod
 from .optimizer import MultiTaskOptimizer
-from .pipeline.rotation import RiemannianRotations, RotatedHead, haar
+from .pipeline.rotation import RiemannianRotations, RotatedHead, Rotations, haar
 
 __all__ = ["VanillaMTL", "RotateOnly", "RotoGrad", "RotoGradNorm", "cached"]
 
@@ -59,8 +61,9 @@ class VanillaMTL(nn.Module):
         super().__init__()
         self._setup(backbone, heads, rotation_shape=None, options={})
 
-    def _setup(self, backbone: nn.Module, heads: Sequence[nn.Module], *, rotation_shape, options: dict[str, Any],
-               post_shape=(), rotation_init: str | Tensor = "random", rotation_param: str = "expm") -> None:
+    def _setup(self, backbone: nn.Module, heads: Sequence[nn.Module], *, rotation_shape: int | Sequence[int] | None,
+               options: dict[str, Any], post_shape: Sequence[int] = (), rotation_init: str | Tensor = "random",
+               rotation_param: str = "expm") -> None:
         heads = list(heads)
         params = [*backbone.parameters(), *(p for h in heads for p in h.parameters())]
         # holds the model's parameters for the pipeline; never stepped (the user's optimizers step)
@@ -69,7 +72,7 @@ class VanillaMTL(nn.Module):
             # the package's draws: geotorch samples each R_k on the CPU in the default dtype
             size = math.prod((rotation_shape,) if isinstance(rotation_shape, int) else rotation_shape)
             rotation_init = haar(len(heads), size, dtype=torch.get_default_dtype())
-        rotation = {} if rotation_shape is None else {
+        rotation: dict[str, Any] = {} if rotation_shape is None else {
             "rotation_shape": rotation_shape, "post_shape": post_shape, "rotation_init": rotation_init,
             "rotation_param": rotation_param}
         # the pipeline seeds its own generator from torch's; the package draws nothing more,
@@ -101,7 +104,7 @@ class VanillaMTL(nn.Module):
             head.train(mode)
         return self
 
-    def to(self, *args, **kwargs) -> "VanillaMTL":
+    def to(self, *args: Any, **kwargs: Any) -> "VanillaMTL":
         self.backbone.to(*args, **kwargs)
         for head in self._heads:
             head.to(*args, **kwargs)
@@ -114,7 +117,7 @@ class VanillaMTL(nn.Module):
         """The end-to-end model of task ``item``: ``nn.Sequential(backbone, heads[item])``."""
         return nn.Sequential(self.backbone, self.heads[item])
 
-    def forward(self, x: Any):
+    def forward(self, x: Any) -> list[Any] | tuple[list[Any], list[Any]]:
         """Backbone, then every head on its (rotated) view; returns the predictions (and,
         when the backbone or heads return tuples, their extra outputs, as the package)."""
         self._retract()
@@ -142,7 +145,7 @@ class VanillaMTL(nn.Module):
         if isinstance(self.rotations, RiemannianRotations) and bool(self.rotations.skew_params.detach().any()):
             self.rotations.after_step()
 
-    def backward(self, losses: Sequence[Tensor], backbone_loss: Tensor | None = None, **kwargs) -> None:
+    def backward(self, losses: Sequence[Tensor], backbone_loss: Tensor | None = None, **kwargs: Any) -> None:
         """Gradients of the whole model (shared and task-specific) and of the method's own
         parameters for the task ``losses`` (computed from the last training forward)."""
         if kwargs:
@@ -155,7 +158,8 @@ class VanillaMTL(nn.Module):
     def mtl_parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
         return self.parameters(recurse=recurse)
 
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True,
+                        assign: bool = False) -> _IncompatibleKeys:
         """Loads this class's own ``state_dict`` or, as it is, one saved by the ``rotograd``
         0.1.6 package (keys ``parametrizations.rotation_{k}.original`` and ``.0.base``,
         RotoGradNorm's ``weight_.{k}``), mapped onto the same rotations and weights. With
@@ -205,9 +209,10 @@ class RotateOnly(VanillaMTL):
     """Rotations alone (rotograd's ``RotateOnly``; gradsurgery method ``rotate_only``)."""
 
     _method = "rotate_only"
+    rotations: Rotations  # always built: the RotoGrad family learns rotations
 
     def __init__(self, backbone: nn.Module, heads: Sequence[nn.Module], rotation_shape: int | Sequence[int],
-                 *args, post_shape: Sequence[int] = (), normalize_losses: bool = False,
+                 *args: Any, post_shape: Sequence[int] = (), normalize_losses: bool = False,
                  burn_in_period: int = 20, rotation_init: str | Tensor = "random", rotation_param: str = "expm"):
         if args:
             raise TypeError(f"{type(self).__name__} takes 3 positional arguments (backbone, heads, rotation_shape); "
@@ -244,7 +249,7 @@ class RotoGradNorm(RotateOnly):
     _method = "rotogradnorm"
 
     def __init__(self, backbone: nn.Module, heads: Sequence[nn.Module], rotation_shape: int | Sequence[int],
-                 *args, alpha: float | None = None, post_shape: Sequence[int] = (),
+                 *args: Any, alpha: float | None = None, post_shape: Sequence[int] = (),
                  normalize_losses: bool = False, burn_in_period: int = 20, rotation_init: str | Tensor = "random",
                  rotation_param: str = "expm"):
         if alpha is None:
@@ -264,7 +269,9 @@ class RotoGradNorm(RotateOnly):
     @property
     def weight(self) -> list[Tensor]:
         """The task weights ``w_k`` (positive, summing to ``K``)."""
-        return list(self._optimizer.method.task_weights().unbind(0))
+        method = self._optimizer.method
+        assert isinstance(method, RotoGradNormMethod)  # built from _method = "rotogradnorm"
+        return list(method.task_weights().unbind(0))
 
 
 def _package_keys(model: VanillaMTL) -> list[str]:

@@ -8,12 +8,12 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
+from spawn_helpers import max_diff, run_ranks
 from torch import nn
 
 import gradsurgery as gs
 from gradsurgery.numerics import retraction
 from gradsurgery.pipeline.rotation import RiemannianRotations, haar
-from spawn_helpers import max_diff, run_ranks
 
 K, D = 3, 6
 

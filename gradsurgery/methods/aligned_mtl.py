@@ -58,7 +58,8 @@ class AlignedMTL(GramWeighting):
     def bind(self, num_tasks: int, *, device: torch.device, dtype: torch.dtype,
              generator: torch.Generator) -> None:
         if self.pref_vector is not None and len(self.pref_vector) != num_tasks:
-            raise ValueError(f"pref_vector has {len(self.pref_vector)} weights for {num_tasks} tasks; pass one per task")
+            raise ValueError(f"pref_vector has {len(self.pref_vector)} weights for {num_tasks} tasks; "
+                             "pass one per task")
         super().bind(num_tasks, device=device, dtype=dtype, generator=generator)
 
     def weights(self, gram: Tensor, losses: Tensor) -> Tensor:

@@ -120,9 +120,12 @@ class Method:
             random number from it so that runs are reproducible and resumable.
     """
 
+    #: The name the class is registered under (set by :func:`~gradsurgery.methods.register`).
+    name: ClassVar[str]
     rotation: ClassVar[bool] = False
-    subset_safe: ClassVar[bool] = False
-    subset_refusal: ClassVar[str | None] = None
+    # not ClassVars: a method whose options tie it to all K tasks (a pref_vector) sets them per instance
+    subset_safe: bool = False
+    subset_refusal: str | None = None
     present: list[bool] | None = None
     levels: ClassVar[tuple[str, ...]] = ("rep", "params")
     loss_domain: ClassVar[str | None] = None

@@ -26,10 +26,11 @@ the authors' regularisers (``sqrt(w^T A w + 1e-8)``, ``c' / (||g_w|| + 1e-8)``) 
 mean where none is against it). Ours solves that regularised problem there (on ``M + 1e-8 11^T``
 with ``M`` normalised to unit mean diagonal, :data:`AUTHORS_EPS`), and the exact one elsewhere.
 
-Solved exactly (:func:`gradsurgery.numerics.qp.cagrad_dual`) in float64 on the Gram normalised to unit mean diagonal (the coefficients do
-not depend on the gradients' scale): on a support ``S`` the stationarity conditions give
-``w_S = (nu p - q) / sqrt(B^2 - A (C - s^2))`` with ``p = M_SS^{-1} 1``, ``q = M_SS^{-1} a_S``,
-``a = M 1/K``, ``A = 1^T p``, ``B = 1^T q``, ``C = a_S^T q``, ``s = c ||g_0||`` and
+Solved exactly (:func:`gradsurgery.numerics.qp.cagrad_dual`) in float64 on the Gram normalised
+to unit mean diagonal (the coefficients do not depend on the gradients' scale): on a support
+``S`` the stationarity conditions give ``w_S = (nu p - q) / sqrt(B^2 - A (C - s^2))`` with
+``p = M_SS^{-1} 1``, ``q = M_SS^{-1} a_S``, ``a = M 1/K``, ``A = 1^T p``, ``B = 1^T q``,
+``C = a_S^T q``, ``s = c ||g_0||`` and
 ``nu = (B + sqrt(B^2 - A (C - s^2))) / A``. For ``K <= 12`` every support is tried (plus the
 min-norm point, where ``g_w = 0``) and the feasible one of least objective is taken; above, a
 primal active-set method (Wolfe-style: move towards the face's stationary point, drop the

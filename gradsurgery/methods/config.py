@@ -70,7 +70,8 @@ class ConFIG(GramWeighting):
             self.subset_refusal = "pref_vector gives one preference per task, so all K tasks must be there"
         self.pref_vector = pref_vector
 
-    def bind(self, num_tasks, *, device, dtype, generator):
+    def bind(self, num_tasks: int, *, device: torch.device, dtype: torch.dtype,
+             generator: torch.Generator) -> None:
         if self.pref_vector is not None and self.pref_vector.numel() != num_tasks:
             raise ValueError(f"pref_vector has {self.pref_vector.numel()} values but there are {num_tasks} "
                              "tasks; give one value per task")

@@ -39,7 +39,8 @@ class Constant(LossWeighting):
             task_weights = values
         self.task_weights = task_weights
 
-    def bind(self, num_tasks, *, device, dtype, generator):
+    def bind(self, num_tasks: int, *, device: torch.device, dtype: torch.dtype,
+             generator: torch.Generator) -> None:
         if self.task_weights is not None and self.task_weights.numel() != num_tasks:
             raise ValueError(f"task_weights has {self.task_weights.numel()} weights but there are {num_tasks} "
                              "tasks; give one weight per task")

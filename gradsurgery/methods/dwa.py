@@ -53,7 +53,7 @@ class DWA(LossWeighting):
 
     def end_epoch(self) -> None:
         """Closes the epoch: its mean losses become the newest entry of the ratio."""
-        if self.per_step or self.count == 0:
+        if self.per_step or self.total is None:  # no accepted batch this epoch (count == 0)
             return
         self.history = [*self.history[-1:], self.total / self.count]
         self.total, self.count = None, 0

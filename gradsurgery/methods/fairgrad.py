@@ -81,7 +81,8 @@ class FairGrad(GramWeighting):
             self.subset_refusal = ("on_failure='warn' keeps the last solution, one weight per task, so all K tasks "
                                    "must be there")
 
-    def bind(self, num_tasks, *, device, dtype, generator):
+    def bind(self, num_tasks: int, *, device: torch.device, dtype: torch.dtype,
+             generator: torch.Generator) -> None:
         super().bind(num_tasks, device=device, dtype=dtype, generator=generator)
         self.last = torch.zeros(0, dtype=torch.float64, device=device)  # the last solution ("warn")
 

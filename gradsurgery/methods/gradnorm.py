@@ -53,7 +53,8 @@ class GradNorm(GramWeighting):
                                          what="True: heads get w_k dL_k, the paper's sum_k w_k L_k")
         self.initial_losses: Tensor | None = None
 
-    def bind(self, num_tasks, *, device, dtype, generator):
+    def bind(self, num_tasks: int, *, device: torch.device, dtype: torch.dtype,
+             generator: torch.Generator) -> None:
         super().bind(num_tasks, device=device, dtype=dtype, generator=generator)
         self.task_weights = nn.Parameter(torch.ones(num_tasks, device=device, dtype=dtype))
 

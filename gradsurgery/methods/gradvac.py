@@ -46,7 +46,8 @@ class GradVac(GramWeighting):
         self.beta = check_option("beta", beta, float, "[0, 1]")
         self.targets: Tensor | None = None
 
-    def bind(self, num_tasks, *, device, dtype, generator):
+    def bind(self, num_tasks: int, *, device: torch.device, dtype: torch.dtype,
+             generator: torch.Generator) -> None:
         super().bind(num_tasks, device=device, dtype=dtype, generator=generator)
         self.targets = torch.zeros(num_tasks, num_tasks, dtype=torch.float64, device=device)
 
@@ -65,6 +66,7 @@ class GradVac(GramWeighting):
         m = gram.to(torch.float64)
         # ||g_i'|| from c^T M c keeps ~sqrt(eps) of its terms' size: below that, g_i' cancelled
         floor = 4 * (k * torch.finfo(gram.dtype).eps) ** 0.5
+        assert self.targets is not None, "bind() creates the targets"
         targets = self.targets.to(m.device)
         coefs = torch.eye(k, dtype=m.dtype, device=m.device)
         rows = torch.arange(k, device=m.device)

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from ..numerics.eigh import pinv_symmetric
-from ..numerics.gram import norms, normalized64
+from ..numerics.gram import normalized64, norms
 from .base import GramWeighting
 from .registry import register
 

@@ -40,7 +40,8 @@ class Krum(GramWeighting):
         self.squared = check_option("squared", squared, bool,
                                     what="True: the paper's squared distances, False: torchjd's")
 
-    def bind(self, num_tasks, *, device, dtype, generator):
+    def bind(self, num_tasks: int, *, device: torch.device, dtype: torch.dtype,
+             generator: torch.Generator) -> None:
         self._check(num_tasks)
         super().bind(num_tasks, device=device, dtype=dtype, generator=generator)
 

@@ -69,7 +69,8 @@ class PCD(GramWeighting):
         self.beta = check_option("beta", beta, float, "[0, 1)")
         self.eps = check_option("eps", eps, float, "[0, inf)")
 
-    def bind(self, num_tasks, *, device, dtype, generator):
+    def bind(self, num_tasks: int, *, device: torch.device, dtype: torch.dtype,
+             generator: torch.Generator) -> None:
         if self.tau.dim() == 1 and self.tau.numel() != num_tasks - 1:
             raise ValueError(f"tau has {self.tau.numel()} values but there are {num_tasks - 1} secondary tasks "
                              "(all but task 0); give one per secondary task or a single number")

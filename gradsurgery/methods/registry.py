@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
 from .base import KINDS, Method
 
@@ -59,7 +59,7 @@ def options(name: str) -> list[str]:
             and p.kind is not p.VAR_POSITIONAL]
 
 
-def create(method: str | Method, **opts) -> Method:
+def create(method: str | Method, **opts: Any) -> Method:
     """Builds the method ``method`` (a registered name) with ``opts``.
 
     A :class:`Method` instance is returned as it is (then ``opts`` must be empty).

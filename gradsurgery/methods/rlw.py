@@ -28,13 +28,14 @@ class RLW(LossWeighting):
 
     current: Tensor | None = None  #: this optimizer step's committed draw
 
-    def _draw(self, generator: torch.Generator, like: Tensor) -> Tensor:
+    def _draw(self, generator: torch.Generator | None, like: Tensor) -> Tensor:
         xi = torch.randn(self.num_tasks, generator=generator, dtype=torch.float64)
         return torch.softmax(xi, 0).to(like, non_blocking=True)
 
     def loss_weights(self, losses: Tensor) -> Tensor:
         if self.current is not None:
             return self._present(self.current.to(losses))
+        assert self.generator is not None, "RLW draws from the generator bind() gives it"
         preview = torch.Generator()
         preview.set_state(self.generator.get_state())
         return self._present(self._draw(preview, losses))

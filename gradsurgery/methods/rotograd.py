@@ -34,6 +34,8 @@ Heads get their own (normalised, when asked) loss gradients.
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
 
@@ -54,7 +56,7 @@ class _LossNormalization(Method):
 
     rotation = True
     levels = ("rep",)
-    state_names: tuple[str, ...] = ("steps", "initial_losses", "initial_backbone_loss", "refresh_backbone")
+    state_names: ClassVar[tuple[str, ...]] = ("steps", "initial_losses", "initial_backbone_loss", "refresh_backbone")
 
     def __init__(self, normalize_losses: bool = False, burn_in_period: int = 20):
         self.normalize_losses = check_option("normalize_losses", normalize_losses, bool)
@@ -131,7 +133,8 @@ class RotoGradNorm(_LossNormalization, GramWeighting):
         self.alpha = check_option("alpha", alpha, float, "[0, inf)", "GradNorm's asymmetry")
         super().__init__(normalize_losses, burn_in_period)
 
-    def bind(self, num_tasks, *, device, dtype, generator):
+    def bind(self, num_tasks: int, *, device: torch.device, dtype: torch.dtype,
+             generator: torch.Generator) -> None:
         super().bind(num_tasks, device=device, dtype=dtype, generator=generator)
         self.weight_logits = nn.Parameter(torch.ones(num_tasks, device=device, dtype=dtype))
 

@@ -49,7 +49,8 @@ class STCH(LossWeighting):
         self.warmup_epoch = check_option("warmup_epoch", warmup_epoch, int, "[0, inf)",
                                          "the epoch whose mean losses are the nadir point")
 
-    def bind(self, num_tasks, *, device, dtype, generator):
+    def bind(self, num_tasks: int, *, device: torch.device, dtype: torch.dtype,
+             generator: torch.Generator) -> None:
         super().bind(num_tasks, device=device, dtype=dtype, generator=generator)
         self.epoch = 0
         self.loss_sum = torch.zeros(num_tasks, dtype=torch.float64, device=device)

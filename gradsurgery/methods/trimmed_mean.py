@@ -15,6 +15,7 @@ representation level, each shared parameter at ``level="params"``).
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from ..numerics.gram import compute_dtype
@@ -31,7 +32,8 @@ class TrimmedMean(ElementWise):
     def __init__(self, trim_number: int = 1):
         self.trim_number = check_option("trim_number", trim_number, int, "[0, inf)")
 
-    def bind(self, num_tasks, *, device, dtype, generator):
+    def bind(self, num_tasks: int, *, device: torch.device, dtype: torch.dtype,
+             generator: torch.Generator) -> None:
         self._check(num_tasks)
         super().bind(num_tasks, device=device, dtype=dtype, generator=generator)
 

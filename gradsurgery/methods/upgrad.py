@@ -52,7 +52,8 @@ class UPGrad(GramWeighting):
             self.subset_safe = False  # one preference per task: the tasks must all be there
             self.subset_refusal = "pref_vector gives one preference per task, so all K tasks must be there"
 
-    def bind(self, num_tasks, *, device, dtype, generator):
+    def bind(self, num_tasks: int, *, device: torch.device, dtype: torch.dtype,
+             generator: torch.Generator) -> None:
         super().bind(num_tasks, device=device, dtype=dtype, generator=generator)
         if self.pref_vector is not None and self.pref_vector.numel() != num_tasks:
             raise ValueError(f"pref_vector has {self.pref_vector.numel()} entries but num_tasks={num_tasks}")

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
@@ -102,11 +103,12 @@ class _SkewExp(torch.autograd.Function):
     evaluated approximant as its backward (skew-symmetric part)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, sync_free: bool) -> Tensor:
+    def forward(ctx: Any, x: Tensor, sync_free: bool) -> Tensor:  # ctx: autograd's, with our attributes
         grad = ctx.needs_input_grad[0]
         thetas = _THETAS[x.dtype] if x.dtype in _THETAS else _taylor_theta(x.dtype)
         n1 = _norm1(x)
         powers: list = [None, x]  # X^0 (the identity) is never formed
+        scale: Tensor | float  # a device tensor when sync-free
         if sync_free:
             x2 = x @ x
             x4 = x2 @ x2
@@ -116,22 +118,22 @@ class _SkewExp(torch.autograd.Function):
             squarings = (rho / theta).log2().ceil().clamp(0, MAX_SQUARINGS)
             scale = 2 ** -squarings
             powers = [None] + [p * scale ** j for j, p in enumerate(powers[1:], 1)]
-        else:
-            rho = float(n1)  # the host reads
-            if rho <= thetas[1] or not math.isfinite(rho):
-                degree, squarings = 1, 0
+        else:  # the host reads: rho and the number of squarings are Python numbers
+            host_rho = float(n1)
+            if host_rho <= thetas[1] or not math.isfinite(host_rho):
+                degree, host_squarings = 1, 0
             else:
                 powers.append(x @ x)
-                rho = min(rho, float(_norm1(powers[2])) ** 0.5)
-                degree, squarings = _plan(rho, thetas, grad)
-                if degree == 16 or squarings:  # X^4 bounds rho tighter, and degree 16 needs it
+                host_rho = min(host_rho, float(_norm1(powers[2])) ** 0.5)
+                degree, host_squarings = _plan(host_rho, thetas, grad)
+                if degree == 16 or host_squarings:  # X^4 bounds rho tighter, and degree 16 needs it
                     powers += [powers[2] @ x, powers[2] @ powers[2]]
-                    rho = min(rho, float(_norm1(powers[4])) ** 0.25)
-                    degree, squarings = _plan(rho, thetas, grad)
+                    host_rho = min(host_rho, float(_norm1(powers[4])) ** 0.25)
+                    degree, host_squarings = _plan(host_rho, thetas, grad)
                 elif _SCHEMES[degree] == 3:
                     powers.append(powers[2] @ x)
-            scale = 2.0 ** -squarings
-            if squarings:
+            scale = 2.0 ** -host_squarings
+            if host_squarings:
                 powers = [None] + [p * scale ** j for j, p in enumerate(powers[1:], 1)]
         q = _SCHEMES[degree]
         horner, out = _horner(powers, q, degree)
@@ -143,7 +145,7 @@ class _SkewExp(torch.autograd.Function):
             ok = rho <= theta * 2 ** MAX_SQUARINGS
             out = torch.where(ok, out, torch.nan)
         else:
-            for _ in range(squarings):
+            for _ in range(host_squarings):
                 squares.append(out)
                 out = out @ out
         if grad:
@@ -154,12 +156,12 @@ class _SkewExp(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, g: Tensor):
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None]:
         with torch.autocast(g.device.type, enabled=False):  # the backward may run under the caller's autocast
             return _SkewExp._backward(ctx, g.to(ctx.saved_tensors[0].dtype))
 
     @staticmethod
-    def _backward(ctx, g: Tensor):
+    def _backward(ctx: Any, g: Tensor) -> tuple[Tensor, None]:
         q, n_horner, n_squares = ctx.counts
         saved = ctx.saved_tensors
         powers = [None, *saved[:q]]
@@ -250,7 +252,7 @@ class _Gradients(list):
             self[i], self.owned[i] = torch.baddbmm(self[i], a, b, alpha=alpha), True
 
 
-def _horner_adjoint(g: Tensor, powers: list, saved, q: int, degree: int) -> _Gradients:
+def _horner_adjoint(g: Tensor, powers: list, saved: Sequence[Tensor], q: int, degree: int) -> _Gradients:
     """The gradients of ``X, .., X^q`` (index 1..q) from the gradient ``g`` of ``T_d``:
     the exact adjoint of :func:`_horner`."""
     c = _COEFFICIENTS[degree]

@@ -2,12 +2,16 @@
 depend on, and which views each task's loss reads (a misuse check)."""
 from __future__ import annotations
 
-from typing import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from torch import Tensor
 
+if TYPE_CHECKING:
+    from .paths import Path
 
-def _walk(roots: Sequence, stop: Callable[[object, int], bool] = lambda node, nr: False) -> Iterator[tuple[object, int]]:
+
+def _walk(roots: Sequence, stop: Callable[[object, int], bool] = lambda node, nr: False
+          ) -> Iterator[tuple[object, int]]:
     """Every edge ``(node, nr)`` reachable from the ``roots`` (autograd nodes), each node
     expanded once; an edge for which ``stop`` is true is yielded but not followed."""
     seen: set[int] = set()
@@ -30,7 +34,7 @@ def shared_parameters(shared: Sequence[Tensor], candidates: list[Tensor]) -> lis
     return [p for p in candidates if id(p) in found]
 
 
-def check_readers(losses: Sequence[Tensor | None], path, shared: Sequence[Tensor]) -> dict[int, set[int]]:
+def check_readers(losses: Sequence[Tensor | None], path: Path, shared: Sequence[Tensor]) -> dict[int, set[int]]:
     """Raises when a task's loss does not read its own view (e.g. every loss computed from
     ``views[0]``), or reads the backbone other than through the views (``z`` itself, or a
     tensor of the backbone that was not forked, such as a skip connection's features).
@@ -50,7 +54,7 @@ def check_readers(losses: Sequence[Tensor | None], path, shared: Sequence[Tensor
         return _check_readers_exactly(losses, path, shared)
     last = max(marks)
 
-    def before_fork(node) -> bool:  # parameters (AccumulateGrad) are numbered 2**64 - 1
+    def before_fork(node: Any) -> bool:  # parameters (AccumulateGrad) are numbered 2**64 - 1
         return node._sequence_nr() <= last and not hasattr(node, "variable")
 
     reached: dict[int, set[int]] = {}
@@ -83,7 +87,8 @@ _FIX = ("compute task k's loss from the k-th item fork() returned only; a head t
         "too: a, b = ...; views = opt.fork((a, b)), and head k reads views[k] = (a_k, b_k)")
 
 
-def _check_readers_exactly(losses: Sequence[Tensor | None], path, shared: Sequence[Tensor]) -> dict[int, set[int]]:
+def _check_readers_exactly(losses: Sequence[Tensor | None], path: Path, shared: Sequence[Tensor]
+                           ) -> dict[int, set[int]]:
     """:func:`check_readers` by walking the backbone's graph too (its operations, not its
     leaves: a head may share a weight with the backbone)."""
     backbone = {id(node) for node, _ in _walk([t.grad_fn for t in shared])

@@ -30,6 +30,7 @@ from . import rotation as rot
 
 if TYPE_CHECKING:
     from ..scale.amp import Scaling
+    from ..scale.distributed import NoSync, Sync
 
 
 def _per_task(by_tensor: list[list[Tensor]], single: bool) -> list:
@@ -84,7 +85,7 @@ class Path:
         ``present`` tasks (``scaling``: the loss scale of a GradScaler step, if any)."""
         raise TypeError(f"{type(self).__name__} does not hold the task gradients' elements")
 
-    def align(self, gram: Tensor | None, loss_scale: Tensor | None, sync: Any) -> Tensor | None:
+    def align(self, gram: Tensor | None, loss_scale: Tensor | None, sync: Sync | NoSync) -> Tensor | None:
         """Trains what the path learns (rotations); returns its losses. Nothing by default."""
         return None
 
@@ -233,8 +234,8 @@ class SummedPath(Path):
         return list(out[len(flat):])
 
     def flat_task_gradients(self) -> Tensor:
-        return torch.cat([torch.stack([torch.zeros_like(t) if g is None else g for g in grads]).reshape(self.num_tasks, -1)
-                          for grads, t in zip(self.task_grads, self.shared)], 1)
+        return torch.cat([torch.stack([torch.zeros_like(t) if g is None else g for g in grads])
+                          .reshape(self.num_tasks, -1) for grads, t in zip(self.task_grads, self.shared)], 1)
 
     def nonfinite_indicator(self, gram: Tensor | None) -> Tensor:
         return torch.stack([g.sum() for g in self.grads])
@@ -296,7 +297,7 @@ class RotatedPath(StackedPath):
         """The Gram of the rotated tensor's gradients (``gram`` itself for one tensor)."""
         return gram if self.single else gram_of(self.grads[0])
 
-    def align(self, gram: Tensor | None, loss_scale: Tensor | None, sync: Any) -> Tensor:
+    def align(self, gram: Tensor | None, loss_scale: Tensor | None, sync: Sync | NoSync) -> Tensor:
         """Trains the rotations (see :func:`gradsurgery.pipeline.rotation.align`); frees the
         exponential's graph and the rotated gradients."""
         assert gram is not None and self.rotation is not None and self.rotated is not None  # after gram()

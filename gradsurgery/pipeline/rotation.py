@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -58,6 +59,10 @@ from ..numerics.cayley import cayley
 from ..numerics.expm import expm, skew
 from ..numerics.gram import compute_dtype
 from . import stages
+
+if TYPE_CHECKING:
+    from ..methods.base import Method
+    from ..scale.distributed import NoSync, Sync
 
 #: Largest ``max |R R^T - I|`` accepted for a given initial rotation (geotorch's tolerance).
 ORTHOGONALITY_TOLERANCE = 1e-4
@@ -142,7 +147,7 @@ class Rotations(nn.Module):
         return (size, size)
 
     @staticmethod
-    def _initial(init: str | Tensor, k: int, m: int, dtype: torch.dtype, device) -> Tensor:
+    def _initial(init: str | Tensor, k: int, m: int, dtype: torch.dtype, device: torch.device | None) -> Tensor:
         if isinstance(init, Tensor):
             if init.shape != (k, m, m):
                 raise ValueError(f"rotation_init must have shape (num_tasks, m, m) = {(k, m, m)}, "
@@ -177,7 +182,9 @@ class Rotations(nn.Module):
 
     def _map(self, x: Tensor) -> Tensor:
         # module-level names looked up at call time (the structural tests count expm's calls)
-        return expm(x) if self.param == "expm" else cayley(x) if self.param == "cayley" else self.param(x)
+        if isinstance(self.param, str):  # "expm" or "cayley" ("riemannian" overrides matrices/matrix)
+            return expm(x) if self.param == "expm" else cayley(x)
+        return self.param(x)
 
     # -- layout -------------------------------------------------------------------------
     def layout(self, shape: Sequence[int]) -> tuple[int, int, int, float]:
@@ -243,7 +250,7 @@ class RiemannianRotations(Rotations):
 
     _indices: Tensor
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args: Any, **kwargs: Any):  # Rotations' arguments
         super().__init__(*args, **kwargs)
         self.register_buffer("_indices", retraction.tril_indices(self.size, self.base.device), persistent=False)
         # steps taken and the defect bound accumulated since the last re-orthogonalisation
@@ -315,7 +322,8 @@ def _lead_feat_post(rotations: Rotations, shape: Sequence[int]) -> tuple[int, in
 
 
 def align(rotations: Rotations, rotation: Tensor, scale: float, z: Tensor, grads: Tensor,
-          rotated_grads: Tensor, gram: Tensor, loss_scale: Tensor | None = None, sync=None) -> Tensor:
+          rotated_grads: Tensor, gram: Tensor, loss_scale: Tensor | None = None,
+          sync: Sync | NoSync | None = None) -> Tensor:
     """Trains the rotations: writes the gradient of every task's alignment loss (plus, in
     cooperative mode, of the task losses) to ``A``'s ``.grad`` in one backward through the
     exponentials. Returns the ``K`` alignment losses (detached).
@@ -361,7 +369,7 @@ def align(rotations: Rotations, rotation: Tensor, scale: float, z: Tensor, grads
 
 
 def _align_riemannian(rotations: RiemannianRotations, scale: float, z: Tensor, g: Tensor, reference: Tensor,
-                      loss_scale: Tensor | None, sync) -> Tensor:
+                      loss_scale: Tensor | None, sync: Sync | NoSync | None) -> Tensor:
     """:func:`align` for rotations held directly: the same losses and terms, in the frame
     of ``R`` (``g``: the original-space gradients ``G = R^T H``, ``(K, L, F, P)``).
 
@@ -417,6 +425,8 @@ class RotatedHead(nn.Module):
     holds no rotation of its own (the compat facade's heads).
     """
 
+    rotation: Tensor | None  # the buffer: None when live or without rotations
+
     def __init__(self, head: nn.Module, rotations: Rotations | None, task: int, *, live: bool = False):
         super().__init__()
         self.head, self.task, self.live = head, task, bool(live)
@@ -427,7 +437,7 @@ class RotatedHead(nn.Module):
                 rotation = rotations.matrix(task)[0].detach().clone()
         self.register_buffer("rotation", rotation)
 
-    def forward(self, z: Tensor):
+    def forward(self, z: Tensor) -> Any:  # what the head returns
         rotations = self._rotations[0]
         if rotations is None:
             return self.head(z)
@@ -435,6 +445,7 @@ class RotatedHead(nn.Module):
             with torch.no_grad():
                 r = rotations.matrix(self.task)[0]
         else:
+            assert self.rotation is not None, "a RotatedHead built with rotations and live=False holds R_task"
             r = self.rotation
         _, feat, post, _ = rotations.layout(z.shape)
         rotated = rotations.rotate(z.reshape(-1, feat, post), r.unsqueeze(0).to(z.dtype))
@@ -444,7 +455,7 @@ class RotatedHead(nn.Module):
         return f"task={self.task}" + (", live=True" if self.live else "")
 
 
-def build(method, num_tasks: int, *, rotation: bool | None, rep_size: int | None,
+def build(method: Method, num_tasks: int, *, rotation: bool | None, rep_size: int | None,
           rotation_shape: int | Sequence[int] | None, post_shape: int | Sequence[int],
           init: str | Tensor, coop: bool, level: str, dtype: torch.dtype,
           device: torch.device, param: str | Callable[[Tensor], Tensor] = "expm") -> Rotations | None:
@@ -469,13 +480,14 @@ def build(method, num_tasks: int, *, rotation: bool | None, rep_size: int | None
     if level != "rep":
         raise ValueError(f"rotations act on the shared representation, so they cannot run with level={level!r}; "
                          "use level='rep' or rotation=False")
-    if rotation_shape is None and rep_size is None:
+    shape = rotation_shape if rotation_shape is not None else rep_size
+    if shape is None:
         raise ValueError(f"{method!r} learns rotations of the representation and needs their size: pass "
                          "rep_size=<number of features of z> (or rotation_shape=<shape of z's features>)")
     if rotation_shape is not None and rep_size is not None \
             and _as_shape(rotation_shape, "rotation_shape") != _as_shape(rep_size, "rep_size"):
         raise ValueError(f"rep_size={rep_size!r} and rotation_shape={rotation_shape!r} disagree; pass one of them")
-    shape = rotation_shape if rotation_shape is not None else rep_size
+    cls = RiemannianRotations if isinstance(param, str) and param == "riemannian" else Rotations
     # rotations live in float32 or wider (half-precision models: eigh needs it; the views are cast)
-    return (RiemannianRotations if isinstance(param, str) and param == "riemannian" else Rotations)(num_tasks, shape, post_shape=post_shape, init=init, coop=coop, param=param,
-                     dtype=compute_dtype(dtype), device=device)
+    return cls(num_tasks, shape, post_shape=post_shape, init=init, coop=coop, param=param,
+               dtype=compute_dtype(dtype), device=device)

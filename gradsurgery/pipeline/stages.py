@@ -24,6 +24,7 @@ from torch import Tensor
 
 from ..numerics.grads import accumulate_grad
 
+
 def combine(coefficients: Tensor, grads: Tensor) -> Tensor:
     """``g = c^T G``: one matmul of the ``K`` coefficients with the ``K x N`` gradients,
     in the coefficients' (float32 or wider) precision, returned in ``G``'s dtype."""
@@ -50,6 +51,7 @@ def accumulate(params: list[Tensor], grads: list[Tensor | None], scales: list[Te
     for i, (p, g) in enumerate(zip(params, grads)):
         if g is None:
             continue
-        if scales is not None and scales[i] is not None:
-            g = g * scales[i].to(g.dtype)
+        scale = None if scales is None else scales[i]
+        if scale is not None:
+            g = g * scale.to(g.dtype)
         accumulate_grad(p, g)

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import scipy.optimize
 import torch
+from gradient_cases import CASES, gradient_matrix
 
 import gradsurgery as gs
-from gradient_cases import CASES, gradient_matrix
 
 D = torch.float64
 C = 0.4  # the paper's runs (nyuv2/run.sh: --alpha 0.4)
@@ -303,6 +303,7 @@ def test_params_level_end_to_end_is_the_authors_step():
     its own loss gradient (their per-task ``backward`` calls accumulate there) and the shared
     parameters ``overwrite_grad(cagrad(grads))``, re-derived above."""
     import copy
+
     from core_helpers import make
     k = 3
     model, x, ys = make(k, seed=6, batch=6)

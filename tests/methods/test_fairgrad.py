@@ -4,10 +4,10 @@ condition checked directly, and end to end with its defaults."""
 import numpy as np
 import pytest
 import torch
-
-import gradsurgery as gs
 from core_helpers import backbone_grads_for, head_grads_plain, make, task_grads, wrapped_step
 from gradient_cases import CASES, gradient_matrix, losses_for
+
+import gradsurgery as gs
 
 scipy_optimize = pytest.importorskip("scipy.optimize", reason="the reference solver is scipy's least_squares")
 
@@ -174,7 +174,8 @@ def test_small_alpha_converges_within_the_defaults():
     gen = torch.Generator().manual_seed(3)
     g = torch.randn(20, 5, generator=gen, dtype=torch.float64) @ torch.randn(5, 10, generator=gen, dtype=torch.float64)
     g = g / 5**0.5
-    direction = torch.randn(5, generator=gen, dtype=torch.float64) @ torch.randn(5, 10, generator=gen, dtype=torch.float64)
+    direction = (torch.randn(5, generator=gen, dtype=torch.float64)
+                 @ torch.randn(5, 10, generator=gen, dtype=torch.float64))
     g = g + 0.3 * direction / direction.norm() * g.norm(dim=1, keepdim=True).mean()
     method = gs.methods.create("fairgrad", alpha=0.1, max_norm=None)
     method.bind(20, device=g.device, dtype=torch.float64, generator=torch.Generator())
