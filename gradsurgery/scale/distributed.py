@@ -328,8 +328,8 @@ class Sync:
                     for i, o, g, d in zip(sent, out, grads, divisors)}
         return gram, values, flag, [averaged.get(i) for i in range(len(head_grads))]
 
-    def _plain_reduce(self, gram: Tensor | None, values: Tensor | None, flag: Tensor,
-                      head_grads: list[Tensor | None]) -> tuple[Tensor | None, Tensor | None, Tensor, list[Tensor | None]]:
+    def _plain_reduce(self, gram: Tensor | None, values: Tensor | None, flag: Tensor, head_grads: list[Tensor | None]
+                      ) -> tuple[Tensor | None, Tensor | None, Tensor, list[Tensor | None]]:
         """:meth:`reduce` without presence (no host read): ``/ R^2``, ``/ R``, ``/ R``."""
         surgery = [t.reshape(-1) for t in (gram, values) if t is not None] + [flag.reshape(1)]
         present = [g for g in head_grads if g is not None]
