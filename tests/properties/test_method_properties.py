@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from gradient_strategies import D, gradient_matrices, positive_losses
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import gradsurgery as gs
 from gradsurgery import testing
-from gradient_strategies import D, gradient_matrices, positive_losses
 
 SETTINGS = settings(max_examples=12, deadline=None)
 METHODS = gs.methods.available()
