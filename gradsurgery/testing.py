@@ -121,7 +121,10 @@ def update(method: Method, grads: Tensor, losses: Tensor, rep: Tensor | None = N
     method.prepare()
     loss_weights = method.loss_weights(losses)
     weighted = grads if loss_weights is None else loss_weights.to(grads.dtype)[:, None] * grads
-    gram = weighted @ weighted.T if method.uses_gram else None
+    # (in float64, then rounded: the Gram of the tasks permuted is then exactly the Gram
+    # permuted, whatever order a BLAS kernel sums in; ill-conditioned solves amplify such
+    # eps-sized differences by their condition number)
+    gram = (weighted.double() @ weighted.double().T).to(weighted.dtype) if method.uses_gram else None
     coefficients, combined = method.decide(_Rows(weighted, rep), gram, losses, None, loss_weights, Scaling(None))
     assert combined is not None
     d = combined[0]
@@ -236,8 +239,13 @@ def assert_permutation(make: Factory, steps: list[Tensor], perm: Tensor, losses:
                 update(permuted, grads[perm], losses[perm])
             except DELIBERATE:
                 return
-            raise AssertionError(f"step {step}: raised on the tasks in one order but not in {perm.tolist()}") from None
-        d_perm, scale_perm = update(permuted, grads[perm], losses[perm])
+            raise AssertionError(f"step {step}: raised on the tasks in the original order but not in the "
+                                 f"{perm.tolist()} order") from None
+        try:
+            d_perm, scale_perm = update(permuted, grads[perm], losses[perm])
+        except DELIBERATE as err:
+            raise AssertionError(f"step {step}: raised on the tasks in the {perm.tolist()} order but not in the "
+                                 f"original one: {type(err).__name__}: {err}") from None
         ok, gap, tol = _close(d_perm, d, max(float(scale), float(scale_perm)), rtol_for(grads.dtype, k))
         assert ok, (f"step {step}: permuting the tasks by {perm.tolist()} changed the update by {gap:.3g} "
                     f"(tolerance {tol:.3g} on the update's scale)")

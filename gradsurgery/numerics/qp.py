@@ -19,11 +19,20 @@ MIN_NORM_ENUMERATION_MAX_TASKS = 8
 def _affine_minimizers(m: Tensor, masks: Tensor) -> Tensor:
     """For each support ``S`` (row of ``masks``), the minimiser of ``l^T M l`` over the
     affine hull ``{l : sum(l) = 1, l_i = 0 for i not in S}``: ``l = y / sum(y)`` with
-    ``M_SS y_S = 1``, ``y = 0`` off ``S`` (stationarity ``M_SS l_S = nu 1``). Singular faces
-    (duplicated, opposite or zero gradients) are solved through :func:`masked_solve`'s
-    relative ridge; ``sum(y) = 1^T (M_SS + eps I)^{-1} 1 > 0``."""
+    ``M_SS y_S = 1``, ``y = 0`` off ``S`` (stationarity ``M_SS l_S = nu 1``).
+
+    Solved on the unit-diagonal ``C = S^{-1} M S^{-1}``, ``S = diag(sqrt(M_kk))`` (1 for a
+    zero row): ``C_SS z_S = S^{-1} 1``, ``y = S^{-1} z`` is the same ``y`` exactly, but the
+    system's conditioning no longer includes the spread of the gradients' norms, and
+    :func:`masked_solve`'s ridge is relative to every task's own norm (on ``M`` it swamped
+    the faces of gradients 1e-4 times smaller than the largest). Singular faces
+    (duplicated, opposite or zero gradients) are solved through that ridge;
+    ``sum(y) = 1^T (M_SS + eps S^2)^{-1} 1 > 0``."""
     fm = masks.to(m.dtype)
-    y = masked_solve(m, masks, fm[..., None])[..., 0]
+    scale = m.diagonal().clamp_min(0).sqrt()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    c = m / (scale[:, None] * scale[None, :])
+    y = masked_solve(c, masks, (fm / scale)[..., None])[..., 0] / scale
     return y / y.sum(-1, keepdim=True)
 
 
