@@ -173,9 +173,10 @@ def project_dual_cone(gram: Tensor, u: Tensor, iterations: int = 100) -> Tensor:
     left a small task in conflict with the result.) For ``K <= DUAL_CONE_ENUMERATION_MAX_TASKS``
     every free set ``F`` gets ``v_F = -M_FF^+ M_FA u_A``, ``v_A = u_A``; the candidate meeting
     the KKT conditions (primal and dual feasibility, to 1e-10 relative) with the least
-    objective is returned (failing any, the primal-feasible one closest to dual feasibility). For larger ``K``, ``iterations`` steps of accelerated projected
-    gradient guess the active set, ``2K`` primal active-set rounds correct it, and the same
-    system on it gives the point (kept when it meets the KKT conditions).
+    objective is returned (failing any, the primal-feasible one closest to dual feasibility).
+    For larger ``K``, ``iterations`` steps of accelerated projected gradient guess the active
+    set, ``2K`` primal active-set rounds correct it, and the same system on it gives the
+    point (kept when it meets the KKT conditions).
     """
     k = gram.shape[0]
     m = gram.to(torch.float64)
