@@ -42,30 +42,44 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor, nn
 
+from ._gradient_cases import FAMILIES, degenerate_matrix
 from .methods import ElementWise, Method, registry
 from .scale.amp import Scaling
 
 __all__ = ["check_method", "Report", "factory_for", "degenerate_cases", "conflicting_gradients", "update",
-           "assert_finite", "assert_scale", "assert_permutation", "assert_resume", "assert_trains", "is_random"]
+           "assert_finite", "assert_scale", "assert_permutation", "assert_resume", "assert_trains", "is_random",
+           "rtol_for", "FAMILIES", "degenerate_matrix"]
 
 #: Errors a method may raise on purpose on a degenerate input (documented refusals).
 DELIBERATE = (ValueError, FloatingPointError)
-#: Relative tolerance of the comparisons of two updates (on the scale of their terms).
+#: Relative tolerance of the comparisons of two float64 updates (on the scale of their terms).
 RTOL = 1e-5
 D = torch.float64
+#: ``c`` of the float32 tolerance ``c K eps_32`` (:func:`rtol_for`).
+ROUNDING_FACTOR = 16
+
+
+def rtol_for(dtype: torch.dtype, num_tasks: int) -> float:
+    """The relative tolerance of two updates of ``num_tasks`` tasks computed in ``dtype``:
+    :data:`RTOL` in float64 (the solvers' own tolerances, ~1e-6, dominate its rounding);
+    ``c K eps`` with ``c =`` :data:`ROUNDING_FACTOR` in lower precisions, the rounding of
+    a sum of ``K`` terms (``d = c^T G``) and of the ``K x K`` Gram the weights are solved
+    from, whichever is larger."""
+    rounding = ROUNDING_FACTOR * num_tasks * torch.finfo(dtype).eps
+    return max(RTOL, rounding) if dtype == torch.float64 else rounding
 
 Factory = Callable[[int, int], Method]
 
 
-def factory_for(method: str | type[Method], **options: Any) -> Factory:
-    """``make(num_tasks, seed)``: a fresh method bound to ``num_tasks`` tasks (float64, CPU)
-    with its own generator seeded by ``seed``."""
+def factory_for(method: str | type[Method], *, dtype: torch.dtype = D, **options: Any) -> Factory:
+    """``make(num_tasks, seed)``: a fresh method bound to ``num_tasks`` tasks (``dtype``,
+    float64 by default; CPU) with its own generator seeded by ``seed``."""
     if isinstance(method, str):
         registry.get(method)  # a clear error for an unknown name
 
     def make(num_tasks: int, seed: int = 0) -> Method:
         instance = registry.create(method, **options) if isinstance(method, str) else method(**options)
-        instance.bind(num_tasks, device=torch.device("cpu"), dtype=D,
+        instance.bind(num_tasks, device=torch.device("cpu"), dtype=dtype,
                       generator=torch.Generator().manual_seed(seed))
         return instance
 
@@ -107,7 +121,10 @@ def update(method: Method, grads: Tensor, losses: Tensor, rep: Tensor | None = N
     method.prepare()
     loss_weights = method.loss_weights(losses)
     weighted = grads if loss_weights is None else loss_weights.to(grads.dtype)[:, None] * grads
-    gram = weighted @ weighted.T if method.uses_gram else None
+    # (in float64, then rounded: the Gram of the tasks permuted is then exactly the Gram
+    # permuted, whatever order a BLAS kernel sums in; ill-conditioned solves amplify such
+    # eps-sized differences by their condition number)
+    gram = (weighted.double() @ weighted.double().T).to(weighted.dtype) if method.uses_gram else None
     coefficients, combined = method.decide(_Rows(weighted, rep), gram, losses, None, loss_weights, Scaling(None))
     assert combined is not None
     d = combined[0]
@@ -125,38 +142,24 @@ def _close(a: Tensor, b: Tensor, scale: Tensor | float, rtol: float = RTOL) -> t
 
 
 # -- inputs -------------------------------------------------------------------------------
-def degenerate_cases(num_tasks: int, seed: int = 0, size: int = 5) -> Iterator[tuple[str, Tensor]]:
-    """Named ``K x size`` task-gradient matrices: normal, zero, a zero row, duplicated rows,
-    opposed rows, rank one, more tasks than dimensions, norms 1e-2..1e2 apart, and each
-    of the first ones scaled by 1e-12 and 1e12."""
-    gen = torch.Generator().manual_seed(seed)
-    k = num_tasks
-    normal = torch.randn(k, size, generator=gen, dtype=D)
-    cases = {"normal": normal, "zero": torch.zeros(k, size, dtype=D)}
-    if k >= 2:
-        row = normal.clone()
-        row[1] = 0
-        cases["zero row"] = row
-        dup = normal.clone()
-        dup[1] = dup[0]
-        cases["duplicated rows"] = dup
-        opp = normal.clone()
-        opp[1] = -opp[0]
-        cases["opposed rows"] = opp
-        cases["rank one"] = torch.randn(k, 1, generator=gen, dtype=D) @ torch.randn(1, size, generator=gen, dtype=D)
-        cases["more tasks than dimensions"] = torch.randn(k, k - 1, generator=gen, dtype=D)
-        # (norms further apart make the Gram's condition number exceed float64's precision)
-        cases["norms 1e-2..1e2"] = normal * torch.logspace(-2, 2, k, dtype=D)[:, None]
-    for name in list(cases):
-        if name not in ("zero", "more tasks than dimensions"):
+def degenerate_cases(num_tasks: int, seed: int = 0, size: int = 5,
+                     dtype: torch.dtype = D) -> Iterator[tuple[str, Tensor]]:
+    """Named ``K x size`` task-gradient matrices in ``dtype``, one per family of
+    :data:`FAMILIES` (:func:`degenerate_matrix`: zero, zero rows, duplicated and opposed
+    rows, rank-deficient, more tasks than dimensions, 0 inside the rows' hull, rows leaning
+    one way, norms 1e-2..1e2 apart) and each but ``zero`` scaled by 1e-12 and 1e12."""
+    families = FAMILIES if num_tasks > 1 else ("normal", "zero", "leaning one way", "norms spread")
+    for index, family in enumerate(families):
+        grads = degenerate_matrix(family, num_tasks, size, seed * 101 + index, dtype=D)
+        yield family, grads.to(dtype)
+        if family != "zero":
             for exponent in (-12, 12):
-                cases[f"{name} x 1e{exponent}"] = cases[name] * 10.0 ** exponent
-    yield from cases.items()
+                yield f"{family} x 1e{exponent}", (grads * 10.0 ** exponent).to(dtype)
 
 
-def _losses(num_tasks: int, seed: int) -> Tensor:
+def _losses(num_tasks: int, seed: int, dtype: torch.dtype = D) -> Tensor:
     gen = torch.Generator().manual_seed(seed + 7919)
-    return torch.rand(num_tasks, generator=gen, dtype=D) + 0.1
+    return (torch.rand(num_tasks, generator=gen, dtype=D) + 0.1).to(dtype)
 
 
 # -- properties ---------------------------------------------------------------------------
@@ -164,7 +167,7 @@ def assert_finite(make: Factory, grads: Tensor, losses: Tensor | None = None, st
     """``steps`` decisions of a fresh method on ``grads`` are finite, or the method raises a
     deliberate error (``ValueError``, ``FloatingPointError``)."""
     k = grads.shape[0]
-    losses = _losses(k, 0) if losses is None else losses
+    losses = _losses(k, 0, grads.dtype) if losses is None else losses
     method: Method | None = None
     for step in range(steps):
         try:
@@ -179,16 +182,17 @@ def assert_finite(make: Factory, grads: Tensor, losses: Tensor | None = None, st
 
 def assert_scale(make: Factory, grads: Tensor, losses: Tensor | None = None, factor: float = 1e3) -> None:
     """On a fresh method, ``d(factor G) = factor d(G)`` (positively homogeneous) or
-    ``d(factor G) = d(G)`` (normalised), within ``RTOL`` of the compared update's scale."""
+    ``d(factor G) = d(G)`` (normalised), within :func:`rtol_for` of the compared update's scale."""
     k = grads.shape[0]
-    losses = _losses(k, 0) if losses is None else losses
+    losses = _losses(k, 0, grads.dtype) if losses is None else losses
     try:
         d, scale = update(make(k, 0), grads, losses)
         d_scaled, scale_scaled = update(make(k, 0), grads * factor, losses)
     except DELIBERATE:
         return
-    homogeneous = _close(d_scaled / factor, d, max(float(scale), float(scale_scaled) / factor))
-    invariant = _close(d_scaled, d, max(float(scale), float(scale_scaled)))
+    rtol = rtol_for(grads.dtype, k)
+    homogeneous = _close(d_scaled / factor, d, max(float(scale), float(scale_scaled) / factor), rtol)
+    invariant = _close(d_scaled, d, max(float(scale), float(scale_scaled)), rtol)
     assert homogeneous[0] or invariant[0], (
         f"scaling the gradients by {factor:g} neither scaled the update by {factor:g} (gap {homogeneous[1]:.3g}, "
         f"tolerance {homogeneous[2]:.3g}) nor left it unchanged (gap {invariant[1]:.3g}, tolerance {invariant[2]:.3g})")
@@ -209,7 +213,7 @@ def is_random(make: Factory, grads: Tensor | None = None, losses: Tensor | None 
     default :func:`conflicting_gradients` of 4 tasks)."""
     grads = conflicting_gradients(4) if grads is None else grads
     k = grads.shape[0]
-    losses = _losses(k, 0) if losses is None else losses
+    losses = _losses(k, 0, grads.dtype) if losses is None else losses
     try:
         a, scale = update(make(k, 0), grads, losses)
         b, _ = update(make(k, 1), grads, losses)
@@ -222,7 +226,7 @@ def assert_permutation(make: Factory, steps: list[Tensor], perm: Tensor, losses:
     """Fresh methods fed the same task gradients (one ``K x N`` matrix per step) with their
     tasks in the original and in the ``perm`` order take the same updates."""
     k = steps[0].shape[0]
-    losses = _losses(k, 0) if losses is None else losses
+    losses = _losses(k, 0, steps[0].dtype) if losses is None else losses
     try:
         plain, permuted = make(k, 0), make(k, 0)
     except DELIBERATE:  # e.g. too few tasks for the method
@@ -235,9 +239,14 @@ def assert_permutation(make: Factory, steps: list[Tensor], perm: Tensor, losses:
                 update(permuted, grads[perm], losses[perm])
             except DELIBERATE:
                 return
-            raise AssertionError(f"step {step}: raised on the tasks in one order but not in {perm.tolist()}") from None
-        d_perm, scale_perm = update(permuted, grads[perm], losses[perm])
-        ok, gap, tol = _close(d_perm, d, max(float(scale), float(scale_perm)))
+            raise AssertionError(f"step {step}: raised on the tasks in the original order but not in the "
+                                 f"{perm.tolist()} order") from None
+        try:
+            d_perm, scale_perm = update(permuted, grads[perm], losses[perm])
+        except DELIBERATE as err:
+            raise AssertionError(f"step {step}: raised on the tasks in the {perm.tolist()} order but not in the "
+                                 f"original one: {type(err).__name__}: {err}") from None
+        ok, gap, tol = _close(d_perm, d, max(float(scale), float(scale_perm)), rtol_for(grads.dtype, k))
         assert ok, (f"step {step}: permuting the tasks by {perm.tolist()} changed the update by {gap:.3g} "
                     f"(tolerance {tol:.3g} on the update's scale)")
 
@@ -342,7 +351,8 @@ def assert_trains(method: str | type[Method], num_tasks: int = 3, steps: int = 4
         opt2.load_state_dict(checkpoint["opt"])
         train(resumed, opt2, batches[half:])
         for (name, p), q in zip(model.named_parameters(), resumed.parameters()):
-            assert torch.equal(p, q), f"level={level!r}: resumed from the optimizer's checkpoint, parameter {name} differs"
+            assert torch.equal(p, q), (
+                f"level={level!r}: resumed from the optimizer's checkpoint, parameter {name} differs")
 
 
 # -- the suite ----------------------------------------------------------------------------
@@ -368,11 +378,14 @@ class Report:
 
 
 def check_method(method: str | type[Method], *, num_tasks: tuple[int, ...] = (1, 2, 3, 6),
-                 scale: bool = True, permutation: bool = True, **options: Any) -> Report:
+                 dtype: torch.dtype = D, scale: bool = True, permutation: bool = True, **options: Any) -> Report:
     """Runs the property suite on ``method`` (a registered name or a
     :class:`~gradsurgery.methods.Method` subclass, built with ``options``) and returns the
     :class:`Report`; raises ``AssertionError`` carrying the report when a property fails.
 
+    ``num_tasks`` are the ``K`` checked (any size, e.g. ``(2, 40)``), ``dtype`` the precision
+    the method is bound to and the gradients are given in (``torch.float64`` or
+    ``torch.float32``; float32 comparisons are made within ``c K eps_32``, :func:`rtol_for`).
     ``scale=False`` leaves out the scale behaviour, for a method whose update is neither
     positively homogeneous nor scale-invariant on purpose (e.g. an ``eps`` or a fixed step
     size of its authors' code), ``permutation=False`` permutation equivariance, for a method
@@ -383,14 +396,17 @@ def check_method(method: str | type[Method], *, num_tasks: tuple[int, ...] = (1,
         from gradsurgery.testing import check_method
         check_method("pcgrad")
         check_method(MyMethod, alpha=0.5)
+        check_method("upgrad", num_tasks=(2, 40), dtype=torch.float32)
     """
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"check_method checks float32 or float64 methods, got dtype={dtype}")
     if not isinstance(method, str) and not (isinstance(method, type) and issubclass(method, Method)):
         raise TypeError(f"check_method takes a registered method's name or a Method subclass, got {method!r}")
     label = method if isinstance(method, str) else method.__qualname__
     # bad names and options raise here, as they would in MultiTaskOptimizer
     registry.create(method, **options) if isinstance(method, str) else method(**options)
     report = Report(label)
-    make = factory_for(method, **options)
+    make = factory_for(method, dtype=dtype, **options)
 
     def run(name: str, check: Callable[[], None]) -> None:
         try:
@@ -403,19 +419,19 @@ def check_method(method: str | type[Method], *, num_tasks: tuple[int, ...] = (1,
             report.passed.append(name)
 
     for k in num_tasks:
-        cases = list(degenerate_cases(k))
+        cases = list(degenerate_cases(k, dtype=dtype))
         for case, grads in cases:
             run(f"finite, K={k}, {case}", partial(assert_finite, make, grads))
             if scale:
                 run(f"scale, K={k}, {case}", partial(assert_scale, make, grads))
         gen = torch.Generator().manual_seed(k)
-        steps = [torch.randn(k, 5, generator=gen, dtype=D) for _ in range(4)]
-        losses = [torch.rand(k, generator=gen, dtype=D) + 0.1 for _ in range(4)]
+        steps = [torch.randn(k, 5, generator=gen, dtype=D).to(dtype) for _ in range(4)]
+        losses = [(torch.rand(k, generator=gen, dtype=D) + 0.1).to(dtype) for _ in range(4)]
         run(f"resume, K={k}", partial(assert_resume, make, steps, losses, split=2))
         if k >= 2 and permutation:
             perm = torch.roll(torch.arange(k), 1)
             try:
-                random = is_random(make, conflicting_gradients(k))
+                random = is_random(make, conflicting_gradients(k, max(6, k)).to(dtype))
             except Exception as err:
                 report.failed.append(f"permutation, K={k}: raised {type(err).__name__}: {err}")
                 continue

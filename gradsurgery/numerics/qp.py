@@ -19,11 +19,20 @@ MIN_NORM_ENUMERATION_MAX_TASKS = 8
 def _affine_minimizers(m: Tensor, masks: Tensor) -> Tensor:
     """For each support ``S`` (row of ``masks``), the minimiser of ``l^T M l`` over the
     affine hull ``{l : sum(l) = 1, l_i = 0 for i not in S}``: ``l = y / sum(y)`` with
-    ``M_SS y_S = 1``, ``y = 0`` off ``S`` (stationarity ``M_SS l_S = nu 1``). Singular faces
-    (duplicated, opposite or zero gradients) are solved through :func:`masked_solve`'s
-    relative ridge; ``sum(y) = 1^T (M_SS + eps I)^{-1} 1 > 0``."""
+    ``M_SS y_S = 1``, ``y = 0`` off ``S`` (stationarity ``M_SS l_S = nu 1``).
+
+    Solved on the unit-diagonal ``C = S^{-1} M S^{-1}``, ``S = diag(sqrt(M_kk))`` (1 for a
+    zero row): ``C_SS z_S = S^{-1} 1``, ``y = S^{-1} z`` is the same ``y`` exactly, but the
+    system's conditioning no longer includes the spread of the gradients' norms, and
+    :func:`masked_solve`'s ridge is relative to every task's own norm (on ``M`` it swamped
+    the faces of gradients 1e-4 times smaller than the largest). Singular faces
+    (duplicated, opposite or zero gradients) are solved through that ridge;
+    ``sum(y) = 1^T (M_SS + eps S^2)^{-1} 1 > 0``."""
     fm = masks.to(m.dtype)
-    y = masked_solve(m, masks, fm[..., None])[..., 0]
+    scale = m.diagonal().clamp_min(0).sqrt()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    c = m / (scale[:, None] * scale[None, :])
+    y = masked_solve(c, masks, (fm / scale)[..., None])[..., 0] / scale
     return y / y.sum(-1, keepdim=True)
 
 
@@ -164,9 +173,10 @@ def project_dual_cone(gram: Tensor, u: Tensor, iterations: int = 100) -> Tensor:
     left a small task in conflict with the result.) For ``K <= DUAL_CONE_ENUMERATION_MAX_TASKS``
     every free set ``F`` gets ``v_F = -M_FF^+ M_FA u_A``, ``v_A = u_A``; the candidate meeting
     the KKT conditions (primal and dual feasibility, to 1e-10 relative) with the least
-    objective is returned (failing any, the primal-feasible one closest to dual feasibility). For larger ``K``, ``iterations`` steps of accelerated projected
-    gradient guess the active set, ``2K`` primal active-set rounds correct it, and the same
-    system on it gives the point (kept when it meets the KKT conditions).
+    objective is returned (failing any, the primal-feasible one closest to dual feasibility).
+    For larger ``K``, ``iterations`` steps of accelerated projected gradient guess the active
+    set, ``2K`` primal active-set rounds correct it, and the same system on it gives the
+    point (kept when it meets the KKT conditions).
     """
     k = gram.shape[0]
     m = gram.to(torch.float64)

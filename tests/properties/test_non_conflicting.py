@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from gradient_strategies import gradient_matrices
 from hypothesis import given, settings
 
 from gradsurgery import testing
-from gradient_strategies import gradient_matrices
 
 SETTINGS = settings(max_examples=15, deadline=None)
 #: method -> the largest K for which its paper promises a non-conflicting update
