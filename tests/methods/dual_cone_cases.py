@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from gradient_cases import CASES, gradient_matrix
 
 import gradsurgery as gs
-from gradient_cases import CASES, gradient_matrix
 
 D = torch.float64
 
