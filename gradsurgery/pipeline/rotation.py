@@ -57,6 +57,7 @@ from torch import Tensor, nn
 from ..numerics import retraction
 from ..numerics.cayley import cayley
 from ..numerics.expm import expm, skew
+from ..numerics.grads import accumulate_grad
 from ..numerics.gram import compute_dtype
 from . import stages
 
@@ -272,11 +273,7 @@ class RiemannianRotations(Rotations):
     def accumulate_grad(self, frame: Tensor) -> None:
         """Adds ``pack(W - W^T)`` to ``Omega``'s ``.grad`` (``frame``: ``W``, ``K x m x m``)."""
         w = frame.to(self.skew_params.dtype)
-        grad = retraction.pack(w - w.transpose(-2, -1), self._indices)
-        if self.skew_params.grad is None:
-            self.skew_params.grad = grad
-        else:
-            self.skew_params.grad.add_(grad)
+        accumulate_grad(self.skew_params, retraction.pack(w - w.transpose(-2, -1), self._indices))
 
     @torch.no_grad()
     def after_step(self) -> None:
