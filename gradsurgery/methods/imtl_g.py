@@ -32,6 +32,7 @@ from torch import Tensor
 
 from ..numerics.eigh import pinv_symmetric
 from ..numerics.gram import normalized64, norms
+from ..numerics.qp import clean_psd
 from .base import GramWeighting
 from .registry import register
 
@@ -41,8 +42,15 @@ RANGE_TOL = 1e-6
 
 
 def equal_projection_weights(gram: Tensor) -> Tensor:
-    """The IMTL-G coefficients for the Gram ``gram`` (see the module docstring)."""
+    """The IMTL-G coefficients for the Gram ``gram`` (see the module docstring), decided on
+    the Gram whose eigenvalues that ``gram``'s precision cannot tell from 0 are 0
+    (:func:`~gradsurgery.numerics.qp.clean_psd` on the unit-diagonal copy): a float32 Gram of
+    rank-deficient gradients otherwise keeps rounding-sized eigenvalues that the float64
+    pseudo-inverse inverts, and the decision moves with the gradients' scale."""
     m = normalized64(gram)
+    d = m.diagonal().clamp_min(0).sqrt()
+    outer = torch.outer(torch.where(d > 0, d, 1), torch.where(d > 0, d, 1))
+    m = clean_psd(m / outer, gram.dtype) * outer
     n = norms(m)
     v = pinv_symmetric(m) @ n
     total = v.sum()

@@ -181,7 +181,12 @@ def project_dual_cone(gram: Tensor, u: Tensor, iterations: int = 100) -> Tensor:
     k = gram.shape[0]
     m = gram.to(torch.float64)
     diag = m.diagonal()
-    scale = torch.where(diag > 0, diag.clamp_min(0).sqrt(), 1)
+    norms = torch.where(diag > 0, diag.clamp_min(0).sqrt(), 0)
+    # a zero row's scale is arbitrary (its weight moves nothing) but must not dwarf the
+    # others' in ``u``'s normalisation below, or the tolerances stop being relative: the
+    # largest norm (1 when every row is 0)
+    largest = norms.amax(-1, keepdim=True)
+    scale = torch.where(diag > 0, norms, torch.where(largest > 0, largest, 1))
     m = clean_psd(m / (scale[:, None] * scale[None, :]), gram.dtype)
     u64 = u.to(torch.float64) * scale
     size = u64.abs().amax(-1, keepdim=True)

@@ -17,6 +17,7 @@ from dual_cone_cases import (  # noqa: E402,F401  (collected here)
     test_exact_default_never_conflicts,
     test_float32_permutation_equivariant_on_singular_grams,
     test_float32_zero_inside_the_hull_projects_to_zero,
+    test_homogeneous_with_zero_rows_above_the_enumeration_limit,
     test_pref_vector_matches_torchjd,
 )
 
