@@ -19,7 +19,8 @@ DEFAULTS_0_1_0 = {"moco": dict(beta=0.5, normalize=True, scale_by_tasks=False, d
 #: Methods whose decision is computed differently since 0.1.0, equal to rounding: compared to
 #: a tolerance (the checkpoint's state still decides every step), the others bit for bit.
 REWRITTEN = {"cagrad": "its Gram's spectrum is cleaned before the solve (float32-exact solver, issue #19)",
-             "mgda": "its affine minimisers are solved on the unit-diagonal Gram (exact on norms far apart, issue #19)"}
+             "mgda": "its affine minimisers are solved on the unit-diagonal Gram (exact on norms far apart, issue #19)",
+             "imtl": "its IMTL-G half decides on the Gram cleaned at its input's precision (issue #19)"}
 
 
 def test_fixture_is_from_0_1_0():
